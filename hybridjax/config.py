@@ -1,0 +1,154 @@
+"""HybridConfig: the one plain dataclass that describes a hybrid model.
+
+Field defaults follow `transformers` NemotronH semantics so that export is exact. The config is
+frozen (hashable, safe as a static jit argument) and validated on construction: a bad value raises
+a ValueError naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+LAYER_LETTERS = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+SSD_IMPLS = ("auto", "reference", "assoc", "chunked", "pallas")
+ATTN_IMPLS = ("xla", "cudnn")
+ROUTERS = ("sigmoid", "softmax")
+ACTIVATIONS = ("relu2", "swiglu", "silu", "gelu")
+ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
+MOE_DISPATCH = ("dropless", "capacity")
+GROUPED_MATMULS = ("auto", "ragged_dot", "mgpu", "padded")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    # --- stack -------------------------------------------------------------------------------
+    vocab_size: int = 256
+    d_model: int = 128
+    pattern: str = "M-M*M-M-"  # one letter per layer: M mamba2, * attention, E moe, - mlp
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # master parameter dtype
+    scan_layers: bool = True  # nnx.scan over repeats of the pattern's period
+    remat: str = "none"  # activation checkpointing policy per period
+
+    # --- Mamba-2 (d_inner = mamba_heads * mamba_head_dim) -----------------------------------
+    mamba_heads: int = 8
+    mamba_head_dim: int = 32
+    ssm_state: int = 32
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    time_step_min: float = 1e-3
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    clamp_dt: bool = True  # dt >= time_step_min after softplus, as transformers NemotronH
+    ssd_impl: str = "auto"
+
+    # --- attention (GQA) ----------------------------------------------------------------------
+    attn_heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float | None = None  # None = NoPE, as NemotronH
+    rope_scaling: str | None = None  # context extension: linear | ntk | yarn
+    rope_factor: float = 1.0
+    rope_original_max_len: int = 4096
+    attn_impl: str = "xla"
+
+    # --- MoE ----------------------------------------------------------------------------------
+    n_experts: int = 8
+    top_k: int = 2
+    moe_ffn: int = 128
+    shared_ffn: int = 0  # 0 = no shared expert
+    router: str = "sigmoid"
+    router_groups: int = 1  # expert groups for group-limited routing (NemotronH n_group)
+    router_topk_groups: int = 1  # groups kept per token (NemotronH topk_group)
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    expert_act: str = "relu2"
+    moe_latent: int | None = None  # latent projection size for the routed experts
+    moe_dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    grouped_matmul: str = "auto"
+
+    # --- dense MLP ----------------------------------------------------------------------------
+    ffn: int = 256
+    mlp_act: str = "relu2"
+
+    def __post_init__(self):
+        _check_choice("pattern", set(self.pattern), LAYER_LETTERS, each=True)
+        if not self.pattern:
+            raise ValueError("pattern: must hold at least one layer letter (M, *, E, -)")
+        for name in ("dtype", "param_dtype"):
+            _check_choice(name, getattr(self, name), DTYPES)
+        _check_choice("ssd_impl", self.ssd_impl, SSD_IMPLS)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("expert_act", self.expert_act, ACTIVATIONS)
+        _check_choice("mlp_act", self.mlp_act, ACTIVATIONS)
+        _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCH)
+        _check_choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+        for name in ("vocab_size", "d_model", "norm_eps", "initializer_range"):
+            _check_positive(name, getattr(self, name))
+        if self.has("M"):
+            for name in ("mamba_heads", "mamba_head_dim", "ssm_state", "n_groups",
+                         "conv_kernel", "chunk_size", "time_step_min", "time_step_max"):
+                _check_positive(name, getattr(self, name))
+            if self.mamba_heads % self.n_groups:
+                raise ValueError(f"n_groups: {self.n_groups} must divide mamba_heads "
+                                 f"({self.mamba_heads})")
+        if self.has("*"):
+            for name in ("attn_heads", "kv_heads", "head_dim"):
+                _check_positive(name, getattr(self, name))
+            if self.attn_heads % self.kv_heads:
+                raise ValueError(f"kv_heads: {self.kv_heads} must divide attn_heads "
+                                 f"({self.attn_heads})")
+            if self.rope_theta is not None and self.head_dim % 2:
+                raise ValueError(f"head_dim: must be even with RoPE, got {self.head_dim}")
+            if self.rope_scaling is not None and self.rope_theta is None:
+                raise ValueError("rope_scaling: needs rope_theta (RoPE); NoPE has nothing to scale")
+        if self.has("E"):
+            for name in ("n_experts", "top_k", "moe_ffn", "capacity_factor"):
+                _check_positive(name, getattr(self, name))
+            if self.top_k > self.n_experts:
+                raise ValueError(f"top_k: {self.top_k} exceeds n_experts ({self.n_experts})")
+            if self.n_experts % self.router_groups:
+                raise ValueError(f"router_groups: {self.router_groups} must divide n_experts "
+                                 f"({self.n_experts})")
+            if not 1 <= self.router_topk_groups <= self.router_groups:
+                raise ValueError(f"router_topk_groups: must be in [1, router_groups="
+                                 f"{self.router_groups}], got {self.router_topk_groups}")
+        if self.has("-"):
+            _check_positive("ffn", self.ffn)
+
+    def has(self, letter: str) -> bool:
+        return letter in self.pattern
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_heads * self.mamba_head_dim
+
+    def replace(self, **changes) -> HybridConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name, value, allowed, each=False):
+    values = value if each else [value]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name}: {bad[0]!r} is not allowed; choose from {shown}")
+
+
+def _check_positive(name, value):
+    if value is None or value <= 0:
+        raise ValueError(f"{name}: must be > 0, got {value!r}")
