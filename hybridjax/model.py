@@ -1,0 +1,307 @@
+"""HybridLM: a layer pattern turned into a stack of pre-norm residual blocks.
+
+Each letter of `HybridConfig.pattern` is one block `x + mixer(RMSNorm(x))` (M Mamba-2, * attention,
+E MoE, - dense MLP), then a final `norm_f` and an untied (or tied) `lm_head` — the NemotronH layout.
+
+A pattern that repeats a shorter period (e.g. "M-M*" * 6) is built once per period and its
+parameters are stacked over the repeats, so `nnx.scan` runs the stack and compile time does not
+grow with depth; `remat` checkpoints each period.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hybridjax.config import HybridConfig
+from hybridjax.layers.attention import Attention
+from hybridjax.layers.mamba2 import Mamba2Mixer
+from hybridjax.layers.mlp import MLP
+from hybridjax.layers.moe import MoE, update_router_bias
+from hybridjax.layers.norm import RMSNorm
+
+MIXERS = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
+CACHED = ("M", "*")  # letters whose mixers carry decode state
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class ModelAux(NamedTuple):
+    """Auxiliary outputs of a forward pass (zeros when the pattern has no MoE layer)."""
+
+    lb_loss: jax.Array  # load-balancing loss, mean over MoE layers
+    z_loss: jax.Array  # router z-loss, mean over MoE layers
+    expert_load: jax.Array  # (n_moe_layers, n_experts) fraction of routed slots per expert
+    dropped_frac: jax.Array  # fraction of routed slots dropped (capacity mode), mean over layers
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def pattern_period(pattern: str) -> str:
+    """The shortest string whose repeats make `pattern`."""
+    n = len(pattern)
+    for p in range(1, n + 1):
+        if n % p == 0 and pattern[:p] * (n // p) == pattern:
+            return pattern[:p]
+    return pattern
+
+
+def make_pattern(n_mixers: int, *, attn_every: int | None = None,
+                 attn_fraction: float | None = None, ffn: str = "") -> str:
+    """A hybrid layer pattern from an SSM-to-attention ratio.
+
+    `n_mixers` sequence-mixing layers, of which attention is either every `attn_every`-th layer or
+    a fraction `attn_fraction` spread evenly (centred in equal groups); `ffn` ("E", "-" or "")
+    is inserted after every mixer, as in NemotronH where MoE/MLP layers sit between mixers.
+    """
+    if n_mixers <= 0:
+        raise ValueError(f"n_mixers: must be > 0, got {n_mixers}")
+    if (attn_every is None) == (attn_fraction is None):
+        raise ValueError("make_pattern: give exactly one of attn_every or attn_fraction")
+    if ffn not in ("", "E", "-"):
+        raise ValueError(f"ffn: {ffn!r} is not allowed; choose from '', 'E', '-'")
+    if attn_every is not None:
+        if attn_every <= 0:
+            raise ValueError(f"attn_every: must be > 0, got {attn_every}")
+        attn_at = {i for i in range(n_mixers) if (i + 1) % attn_every == 0}
+    else:
+        if not 0.0 <= attn_fraction <= 1.0:
+            raise ValueError(f"attn_fraction: must be in [0, 1], got {attn_fraction}")
+        k = round(attn_fraction * n_mixers)
+        attn_at = {int((i + 0.5) * n_mixers / k) for i in range(k)}
+    return "".join(("*" if i in attn_at else "M") + ffn for i in range(n_mixers))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + mixer(norm(x))."""
+
+    def __init__(self, letter: str, config: HybridConfig, *, rngs: nnx.Rngs):
+        self.letter = letter
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype_of(config.dtype),
+                            param_dtype=dtype_of(config.param_dtype))
+        self.mixer = MIXERS[letter](config, rngs=rngs)
+
+    def __call__(self, x, segment_ids, positions):
+        y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
+        y, aux = y if self.letter == "E" else (y, None)
+        return x + y, aux
+
+    def step(self, x, cache, prefill: bool):
+        """Prefill (whole prompt) or decode (one token) through the block, updating its cache."""
+        h = self.norm(x)
+        if self.letter in CACHED:
+            run = self.mixer.prefill if prefill else self.mixer.decode
+            y, cache = run(h, cache)
+        elif self.letter == "E":
+            y, _ = self.mixer(h)
+        else:
+            y = self.mixer(h)
+        return x + y, cache
+
+
+class Period(nnx.Module):
+    """One period of the pattern: its blocks in order."""
+
+    def __init__(self, letters: str, config: HybridConfig, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(c, config, rngs=rngs) for c in letters])
+
+    def __call__(self, x, segment_ids, positions):
+        auxs = []
+        for block in self.blocks:
+            x, aux = block(x, segment_ids, positions)
+            if aux is not None:
+                auxs.append(aux)
+        return x, tuple(auxs)
+
+    def step(self, x, caches, prefill: bool):
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.step(x, cache, prefill)
+            new.append(cache)
+        return x, tuple(new)
+
+
+class HybridLM(nnx.Module):
+    """The hybrid language model: `model(tokens, segment_ids=None) -> logits (B, L, vocab)`.
+
+    `model(tokens, return_aux=True)` also returns a `ModelAux` (MoE losses and load statistics).
+    """
+
+    def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        init = nnx.initializers.normal(config.initializer_range)
+        self.embeddings = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
+                                    param_dtype=param_dtype, embedding_init=init, rngs=rngs)
+        self.period = pattern_period(config.pattern) if config.scan_layers else config.pattern
+        self.repeats = config.n_layers // len(self.period)
+
+        @nnx.split_rngs(splits=self.repeats)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_periods(rngs):
+            return Period(self.period, config, rngs=rngs)
+
+        self.periods = make_periods(rngs)  # parameters stacked over the repeats (leading axis)
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                              param_dtype=param_dtype)
+        self.lm_head = None if config.tie_embeddings else nnx.Linear(
+            config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
+            param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+
+    # --- forward ----------------------------------------------------------------------------
+    def __call__(self, tokens, segment_ids=None, *, return_aux: bool = False):
+        positions = segment_positions(tokens.shape, segment_ids)
+        x = self.embeddings(tokens)
+        run_period = Period.__call__
+        if self.config.remat != "none":
+            run_period = nnx.remat(run_period, policy=REMAT_POLICIES[self.config.remat])
+
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
+        def run_stack(period, x, segment_ids, positions):
+            return run_period(period, x, segment_ids, positions)
+
+        x, auxs = run_stack(self.periods, x, segment_ids, positions)
+        logits = self._logits(x)
+        return (logits, self._collect_aux(auxs)) if return_aux else logits
+
+    def _logits(self, x):
+        x = self.norm_f(x)
+        logits = self.embeddings.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # loss precision
+
+    def _collect_aux(self, auxs) -> ModelAux:
+        """Per-period MoE aux (stacked over repeats) -> model totals in layer order."""
+        if not auxs:
+            zero = jnp.zeros((), jnp.float32)
+            return ModelAux(zero, zero, jnp.zeros((0, self.config.n_experts), jnp.float32), zero)
+        stack = lambda name: jnp.stack([getattr(a, name) for a in auxs], axis=1)  # (R, m, ...)
+        load = stack("expert_load").reshape(-1, self.config.n_experts)
+        return ModelAux(lb_loss=stack("lb_loss").mean(), z_loss=stack("z_loss").mean(),
+                        expert_load=load, dropped_frac=stack("dropped_frac").mean())
+
+    def update_router_bias(self, expert_load, rate: float):
+        """Aux-loss-free balancing: nudge each MoE router's bias toward under-loaded experts.
+
+        `expert_load` is `ModelAux.expert_load` (n_moe_layers, n_experts), in layer order.
+        """
+        moe_slots = [j for j, c in enumerate(self.period) if c == "E"]
+        load = expert_load.reshape(self.repeats, len(moe_slots), -1)
+        for m, j in enumerate(moe_slots):
+            update_router_bias(self.periods.blocks[j].mixer, load[:, m], rate)
+
+    # --- decoding -----------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        """Per-layer decode state, stacked over repeats like the parameters."""
+        dtype = dtype_of(self.config.dtype)
+
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(period):
+            return tuple(b.mixer.init_cache(batch, max_len, dtype) if b.letter in CACHED else None
+                         for b in period.blocks)
+
+        return make(self.periods)
+
+    def step(self, tokens, cache, *, prefill: bool):
+        """Run a prompt (prefill) or one token per row (decode); returns logits and new cache."""
+        x = self.embeddings(tokens)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        def run_stack(period, x, caches):
+            return period.step(x, caches, prefill)
+
+        x, cache = run_stack(self.periods, x, cache)
+        return self._logits(x), cache
+
+
+def segment_positions(shape, segment_ids):
+    """Token positions, restarting at 0 at every document start of a packed row."""
+    batch, length = shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids is None:
+        return positions
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    last_start = jax.lax.cummax(jnp.where(starts, positions, 0), axis=1)
+    return positions - last_start
+
+
+# --- parameters as a flat name -> array map (export, inspection) --------------------------------
+def flat_params(model: HybridLM) -> dict[str, np.ndarray]:
+    """Every parameter (and the router bias) as "layers.{i}.<path>" -> array, in layer order."""
+    flat = {}
+    period = len(model.period)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Variable)):
+        name = ".".join(str(p) for p in path)
+        value = np.asarray(var.get_value())
+        if path[0] != "periods":
+            flat[name] = value
+            continue
+        j, rest = path[2], ".".join(str(p) for p in path[3:])  # periods.blocks.{j}.<rest>
+        for r in range(model.repeats):
+            flat[f"layers.{r * period + j}.{rest}"] = value[r]
+    return flat
+
+
+def load_flat_params(model: HybridLM, flat: dict[str, np.ndarray]) -> None:
+    """Inverse of `flat_params`: set every variable of `model` from `flat` (shapes checked)."""
+    expected = flat_params(model)
+    missing, unexpected = expected.keys() - flat.keys(), flat.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"load_flat_params: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, value in flat.items():
+        if np.shape(value) != expected[name].shape:
+            raise ValueError(f"load_flat_params: {name} has shape {np.shape(value)}, "
+                             f"the model expects {expected[name].shape}")
+    period = len(model.period)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Variable)):
+        name = ".".join(str(p) for p in path)
+        if path[0] == "periods":
+            j, rest = path[2], ".".join(str(p) for p in path[3:])
+            value = np.stack([flat[f"layers.{r * period + j}.{rest}"]
+                              for r in range(model.repeats)])
+        else:
+            value = flat[name]
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+
+
+# --- sizes --------------------------------------------------------------------------------------
+def param_counts(config: HybridConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameter counts; only top_k of n_experts routed experts are
+    active per token. Computed from the abstract model, so it always matches the code."""
+    model = nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(0)))
+    total = expert = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = int(np.prod(var.get_value().shape))
+        total += size
+        if "experts" in path:
+            expert += size
+    active = total - expert + expert * config.top_k // max(config.n_experts, 1)
+    return total, active
+
+
+def flops_per_token(config: HybridConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), for the MFU estimate.
+
+    6 x active matmul parameters (embedding lookup excluded, lm_head included), plus the
+    sequence-mixing work: causal attention scores and values, and the SSD chunked scan.
+    """
+    _, active = param_counts(config)
+    # The embedding table is a lookup, not a matmul; a tied table is also the head's matmul.
+    matmul = active if config.tie_embeddings else active - config.vocab_size * config.d_model
+    n_attn, n_ssm = config.pattern.count("*"), config.pattern.count("M")
+    attn = n_attn * 2 * 2 * config.attn_heads * config.head_dim * seq_len / 2  # causal QK^T, AV
+    q = min(config.chunk_size, seq_len)
+    h, p, n, g = config.mamba_heads, config.mamba_head_dim, config.ssm_state, config.n_groups
+    ssd = n_ssm * 2 * (q * g * n + q * h * p + 2 * h * p * n)  # C.B^T, scores.x, states in/out
+    return 6.0 * matmul + 3.0 * (attn + ssd)
