@@ -1,0 +1,108 @@
+"""Checkpoints with orbax: the train state (params, optimizer state, step, RNG, non-trainable model
+state) and the data iterator's state, under `<run dir>/checkpoints/<step>/`.
+
+Saves are atomic (orbax writes a temporary directory and renames it when complete, so a crash
+mid-save leaves the previous checkpoint as the latest) and asynchronous where the backend allows:
+`save` returns once the arrays are copied off the accelerator and the write finishes in the
+background. Only the newest `keep` checkpoints are kept.
+
+`StopSignal` turns SIGTERM (and SIGINT) into a flag the training loop polls, so a pre-empted run
+saves and exits cleanly instead of dying mid-step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """A thin orbax CheckpointManager: one `state` pytree and one JSON `data` item per step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict | None = None) -> None:
+        """Save `state` (a pytree of arrays) and `data_state` (JSON) as checkpoint `step`."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state or {}))
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, like):
+        """(state, data_state) of checkpoint `step`; `like` gives the state's structure, shapes,
+        dtypes and shardings (arrays or jax.ShapeDtypeStruct)."""
+        abstract = jax.tree.map(_abstract, like)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+class StopSignal(contextlib.AbstractContextManager):
+    """While active, SIGTERM/SIGINT set `requested` (and name the signal) instead of killing the
+    process; the loop saves a checkpoint and returns. A second SIGINT interrupts as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        log.warning("%s received: saving a checkpoint and stopping after this step", name)
+
+    def __enter__(self):
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False

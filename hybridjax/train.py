@@ -1,0 +1,339 @@
+"""The training entry point: `python -m hybridjax.train [overrides]`.
+
+Hydra composes `configs/config.yaml` (validated against the structured schema of
+`hybridjax.train_config`), `resolve` turns it into the library's plain dataclasses, and `train`
+runs the loop in Hydra's output directory (`hydra.run.dir`):
+
+    metrics.jsonl       one JSON object per logged step (+ eval metrics at eval steps)
+    config.yaml         the resolved config (Hydra also keeps .hydra/config.yaml and overrides)
+    summary.json        parameter counts, final train/eval metrics, throughput, peak memory
+    checkpoints/<step>  orbax checkpoints (train state + data iterator state)
+    wandb/              the offline wandb run (logger=wandb)
+
+Rerunning with the same `hydra.run.dir` resumes from its latest checkpoint (`trainer.resume=auto`)
+and continues exactly as if never stopped: same data order, same RNG, same parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import time
+
+import jax
+import numpy as np
+
+from hybridjax.checkpoint import Checkpointer, StopSignal, all_finite
+from hybridjax.metrics_log import MetricsLog
+from hybridjax.optim import make_optimizer
+from hybridjax.train_config import RunConfig, register_configs, resolve
+from hybridjax.train_step import init_state, make_eval_step, make_train_step, model_batch
+
+log = logging.getLogger("hybridjax.train")
+
+# Dense bf16 peak TFLOP/s per device, by substring of jax's device_kind, for the MFU estimate.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+               "L40S": 362.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
+               "TPU v6": 918.0}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a step's loss or gradient norm is NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run builds before its first step."""
+
+    run: RunConfig
+    run_dir: str
+    mesh: object
+    graphdef: object
+    state: object
+    train_step: object
+    eval_step: object
+    schedule: object
+
+
+def train(run: RunConfig, run_dir: str, *, config_dict: dict | None = None) -> dict:
+    """Train as `run` says, in `run_dir`; returns the summary (also written to summary.json)."""
+    os.makedirs(run_dir, exist_ok=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+    setup = build(run, run_dir)
+    mesh_context = (jax.set_mesh(setup.mesh) if setup.mesh is not None
+                    else contextlib.nullcontext())
+    with mesh_context:
+        return Loop(setup, config_dict).run()
+
+
+def build(run: RunConfig, run_dir: str) -> Setup:
+    t = run.trainer
+    mesh = None
+    if not t.mesh.single_device:
+        from hybridjax.sharding import make_mesh
+
+        mesh = make_mesh(**dataclasses.asdict(t.mesh))
+    tx, schedule = make_optimizer(run.optimizer, t.steps)
+    graphdef, state = init_state(run.model, tx, t.seed, mesh)
+    train_step = make_train_step(
+        graphdef, tx, schedule, lb_coef=run.loss.lb_coef, z_coef=run.loss.z_coef,
+        router_bias_rate=run.loss.router_bias_rate, grad_accum=t.grad_accum,
+        has_moe=run.model.has("E"), donate=jax.default_backend() != "cpu")
+    return Setup(run, run_dir, mesh, graphdef, state, train_step, make_eval_step(graphdef),
+                 schedule)
+
+
+class Loop:
+    """One run of the training loop; `run()` returns the summary."""
+
+    def __init__(self, setup: Setup, config_dict: dict | None):
+        self.s = setup
+        self.t = setup.run.trainer
+        self.config_dict = config_dict
+        self.tokens_per_step = self.t.batch_size * self.t.seq_len
+        self.pending = []  # (step, device metrics) not yet checked and logged
+        self.last_metrics = {}
+        self.last_eval = {}
+
+    # --- data --------------------------------------------------------------------------------
+    def dataset(self, split: str, seed: int, batch_size: int):
+        from hybridjax.data import make_dataset
+
+        n_proc = jax.process_count()
+        if batch_size % n_proc:
+            raise ValueError(f"trainer.batch_size: {batch_size} must divide evenly over "
+                             f"{n_proc} processes")
+        return make_dataset(self.s.run.data, split=split, seed=seed,
+                            batch_size=batch_size // n_proc, seq_len=self.t.seq_len,
+                            shard_index=jax.process_index(), shard_count=n_proc)
+
+    def to_device(self, batch: dict) -> dict:
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        if self.s.mesh is None:
+            return jax.device_put(batch)
+        from hybridjax.sharding import batch_sharding
+
+        return jax.device_put(batch, batch_sharding(self.s.mesh))
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        t, s = self.t, self.s
+        ckpt = Checkpointer(os.path.join(s.run_dir, "checkpoints"), keep=t.keep_checkpoints,
+                            async_save=t.async_checkpoint)
+        try:
+            train_iter = iter(self.dataset("train", t.seed, t.batch_size))
+            state, start = self.restore(ckpt, s.state, train_iter)
+            s.state = None  # the loop owns the state from here (it may be donated)
+            self.metrics = MetricsLog(s.run_dir, total_steps=t.steps, start_step=start,
+                                      logger=s.run.logger, config=self.config_dict,
+                                      progress=t.progress)
+            try:
+                state = self.steps(state, start, train_iter, ckpt)
+            finally:
+                self.metrics.close()
+        finally:
+            ckpt.close()
+        return self.summary(state)
+
+    def restore(self, ckpt: Checkpointer, state, train_iter):
+        latest = ckpt.latest_step()
+        if latest is None:
+            return state, 0
+        if self.t.resume == "never":
+            raise RuntimeError(
+                f"trainer.resume=never, but {ckpt.directory} already holds checkpoints "
+                f"(steps {ckpt.all_steps()}); choose a new hydra.run.dir or trainer.resume=auto")
+        state, data_state = ckpt.restore(latest, like=state)
+        train_iter.set_state(data_state)
+        log.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
+        return state, latest
+
+    def steps(self, state, start: int, train_iter, ckpt: Checkpointer):
+        t = self.t
+        if start >= t.steps:
+            log.info("nothing to do: checkpoint step %d >= trainer.steps=%d", start, t.steps)
+            return state
+        self.metrics.message(self.describe(start))
+        with StopSignal() as stop:
+            for step in range(start, t.steps):
+                batch = self.to_device(model_batch(next(train_iter)))
+                state, metrics = self.s.train_step(state, batch)
+                done = step + 1
+                self.pending.append((done, metrics))
+                if done == start + 1:  # the first step compiled: time from here
+                    jax.block_until_ready(metrics)
+                    self.clock = (time.perf_counter(), done)
+                if done == t.stop_at and not stop.requested:
+                    stop.requested = f"trainer.stop_at={t.stop_at}"
+                final = done == t.steps or stop.requested
+                eval_now = (done == t.steps or
+                            (t.eval_every and done % t.eval_every == 0))
+                ckpt_now = final or (t.checkpoint_every and done % t.checkpoint_every == 0)
+                log_now = final or done % t.log_every == 0 or eval_now or ckpt_now
+                record = self.flush(ckpt) if log_now else None
+                if eval_now:
+                    record = {**(record or {}), **self.evaluate(done, state)}
+                if record:
+                    self.metrics.write(done, record)
+                if ckpt_now:
+                    self.save(ckpt, done, state, train_iter)
+                self.metrics.show(done, self.last_metrics.get("loss"), logged=log_now,
+                                  final=final)
+                if stop.requested:
+                    self.metrics.message(f"stopped by {stop.requested} after step {done}; "
+                                         f"checkpoint saved in {ckpt.directory}")
+                    break
+        return state
+
+    def describe(self, start: int) -> str:
+        from hybridjax.model import param_counts
+
+        total, active = param_counts(self.s.run.model)
+        self.param_counts = (total, active)
+        m = self.s.run.model
+        return (f"training {m.pattern!r} d_model={m.d_model} ({total:,} params, {active:,} "
+                f"active) for {self.t.steps} steps from step {start}; "
+                f"batch {self.t.batch_size} x {self.t.seq_len}; run dir {self.s.run_dir}")
+
+    def flush(self, ckpt: Checkpointer) -> dict:
+        """Fetch the pending metrics and stop on a non-finite loss; the latest step's record."""
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        for step, m in fetched:
+            for key in ("loss", "grad_norm"):
+                if not math.isfinite(float(m[key])):
+                    latest = ckpt.latest_step()
+                    kept = (f"the last good checkpoint (step {latest}) is intact in "
+                            f"{ckpt.directory}" if latest is not None else "no checkpoint saved")
+                    raise NonFiniteLoss(f"{key} is {float(m[key])} at step {step}: stopping; "
+                                        f"{kept}")
+        done, m = fetched[-1]
+        record = {k: float(v) for k, v in m.items() if k != "tokens"}
+        now = time.perf_counter()
+        t0, s0 = getattr(self, "clock", (None, None))
+        record["tokens_per_sec"] = record["mfu"] = None  # unknown until a step after compile
+        if t0 is not None and done > s0:
+            tps = (done - s0) * self.tokens_per_step / (now - t0)
+            record["tokens_per_sec"] = tps
+            record["mfu"] = self.mfu(tps)
+            self.clock = (now, done)
+        self.last_metrics = record
+        return record
+
+    def mfu(self, tokens_per_sec: float) -> float | None:
+        peak = self.t.peak_tflops
+        if peak is None:
+            kind = jax.devices()[0].device_kind
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+        if peak is None:
+            return None
+        from hybridjax.model import flops_per_token
+
+        if not hasattr(self, "_flops"):
+            self._flops = flops_per_token(self.s.run.model, self.t.seq_len)
+        n_devices = 1 if self.s.mesh is None else self.s.mesh.size
+        return self._flops * tokens_per_sec / (peak * 1e12 * n_devices)
+
+    def evaluate(self, done: int, state) -> dict:
+        """Held-out loss, perplexity and answer accuracy (overall and per difficulty bucket)."""
+        t = self.t
+        batch_size = t.eval_batch_size or t.batch_size
+        sums = {"nll": 0.0, "correct": 0.0, "count": 0.0}
+        buckets = {}
+        for i, batch in enumerate(self.dataset("eval", t.eval_seed, batch_size)):
+            if t.eval_batches is not None and i >= t.eval_batches:
+                break
+            out = jax.device_get(self.s.eval_step(state.params, state.model_state,
+                                                  self.to_device(model_batch(batch))))
+            for k in sums:
+                sums[k] += float(np.sum(out[k]))
+            if "bucket" in batch:
+                for b, c, n in zip(np.asarray(batch["bucket"]), out["correct"], out["count"]):
+                    acc = buckets.setdefault(int(b), [0.0, 0.0])
+                    acc[0] += float(c)
+                    acc[1] += float(n)
+        count = max(sums["count"], 1.0)
+        loss = sums["nll"] / count
+        record = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)),
+                  "eval/accuracy": sums["correct"] / count}
+        names = self.bucket_names()
+        for b, (c, n) in sorted(buckets.items()):
+            name = names[b] if names and b < len(names) else str(b)
+            record[f"eval/accuracy/{name}"] = c / max(n, 1.0)
+        self.last_eval = record
+        self.metrics.message(f"step {done}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in record.items()))
+        if hasattr(self, "clock"):
+            self.clock = (time.perf_counter(), done)  # eval time is not training throughput
+        return record
+
+    def bucket_names(self):
+        try:
+            from hybridjax.data import bucket_names
+        except ImportError:
+            return None
+        return list(bucket_names(self.s.run.data, self.t.seq_len))
+
+    def save(self, ckpt: Checkpointer, done: int, state, train_iter) -> None:
+        if not bool(all_finite((state.params, state.opt_state))):
+            raise NonFiniteLoss(f"non-finite parameters after step {done}: not saving; the last "
+                                f"good checkpoint (step {ckpt.latest_step()}) is intact")
+        if ckpt.latest_step() == done:
+            return
+        ckpt.save(done, state, train_iter.get_state())
+
+    def summary(self, state) -> dict:
+        total, active = getattr(self, "param_counts", (None, None))
+        out = {"step": int(jax.device_get(state.step)), "params_total": total,
+               "params_active": active, **self.last_metrics, **self.last_eval,
+               "peak_memory_bytes": peak_memory_bytes()}
+        with open(os.path.join(self.s.run_dir, "summary.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        return out
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak accelerator memory of device 0 where the backend reports it, else the process's
+    peak resident set (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --- Hydra ---------------------------------------------------------------------------------------
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def run_from_config(cfg, run_dir: str) -> dict:
+    """Validate a composed config, write it resolved to `run_dir/config.yaml`, train."""
+    from omegaconf import OmegaConf
+
+    run = resolve(cfg)  # raises ValueError naming the bad key, before any training
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    return train(run, run_dir, config_dict=OmegaConf.to_container(cfg, resolve=True))
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+    def _main(cfg) -> float | None:
+        summary = run_from_config(cfg, HydraConfig.get().runtime.output_dir)
+        return summary.get("eval/accuracy")
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

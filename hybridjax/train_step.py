@@ -1,0 +1,153 @@
+"""The train state and the jitted train and eval steps.
+
+The state is a plain pytree (pure dicts of arrays, optax's state, a step counter and a raw PRNG
+key), so orbax saves and restores it exactly and `nnx.merge` rebuilds the model inside the step.
+Only `nnx.Param` leaves are optimised; other model variables (the MoE routers' correction biases)
+are carried in `model_state` and changed only by the aux-loss-free bias update.
+
+Loss = masked cross-entropy (float32 logits) + lb_coef * load-balancing loss + z_coef * router
+z-loss. With `grad_accum` > 1 the batch is split into micro-batches that a `lax.scan` runs one after
+another, summing gradients; each micro-batch's cross-entropy is divided by the whole batch's
+token count, so the summed gradient equals the whole batch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hybridjax.config import HybridConfig
+from hybridjax.model import HybridLM
+
+MODEL_INPUTS = ("tokens", "targets", "loss_mask", "segment_ids")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # pure dict of the model's nnx.Param values (master dtype)
+    model_state: Any  # pure dict of the other model variables (router biases)
+    opt_state: Any
+    rng: jax.Array  # uint32[2], split once per step (for stochastic layers)
+
+
+def init_model(config: HybridConfig, seed: int, mesh=None):
+    """(graphdef, params, model_state): a fresh model, split into its static graph and pure dicts;
+    placed on `mesh` by the sharding rules when one is given."""
+    model = HybridLM(config, rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        from hybridjax.sharding import shard_model
+
+        shard_model(model, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def init_state(config: HybridConfig, tx: optax.GradientTransformation, seed: int, mesh=None):
+    """(graphdef, TrainState) at step 0."""
+    graphdef, params, model_state = init_model(config, seed, mesh)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(seed + 1))
+    return graphdef, state
+
+
+def model_batch(batch: dict) -> dict:
+    """The arrays the model and loss read (drops e.g. the eval-only "bucket")."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def token_losses(graphdef, params, model_state, batch):
+    """(per-token cross-entropy (B, L) float32, ModelAux, the model after the forward)."""
+    model = nnx.merge(graphdef, params, model_state)
+    logits, aux = model(batch["tokens"], segment_ids=batch.get("segment_ids"), return_aux=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["targets"])
+    return ce, aux, logits
+
+
+def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
+                    router_bias_rate: float, grad_accum: int = 1, has_moe: bool = False,
+                    donate: bool = False):
+    """A jitted `step(state, batch) -> (state, metrics)` (metrics: dict of device scalars)."""
+
+    def micro_loss(params, model_state, micro, total_tokens):
+        ce, aux, _ = token_losses(graphdef, params, model_state, micro)
+        mask = micro["loss_mask"].astype(jnp.float32)
+        ce_sum = jnp.sum(ce * mask)
+        loss = ce_sum / total_tokens + (lb_coef * aux.lb_loss + z_coef * aux.z_loss) / grad_accum
+        return loss, (ce_sum, aux)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        batch = model_batch(batch)
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        if grad_accum == 1:
+            grads, (ce_sum, aux) = grad_fn(state.params, state.model_state, batch, total_tokens)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+            def accumulate(carry, mb):
+                g, (c, a) = grad_fn(state.params, state.model_state, mb, total_tokens)
+                carry = jax.tree.map(jnp.add, carry, (g, c, a))
+                return carry, None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                grad_fn, state.params, state.model_state, jax.tree.map(lambda x: x[0], micro),
+                total_tokens))
+            (grads, ce_sum, aux), _ = jax.lax.scan(
+                accumulate, (zeros[0], *zeros[1]), micro)
+            aux = jax.tree.map(lambda x: x / grad_accum, aux)  # sums of means -> means
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        model_state = state.model_state
+        if has_moe and router_bias_rate > 0:
+            model = nnx.merge(graphdef, params, model_state)
+            model.update_router_bias(aux.expert_load, router_bias_rate)
+            model_state = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+        rng, _ = jax.random.split(state.rng)
+
+        ce_mean = ce_sum / total_tokens
+        metrics = {"loss": ce_mean + lb_coef * aux.lb_loss + z_coef * aux.z_loss,
+                   "ce": ce_mean, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "tokens": total_tokens}
+        if has_moe:
+            metrics.update(moe_stats(aux))
+        new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                               opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def moe_stats(aux) -> dict:
+    """Load statistics of the MoE layers: per-layer max and min expert load relative to uniform
+    (1.0 = perfectly balanced), averaged over layers; losses; dropped fraction."""
+    n_experts = aux.expert_load.shape[-1]
+    relative = aux.expert_load * n_experts
+    return {"moe/lb_loss": aux.lb_loss, "moe/z_loss": aux.z_loss,
+            "moe/load_max": jnp.mean(jnp.max(relative, axis=-1)),
+            "moe/load_min": jnp.mean(jnp.min(relative, axis=-1)),
+            "moe/dropped_frac": aux.dropped_frac}
+
+
+def make_eval_step(graphdef):
+    """A jitted `eval_step(params, model_state, batch) -> per-row sums` over answer positions:
+    {"nll": (B,), "correct": (B,), "count": (B,)} (argmax prediction == target)."""
+
+    @jax.jit
+    def eval_step(params, model_state, batch):
+        batch = model_batch(batch)
+        ce, _, logits = token_losses(graphdef, params, model_state, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+        return {"nll": jnp.sum(ce * mask, axis=1), "correct": jnp.sum(correct * mask, axis=1),
+                "count": jnp.sum(mask, axis=1)}
+
+    return eval_step
