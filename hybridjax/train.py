@@ -170,7 +170,8 @@ class Loop:
                     self.clock = (time.perf_counter(), done)
                 if done == t.stop_at and not stop.requested:
                     stop.requested = f"trainer.stop_at={t.stop_at}"
-                final = done == t.steps or stop.requested
+                stopping = stop.requested  # read once: a signal may arrive at any moment
+                final = done == t.steps or bool(stopping)
                 eval_now = (done == t.steps or
                             (t.eval_every and done % t.eval_every == 0))
                 ckpt_now = final or (t.checkpoint_every and done % t.checkpoint_every == 0)
@@ -184,8 +185,8 @@ class Loop:
                     self.save(ckpt, done, state, train_iter)
                 self.metrics.show(done, self.last_metrics.get("loss"), logged=log_now,
                                   final=final)
-                if stop.requested:
-                    self.metrics.message(f"stopped by {stop.requested} after step {done}; "
+                if stopping:
+                    self.metrics.message(f"stopped by {stopping} after step {done}; "
                                          f"checkpoint saved in {ckpt.directory}")
                     break
         return state

@@ -40,6 +40,12 @@ def run(run_dir, overrides=()):
 
 
 @pytest.fixture
+def tiny_overrides():
+    """The TINY model/trainer overrides plus the tiny MQAR data ones, for command lines."""
+    return [*TINY, *TINY_MQAR]
+
+
+@pytest.fixture
 def tiny_compose():
     """compose(overrides) -> DictConfig on the TINY defaults."""
     return compose
