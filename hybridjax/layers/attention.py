@@ -1,0 +1,194 @@
+"""Causal GQA attention (transformers `NemotronHAttention` semantics).
+
+    q = q_proj(x) (B, L, Hq, hd), k = k_proj(x), v = v_proj(x) (B, L, Hk, hd); no biases
+    query head h reads kv head h // (Hq / Hk)   (transformers repeat_kv)
+    out = o_proj(softmax(q k^T * hd^-0.5 + causal/segment mask) v)
+
+NoPE by default (as NemotronH); RoPE on q and k when config.rope_theta is set, with the scalings of
+`hybridjax.ops.rope` (rope_scaling / rope_factor / rope_original_max_len) at the given positions.
+
+Parameters: q_proj.kernel (d, Hq*hd), k_proj.kernel / v_proj.kernel (d, Hk*hd),
+o_proj.kernel (Hq*hd, d); (in, out) = torch weight transposed; init normal(0, initializer_range).
+
+Implementations (config.attn_impl):
+  "xla"    einsum scores in float32 (float64 for a float64 model), causal + segment mask, float32
+           softmax, probabilities cast to the value dtype. Runs anywhere.
+  "cudnn"  `jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")`: flash
+           attention on NVIDIA GPUs, bf16/fp16 only. Its public arguments (query/key_value
+           seq_lengths) express padding, not packing, so `segment_ids` raise a ValueError here:
+           use attn_impl="xla" for packed batches.
+
+Decoding: `init_cache(batch, max_len, dtype)` -> `KVCache(k, v (B, max_len, Hk, hd), pos, start)`.
+`prefill(x, cache)` starts a new sequence: it writes the prompt's K/V at slots [0, L) and sets
+pos = L; with segment_ids, `start` (B,) marks where each row's last document begins, so decoding
+continues that document only. `decode(x (B, 1, d), cache)` writes slot `pos` and attends to slots
+[start, pos]. RoPE positions default to positions within the document (0 at each document start,
+as `hybridjax.model.segment_positions`), i.e. pos - start while decoding. Prefill and decode always
+use the xla formula for the decode step; prefill uses config.attn_impl.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybridjax.config import HybridConfig
+from hybridjax.layers.mlp import linear
+from hybridjax.ops.rope import apply_rope
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (B, max_len, Hk, hd)
+    v: jax.Array  # (B, max_len, Hk, hd)
+    pos: jax.Array  # () int32: the next slot to write = tokens cached so far
+    start: jax.Array  # (B,) int32: first slot of each row's current document
+
+
+def document_positions(segment_ids, batch: int, length: int):
+    """(B, L) int32 positions restarting at 0 at each document start (all 0.. L-1 if None)."""
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids is None:
+        return positions
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return positions - jax.lax.cummax(jnp.where(starts, positions, 0), axis=1)
+
+
+def attention_xla(q, k, v, mask, *, scale: float):
+    """q (B, L, Hq, hd), k/v (B, S, Hk, hd), mask (B, L, S) bool (True = attend) -> (B, L, Hq, hd).
+
+    Scores and softmax in float32 (float64 if q is float64); probabilities cast to v.dtype.
+    """
+    b, l, hq, hd = q.shape
+    hk = k.shape[2]
+    acc = jnp.result_type(jnp.float32, q.dtype)
+    qg = q.reshape(b, l, hk, hq // hk, hd)
+    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=acc) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(acc).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=acc)
+    return out.reshape(b, l, hq, hd).astype(q.dtype)
+
+
+def causal_mask(segment_ids, batch: int, length: int):
+    """(B, L, L) bool: key s <= query t and, with segment_ids, the same document."""
+    mask = jnp.tril(jnp.ones((length, length), bool))[None]
+    if segment_ids is None:
+        return jnp.broadcast_to(mask, (batch, length, length))
+    return mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+class Attention(nnx.Module):
+    """`Attention(config, *, rngs)(x, segment_ids=None, positions=None) -> (B, L, d_model)`."""
+
+    def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.n_heads, self.n_kv, self.head_dim = config.attn_heads, config.kv_heads, config.head_dim
+        if self.n_heads % self.n_kv:
+            raise ValueError(f"kv_heads: {self.n_kv} must divide attn_heads ({self.n_heads})")
+        if config.attn_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attn_impl: {config.attn_impl!r} is not allowed; choose from "
+                             "'xla', 'cudnn'")
+        self.impl = config.attn_impl
+        self.scale = self.head_dim ** -0.5
+        self.dtype = jnp.dtype(config.dtype)
+        d = config.d_model
+        self.q_proj = linear(config, d, self.n_heads * self.head_dim, rngs=rngs)
+        self.k_proj = linear(config, d, self.n_kv * self.head_dim, rngs=rngs)
+        self.v_proj = linear(config, d, self.n_kv * self.head_dim, rngs=rngs)
+        self.o_proj = linear(config, self.n_heads * self.head_dim, d, rngs=rngs)
+
+    def _qkv(self, x, positions):
+        b, l, _ = x.shape
+        x = x.astype(self.dtype)
+        q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim)
+        v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim)
+        c = self.config
+        if c.rope_theta is not None:
+            kw = {"theta": c.rope_theta, "scaling": c.rope_scaling, "factor": c.rope_factor,
+                      "original_max_len": c.rope_original_max_len}
+            q, k = apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
+        return q, k, v
+
+    def _check(self, x, segment_ids, positions):
+        if x.ndim != 3 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"Attention: x has shape {x.shape}, expected (batch, length, "
+                             f"{self.config.d_model})")
+        for name, t in (("segment_ids", segment_ids), ("positions", positions)):
+            if t is not None and t.shape != x.shape[:2]:
+                raise ValueError(f"Attention: {name} has shape {t.shape}, expected {x.shape[:2]}")
+
+    def _attend(self, q, k, v, segment_ids):
+        b, l = q.shape[:2]
+        if self.impl == "cudnn":
+            if segment_ids is not None:
+                raise ValueError(
+                    "Attention: attn_impl='cudnn' cannot mask packed documents (segment_ids): "
+                    "jax.nn.dot_product_attention's cuDNN path only expresses padding. "
+                    "Use attn_impl='xla' for packed batches, or pass segment_ids=None.")
+            out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, is_causal=True,
+                                               implementation="cudnn")
+        else:
+            out = attention_xla(q, k, v, causal_mask(segment_ids, b, l), scale=self.scale)
+        return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+
+    def __call__(self, x, *, segment_ids=None, positions=None):
+        """x (B, L, d_model); segment_ids (B, L) int | None; positions (B, L) int | None (RoPE
+        only; default: positions within each document)."""
+        self._check(x, segment_ids, positions)
+        b, l, _ = x.shape
+        if positions is None:
+            positions = document_positions(segment_ids, b, l)
+        q, k, v = self._qkv(x, positions)
+        return self._attend(q, k, v, segment_ids)
+
+    # --- decoding -------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+        shape = (batch, max_len, self.n_kv, self.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       pos=jnp.zeros((), jnp.int32), start=jnp.zeros((batch,), jnp.int32))
+
+    def prefill(self, x, cache: KVCache, *, segment_ids=None, positions=None):
+        """A new sequence: x (B, L, d) -> (y, cache holding the prompt's K/V at [0, L))."""
+        self._check(x, segment_ids, positions)
+        b, l, _ = x.shape
+        if l > cache.k.shape[1]:
+            raise ValueError(f"Attention.prefill: prompt length {l} exceeds the cache's max_len "
+                             f"{cache.k.shape[1]}")
+        if positions is None:
+            positions = document_positions(segment_ids, b, l)
+        q, k, v = self._qkv(x, positions)
+        y = self._attend(q, k, v, segment_ids)
+        new_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, 0))
+        new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, 0, 0))
+        if segment_ids is None:
+            start = jnp.zeros((b,), jnp.int32)
+        else:
+            start = (l - 1 - document_positions(segment_ids, b, l)[:, -1]).astype(jnp.int32)
+        return y, KVCache(new_k, new_v, jnp.asarray(l, jnp.int32), start)
+
+    def decode(self, x, cache: KVCache, *, positions=None):
+        """One token per row at slot cache.pos: x (B, 1, d) -> (y (B, 1, d), updated cache)."""
+        self._check(x, None, positions)
+        b = x.shape[0]
+        if x.shape[1] != 1:
+            raise ValueError(f"Attention.decode: x must hold one token per row, got {x.shape}")
+        pos = cache.pos.astype(jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        if positions is None:
+            positions = (pos - cache.start)[:, None]
+        q, k, v = self._qkv(x, positions)
+        at = (zero, pos, zero, zero)
+        new_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+        new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+        slots = jnp.arange(cache.k.shape[1])
+        mask = (slots[None] <= pos) & (slots[None] >= cache.start[:, None])  # (B, S)
+        out = attention_xla(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask[:, None],
+                            scale=self.scale)
+        y = self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim))
+        return y, KVCache(new_k, new_v, pos + 1, cache.start)

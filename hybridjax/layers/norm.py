@@ -1,0 +1,27 @@
+"""RMSNorm module (NemotronHRMSNorm): parameter `weight` (d,), initialised to ones.
+
+Statistics and the weight multiply run in float32 (float64 for float64 input); the result is cast
+to `dtype` (the compute dtype; None = the input's dtype).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from hybridjax.ops.norms import rmsnorm
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, d: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init; accepted so every layer can be built the same way
+        if d <= 0:
+            raise ValueError(f"RMSNorm: d must be > 0, got {d!r}")
+        self.eps = eps
+        self.dtype = None if dtype is None else jnp.dtype(dtype)
+        self.weight = nnx.Param(jnp.ones((d,), jnp.dtype(param_dtype)))
+
+    def __call__(self, x):
+        y = rmsnorm(x, self.weight[...], eps=self.eps)
+        return y if self.dtype is None else y.astype(self.dtype)

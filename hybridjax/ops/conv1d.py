@@ -1,0 +1,86 @@
+"""Causal depthwise conv1d over (B, L, C), as the Mamba-2 mixer's short convolution.
+
+    y[b, t, c] = bias[c] + sum_k kernel[k, c] * x[b, t - (K-1) + k, c]
+
+with x at t < 0 taken from `initial_state` (zeros by default). `kernel` (K, C) is the torch
+`conv1d.weight` (C, 1, K) squeezed and transposed. With `segment_ids` the window never reaches
+into the previous document: x[t'] contributes to y[t] only when segment_ids[t'] == segment_ids[t]
+(an `initial_state` counts as part of the first position's document, as in `ops.ssd`).
+
+`causal_conv1d_update` is the one-token decode step over a window state (B, K-1, C) holding the
+last K-1 inputs, oldest first. Both compute in float32 (float64 for float64 input) and return
+x.dtype; no activation is applied here.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _check(x, kernel, bias):
+    if x.ndim != 3:
+        raise ValueError(f"causal_conv1d: x has shape {x.shape}, expected "
+                         "(batch, length, channels)")
+    if kernel.ndim != 2 or kernel.shape[1] != x.shape[-1]:
+        raise ValueError(f"causal_conv1d: kernel has shape {kernel.shape}, expected "
+                         f"(kernel_size, {x.shape[-1]})")
+    if bias is not None and bias.shape != (x.shape[-1],):
+        raise ValueError(f"causal_conv1d: bias has shape {bias.shape}, expected ({x.shape[-1]},)")
+
+
+def causal_conv1d(x, kernel, bias=None, *, segment_ids=None, initial_state=None,
+                  return_final_state=False):
+    """x (B, L, C), kernel (K, C), bias (C,) | None -> y (B, L, C) [, final_state (B, K-1, C)].
+
+    `initial_state` (B, K-1, C): the K-1 inputs before position 0 (oldest first). The final state
+    holds the last K-1 inputs (x.dtype) for `causal_conv1d_update`; with segment_ids, entries
+    from documents other than the last position's one are zeroed, so decoding continues the last
+    document cleanly.
+    """
+    _check(x, kernel, bias)
+    b, l, c = x.shape
+    k = kernel.shape[0]
+    if initial_state is None:
+        initial_state = jnp.zeros((b, k - 1, c), x.dtype)
+    elif initial_state.shape != (b, k - 1, c):
+        raise ValueError(f"causal_conv1d: initial_state has shape {initial_state.shape}, "
+                         f"expected ({b}, {k - 1}, {c}) = (batch, kernel_size - 1, channels)")
+    if segment_ids is not None and segment_ids.shape != (b, l):
+        raise ValueError(f"causal_conv1d: segment_ids has shape {segment_ids.shape}, "
+                         f"expected ({b}, {l}) = (batch, length)")
+    ct = jnp.result_type(jnp.float32, x.dtype)
+    xp = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1).astype(ct)  # (B, K-1+L, C)
+    if segment_ids is not None:
+        # the state belongs to the first position's document
+        segp = jnp.concatenate([jnp.repeat(segment_ids[:, :1], k - 1, axis=1), segment_ids], 1)
+    w = kernel.astype(ct)
+    y = jnp.zeros((b, l, c), ct) if bias is None else jnp.broadcast_to(bias.astype(ct), (b, l, c))
+    for i in range(k):  # tap i reads x[t - (K-1) + i]
+        tap = xp[:, i:i + l]
+        if segment_ids is not None and i < k - 1:
+            tap = tap * (segp[:, i:i + l] == segment_ids)[..., None].astype(ct)
+        y = y + tap * w[i]
+    y = y.astype(x.dtype)
+    if not return_final_state:
+        return y
+    final = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1)[:, l:]
+    if segment_ids is not None and k > 1:
+        final = final * (segp[:, l:] == segment_ids[:, -1:])[..., None].astype(x.dtype)
+    return y, final
+
+
+def causal_conv1d_update(x, state, kernel, bias=None):
+    """One decode step. x (B, C), state (B, K-1, C) -> (y (B, C), new_state (B, K-1, C))."""
+    if x.ndim != 2:
+        raise ValueError(f"causal_conv1d_update: x has shape {x.shape}, expected (batch, channels)")
+    _check(x[:, None], kernel, bias)
+    k = kernel.shape[0]
+    if state.shape != (x.shape[0], k - 1, x.shape[1]):
+        raise ValueError(f"causal_conv1d_update: state has shape {state.shape}, expected "
+                         f"({x.shape[0]}, {k - 1}, {x.shape[1]})")
+    ct = jnp.result_type(jnp.float32, x.dtype)
+    window = jnp.concatenate([state.astype(x.dtype), x[:, None]], axis=1)  # (B, K, C)
+    y = jnp.sum(window.astype(ct) * kernel.astype(ct), axis=1)
+    if bias is not None:
+        y = y + bias.astype(ct)
+    return y.astype(x.dtype), window[:, 1:].astype(state.dtype)

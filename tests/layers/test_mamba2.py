@@ -1,0 +1,235 @@
+"""Mamba2Mixer: against transformers' NemotronHMamba2Mixer (torch path, float64), packed-segment
+resets, prefill + decode against the full forward, and the init statistics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybridjax.config import HybridConfig
+from hybridjax.layers.mamba2 import Mamba2Cache, Mamba2Mixer
+
+CFG = HybridConfig(d_model=48, mamba_heads=6, mamba_head_dim=8, ssm_state=12, n_groups=3,
+                   conv_kernel=4, chunk_size=8, dtype="float64", param_dtype="float64",
+                   ssd_impl="reference", pattern="M-")
+
+
+def _mixer(cfg=CFG, seed=0):
+    m = Mamba2Mixer(cfg, rngs=nnx.Rngs(seed))
+    # perturb the deterministic inits so the oracle comparison exercises every parameter
+    key = jax.random.key(seed + 100)
+    for name in ("D", "conv1d.bias", "norm.weight"):
+        obj, attr = m, name.split(".")
+        for a in attr[:-1]:
+            obj = getattr(obj, a)
+        var = getattr(obj, attr[-1])
+        key, sub = jax.random.split(key)
+        var[...] = var[...] + 0.3 * jax.random.normal(sub, var.shape, var.dtype)
+    return m
+
+
+# jitted entry points: one compile per (module structure, shape) instead of one per eager op
+@nnx.jit
+def fwd(m, x, segment_ids=None):
+    return m(x, segment_ids=segment_ids)
+
+
+@nnx.jit
+def prefill(m, x, cache, segment_ids=None):
+    return m.prefill(x, cache, segment_ids=segment_ids)
+
+
+@nnx.jit
+def decode(m, x, cache):
+    return m.decode(x, cache)
+
+
+def _x(shape, seed=1, dtype=jnp.float64):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _impls():
+    impls = ["reference"]
+    try:
+        import hybridjax.ops.ssd_chunked  # noqa: F401
+        impls.append("chunked")
+    except ImportError:
+        pass
+    return impls
+
+
+# --- against transformers ------------------------------------------------------------------------
+def _hf_mixer(cfg, mixer):
+    pytest.importorskip("torch")
+    mod = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
+    from _torch_f64 import set_linear, t
+    from transformers import NemotronHConfig
+
+    hf_cfg = NemotronHConfig(
+        hidden_size=cfg.d_model, layers_block_type=["linear_attention"],
+        mamba_num_heads=cfg.mamba_heads,
+        mamba_head_dim=cfg.mamba_head_dim, ssm_state_size=cfg.ssm_state, n_groups=cfg.n_groups,
+        conv_kernel=cfg.conv_kernel, chunk_size=cfg.chunk_size, layer_norm_epsilon=cfg.norm_eps,
+        time_step_min=cfg.time_step_min, time_step_max=cfg.time_step_max, use_conv_bias=True,
+        use_bias=False, use_mamba_kernels=False, vocab_size=16)
+    hf = mod.NemotronHMamba2Mixer(hf_cfg, layer_idx=0).double().eval()
+    set_linear(hf.in_proj, mixer.in_proj)
+    set_linear(hf.out_proj, mixer.out_proj)
+    hf.conv1d.weight.data = t(mixer.conv1d.kernel[...]).T[:, None, :].contiguous()
+    hf.conv1d.bias.data = t(mixer.conv1d.bias[...])
+    for name in ("dt_bias", "A_log", "D"):
+        getattr(hf, name).data = t(getattr(mixer, name)[...])
+    hf.norm.weight.data = t(mixer.norm.weight[...])
+    return hf
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("length", [37, 5])
+def test_matches_transformers(impl, length):
+    torch = pytest.importorskip("torch")
+    from _torch_f64 import keep_float64, rel_err, t
+
+    cfg = CFG.replace(ssd_impl=impl)
+    mixer = _mixer(cfg)
+    # large dt_bias spread so some dt fall below time_step_min and the clamp is exercised
+    mixer.dt_bias[...] = jnp.linspace(-9.0, 1.0, cfg.mamba_heads)
+    hf = _hf_mixer(cfg, mixer)
+    x = _x((2, length, cfg.d_model))
+    with torch.no_grad(), keep_float64():
+        want = hf(t(x)).numpy()
+    got = fwd(mixer, x)
+    assert got.dtype == jnp.float64
+    assert rel_err(got, want) < 1e-10
+
+
+def test_clamp_dt_off_differs_only_when_dt_small():
+    mixer = _mixer(CFG)
+    mixer.dt_bias[...] = jnp.full((CFG.mamba_heads,), -12.0)  # softplus ~ 6e-6 < time_step_min
+    x = _x((1, 9, CFG.d_model))
+    unclamped = Mamba2Mixer(CFG.replace(clamp_dt=False), rngs=nnx.Rngs(0))
+    nnx.update(unclamped, nnx.state(mixer))
+    assert not np.allclose(fwd(mixer, x), fwd(unclamped, x))
+
+
+# --- packed documents ----------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", _impls())
+def test_segments_equal_separate_documents(impl):
+    cfg = CFG.replace(ssd_impl=impl)
+    mixer = _mixer(cfg)
+    la, lb = 13, 11  # the boundary falls inside a chunk and inside a conv window
+    xa, xb = _x((1, la, cfg.d_model), 2), _x((1, lb, cfg.d_model), 3)
+    packed = jnp.concatenate([xa, xb], axis=1)
+    seg = jnp.array([[1] * la + [2] * lb])
+    got = fwd(mixer, packed, seg)
+    np.testing.assert_allclose(got[:, :la], fwd(mixer, xa), rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(got[:, la:], fwd(mixer, xb), rtol=1e-11, atol=1e-13)
+    # without segment ids the second document sees the first
+    assert not np.allclose(fwd(mixer, packed)[:, la:], fwd(mixer, xb))
+
+
+# --- decoding ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt", [1, 2, 10])
+def test_prefill_then_decode_equals_forward(prompt):
+    mixer = _mixer(CFG)
+    x = _x((2, 19, CFG.d_model))
+    full = fwd(mixer, x)
+    cache = mixer.init_cache(2, 19)
+    assert isinstance(cache, Mamba2Cache)
+    assert cache.ssm.shape == (2, CFG.mamba_heads, CFG.mamba_head_dim, CFG.ssm_state)
+    conv_dim = CFG.d_inner + 2 * CFG.n_groups * CFG.ssm_state
+    assert cache.conv.shape == (2, CFG.conv_kernel - 1, conv_dim)
+    y, cache = prefill(mixer, x[:, :prompt], cache)
+    outs = [y]
+    for i in range(prompt, x.shape[1]):
+        y, cache = decode(mixer, x[:, i:i + 1], cache)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_decode_after_packed_prefill_continues_last_document():
+    mixer = _mixer(CFG)
+    la, lb, extra = 6, 2, 4  # last document shorter than the conv window
+    xa, xb = _x((1, la, CFG.d_model), 4), _x((1, lb + extra, CFG.d_model), 5)
+    seg = jnp.array([[0] * la + [1] * lb])
+    _, cache = prefill(mixer, jnp.concatenate([xa, xb[:, :lb]], 1), mixer.init_cache(1), seg)
+    outs = []
+    for i in range(lb, lb + extra):
+        y, cache = decode(mixer, xb[:, i:i + 1], cache)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), fwd(mixer, xb)[:, lb:], rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_decode_under_jit_float32():
+    cfg = CFG.replace(dtype="float32", param_dtype="float32")
+    mixer = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
+    x = _x((2, 7, cfg.d_model), dtype=jnp.float32)
+
+    _, cache = prefill(mixer, x[:, :4], mixer.init_cache(2))
+    assert cache.ssm.dtype == jnp.float32 and cache.conv.dtype == jnp.float32
+    outs = []
+    for i in range(4, 7):
+        y, cache = decode(mixer, x[:, i:i + 1], cache)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), fwd(mixer, x)[:, 4:], rtol=2e-4,
+                               atol=2e-5)
+
+
+# --- init, dtypes, errors ------------------------------------------------------------------------
+def test_init_statistics():
+    cfg = CFG.replace(mamba_heads=4096, mamba_head_dim=1, n_groups=1, d_model=8,
+                      dtype="float32", param_dtype="float32", pattern="MMMM")
+    m = Mamba2Mixer(cfg, rngs=nnx.Rngs(3))
+    A = np.exp(np.asarray(m.A_log[...]))
+    assert A.min() >= 1.0 and A.max() <= 16.0
+    assert abs(A.mean() - 8.5) < 0.3 and A.min() < 1.1 and A.max() > 15.9  # uniform on [1, 16]
+    dt = np.asarray(jax.nn.softplus(m.dt_bias[...]))
+    lo, hi = cfg.time_step_min, cfg.time_step_max
+    assert dt.min() >= lo * (1 - 1e-4) and dt.max() <= hi * (1 + 1e-4)
+    log_dt = np.log(dt)  # log-uniform
+    assert abs(log_dt.mean() - (math.log(lo) + math.log(hi)) / 2) < 0.1
+    np.testing.assert_array_equal(m.D[...], 1.0)
+    np.testing.assert_array_equal(m.norm.weight[...], 1.0)
+    np.testing.assert_array_equal(m.conv1d.bias[...], 0.0)
+    assert abs(np.std(m.in_proj.kernel[...]) - cfg.initializer_range) < 0.002
+    # out_proj: U(+-1/sqrt(d_inner)) / sqrt(n_layers)
+    bound = 1 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layers)
+    out = np.asarray(m.out_proj.kernel[...])
+    assert np.abs(out).max() <= bound and np.abs(out).max() > 0.95 * bound
+
+
+def test_dt_floor():
+    cfg = CFG.replace(time_step_min=1e-6, time_step_max=1e-5, time_step_floor=1e-4)
+    m = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(jax.nn.softplus(m.dt_bias[...]), 1e-4, rtol=1e-8)
+
+
+def test_bfloat16_compute():
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="float32")
+    m = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
+    x = _x((2, 11, cfg.d_model), dtype=jnp.float32)
+    y = fwd(m, x)
+    assert y.dtype == jnp.bfloat16
+    ref = fwd(Mamba2Mixer(cfg.replace(dtype="float32"), rngs=nnx.Rngs(0)), x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=0.1, atol=0.02)
+    assert m.A_log[...].dtype == jnp.float32
+
+
+def test_param_names():
+    state = nnx.to_flat_state(nnx.state(_mixer(), nnx.Param))
+    names = {".".join(map(str, p)) for p, _ in state}
+    assert names == {"in_proj.kernel", "conv1d.kernel", "conv1d.bias", "dt_bias", "A_log", "D",
+                     "norm.weight", "out_proj.kernel"}
+
+
+def test_bad_inputs():
+    m = _mixer()
+    with pytest.raises(ValueError, match="d_model|48"):
+        m(jnp.zeros((1, 4, 7)))
+    with pytest.raises(ValueError, match="segment_ids"):
+        m(jnp.zeros((1, 4, CFG.d_model)), segment_ids=jnp.zeros((1, 5), jnp.int32))
+    with pytest.raises(ValueError, match="one token"):
+        m.decode(jnp.zeros((1, 2, CFG.d_model)), m.init_cache(1))

@@ -1,0 +1,85 @@
+"""MLP: against transformers' NemotronHMLP (float64) for relu2/silu/gelu, swiglu against its
+formula, the activation table, the shared-expert constructor and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import erf
+
+from hybridjax.config import HybridConfig
+from hybridjax.layers.mlp import MLP, activation, is_gated
+
+CFG = HybridConfig(d_model=24, ffn=40, dtype="float64", param_dtype="float64", pattern="-")
+
+
+def _x(shape=(2, 7, 24), seed=1):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float64)
+
+
+@pytest.mark.parametrize("act", ["relu2", "silu", "gelu"])
+def test_matches_transformers(act):
+    torch = pytest.importorskip("torch")
+    mod = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
+    from _torch_f64 import keep_float64, rel_err, set_linear, t
+    from transformers import NemotronHConfig
+
+    mlp = MLP(CFG, act=act, rngs=nnx.Rngs(0))
+    hf_cfg = NemotronHConfig(hidden_size=CFG.d_model, intermediate_size=CFG.ffn,
+                             mlp_hidden_act=act, layers_block_type=["mlp"], vocab_size=16)
+    hf = mod.NemotronHMLP(hf_cfg).double().eval()
+    set_linear(hf.up_proj, mlp.up_proj)
+    set_linear(hf.down_proj, mlp.down_proj)
+    x = _x()
+    with torch.no_grad(), keep_float64():
+        want = hf(t(x)).numpy()
+    got = mlp(x)
+    assert got.dtype == jnp.float64
+    assert rel_err(got, want) < 1e-12
+
+
+def test_swiglu_formula():
+    mlp = MLP(CFG.replace(mlp_act="swiglu"), rngs=nnx.Rngs(0))
+    x = np.asarray(_x())
+    g = x @ np.asarray(mlp.gate_proj.kernel[...])
+    u = x @ np.asarray(mlp.up_proj.kernel[...])
+    want = (g / (1 + np.exp(-g)) * u) @ np.asarray(mlp.down_proj.kernel[...])
+    np.testing.assert_allclose(mlp(x), want, rtol=1e-12, atol=1e-14)
+
+
+def test_activation_table():
+    z = np.linspace(-4, 4, 33)
+    np.testing.assert_allclose(activation("relu2")(z), np.maximum(z, 0) ** 2, rtol=1e-15)
+    np.testing.assert_allclose(activation("silu")(z), z / (1 + np.exp(-z)), rtol=1e-12)
+    np.testing.assert_allclose(activation("gelu")(z), 0.5 * z * (1 + erf(z / np.sqrt(2))),
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(activation("swiglu")(z), z / (1 + np.exp(-z)), rtol=1e-12)
+    assert is_gated("swiglu") and not is_gated("relu2")
+    with pytest.raises(ValueError, match="activation: 'tanh'.*relu2"):
+        activation("tanh")
+
+
+def test_shared_expert_shape_and_names():
+    mlp = MLP(CFG, d_ff=12, act="swiglu", rngs=nnx.Rngs(0))
+    shapes = {".".join(map(str, p)): v.shape
+              for p, v in nnx.to_flat_state(nnx.state(mlp, nnx.Param))}
+    assert shapes == {"gate_proj.kernel": (24, 12), "up_proj.kernel": (24, 12),
+                      "down_proj.kernel": (12, 24)}
+    plain = MLP(CFG, rngs=nnx.Rngs(0))
+    assert plain.gate_proj is None and plain.up_proj.kernel.shape == (24, 40)
+
+
+def test_dtypes_and_init():
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="float32", ffn=2000, d_model=200)
+    mlp = MLP(cfg, rngs=nnx.Rngs(0))
+    assert mlp.up_proj.kernel[...].dtype == jnp.float32
+    assert abs(float(jnp.std(mlp.up_proj.kernel[...])) - cfg.initializer_range) < 1e-3
+    assert mlp(jnp.ones((1, 3, 200), jnp.float32)).dtype == jnp.bfloat16
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="d_ff"):
+        MLP(CFG, d_ff=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="activation"):
+        MLP(CFG, act="relu", rngs=nnx.Rngs(0))

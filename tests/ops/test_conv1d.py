@@ -1,0 +1,94 @@
+"""causal_conv1d and causal_conv1d_update against numpy loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybridjax.ops.conv1d import causal_conv1d, causal_conv1d_update
+
+
+def _r(shape, seed):
+    return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float64))
+
+
+def _numpy_conv(x, kernel, bias, segment_ids=None, initial_state=None):
+    b, l, c = x.shape
+    k = kernel.shape[0]
+    state = np.zeros((b, k - 1, c)) if initial_state is None else initial_state
+    xp = np.concatenate([state, x], axis=1)
+    seg = None
+    if segment_ids is not None:
+        seg = np.concatenate([np.repeat(segment_ids[:, :1], k - 1, 1), segment_ids], 1)
+    y = np.zeros((b, l, c))
+    for bi in range(b):
+        for t in range(l):
+            for ch in range(c):
+                acc = bias[ch]
+                for i in range(k):
+                    src = t + i  # index into xp of x[t - (K-1) + i]
+                    if seg is not None and seg[bi, src] != seg[bi, t + k - 1]:
+                        continue
+                    acc += kernel[i, ch] * xp[bi, src, ch]
+                y[bi, t, ch] = acc
+    return y
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_matches_numpy(k):
+    x, kern, bias = _r((2, 9, 5), 0), _r((k, 5), 1), _r((5,), 2)
+    got = causal_conv1d(jnp.asarray(x), jnp.asarray(kern), jnp.asarray(bias))
+    np.testing.assert_allclose(got, _numpy_conv(x, kern, bias), rtol=1e-13, atol=1e-14)
+
+
+def test_segments_and_initial_state_match_numpy():
+    x, kern, bias, state = _r((2, 10, 3), 0), _r((4, 3), 1), _r((3,), 2), _r((2, 3, 3), 3)
+    seg = np.array([[0, 0, 1, 1, 1, 1, 1, 2, 3, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 5]])
+    got = causal_conv1d(jnp.asarray(x), jnp.asarray(kern), jnp.asarray(bias),
+                        segment_ids=jnp.asarray(seg), initial_state=jnp.asarray(state))
+    want = _numpy_conv(x, kern, bias, seg, state)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+def test_segments_equal_separate_documents():
+    x, kern, bias = _r((1, 11, 4), 0), _r((4, 4), 1), _r((4,), 2)
+    seg = jnp.array([[0] * 5 + [1] * 6])
+    got = causal_conv1d(jnp.asarray(x), jnp.asarray(kern), jnp.asarray(bias), segment_ids=seg)
+    np.testing.assert_allclose(got[:, :5], causal_conv1d(x[:, :5], kern, bias), rtol=1e-14)
+    np.testing.assert_allclose(got[:, 5:], causal_conv1d(x[:, 5:], kern, bias), rtol=1e-14)
+
+
+@pytest.mark.parametrize("prompt", [1, 2, 6])
+def test_final_state_then_update_equals_full(prompt):
+    x, kern, bias = jnp.asarray(_r((2, 12, 6), 0)), jnp.asarray(_r((4, 6), 1)), _r((6,), 2)
+    bias = jnp.asarray(bias)
+    full = causal_conv1d(x, kern, bias)
+    y, state = causal_conv1d(x[:, :prompt], kern, bias, return_final_state=True)
+    assert state.shape == (2, 3, 6)
+    outs = [y]
+    for t in range(prompt, 12):
+        yt, state = causal_conv1d_update(x[:, t], state, kern, bias)
+        outs.append(yt[:, None])
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-13, atol=1e-14)
+
+
+def test_final_state_drops_earlier_documents():
+    x, kern = jnp.asarray(_r((1, 6, 2), 0)), jnp.asarray(_r((4, 2), 1))
+    seg = jnp.array([[0, 0, 0, 0, 1, 1]])
+    _, state = causal_conv1d(x, kern, segment_ids=seg, return_final_state=True)
+    np.testing.assert_array_equal(state[0, 0], 0.0)  # x[3] belongs to document 0
+    np.testing.assert_allclose(state[0, 1:], x[0, 4:])
+
+
+def test_bad_inputs():
+    x = jnp.zeros((2, 5, 3))
+    with pytest.raises(ValueError, match="kernel"):
+        causal_conv1d(x, jnp.zeros((4, 2)))
+    with pytest.raises(ValueError, match="bias"):
+        causal_conv1d(x, jnp.zeros((4, 3)), jnp.zeros(2))
+    with pytest.raises(ValueError, match="segment_ids"):
+        causal_conv1d(x, jnp.zeros((4, 3)), segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="initial_state"):
+        causal_conv1d(x, jnp.zeros((4, 3)), initial_state=jnp.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match="state"):
+        causal_conv1d_update(jnp.zeros((2, 3)), jnp.zeros((2, 2, 3)), jnp.zeros((4, 3)))
