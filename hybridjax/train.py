@@ -26,13 +26,21 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.checkpoint import Checkpointer, StopSignal, all_finite
+from hybridjax.data import bucket_names, make_dataset
 from hybridjax.metrics_log import MetricsLog
 from hybridjax.optim import make_optimizer
 from hybridjax.train_config import RunConfig, register_configs, resolve
-from hybridjax.train_step import init_state, make_eval_step, make_train_step, model_batch
+from hybridjax.train_step import (
+    MODEL_INPUTS,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    model_batch,
+)
 
 log = logging.getLogger("hybridjax.train")
 
@@ -84,8 +92,8 @@ def build(run: RunConfig, run_dir: str) -> Setup:
         graphdef, tx, schedule, lb_coef=run.loss.lb_coef, z_coef=run.loss.z_coef,
         router_bias_rate=run.loss.router_bias_rate, grad_accum=t.grad_accum,
         has_moe=run.model.has("E"), donate=jax.default_backend() != "cpu")
-    return Setup(run, run_dir, mesh, graphdef, state, train_step, make_eval_step(graphdef),
-                 schedule)
+    eval_step = make_eval_step(graphdef, max(len(bucket_names(run.data, t.seq_len)), 1))
+    return Setup(run, run_dir, mesh, graphdef, state, train_step, eval_step, schedule)
 
 
 class Loop:
@@ -99,11 +107,10 @@ class Loop:
         self.pending = []  # (step, device metrics) not yet checked and logged
         self.last_metrics = {}
         self.last_eval = {}
+        self.bucket_names = bucket_names(setup.run.data, self.t.seq_len)
 
     # --- data --------------------------------------------------------------------------------
     def dataset(self, split: str, seed: int, batch_size: int):
-        from hybridjax.data import make_dataset
-
         n_proc = jax.process_count()
         if batch_size % n_proc:
             raise ValueError(f"trainer.batch_size: {batch_size} must divide evenly over "
@@ -118,7 +125,11 @@ class Loop:
             return jax.device_put(batch)
         from hybridjax.sharding import batch_sharding
 
-        return jax.device_put(batch, batch_sharding(self.s.mesh))
+        sharding = batch_sharding(self.s.mesh)
+        if jax.process_count() > 1:  # each process holds its own rows of the global batch
+            return {k: jax.make_array_from_process_local_data(sharding, v)
+                    for k, v in batch.items()}
+        return jax.device_put(batch, sharding)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -242,43 +253,32 @@ class Loop:
 
     def evaluate(self, done: int, state) -> dict:
         """Held-out loss, perplexity and answer accuracy (overall and per difficulty bucket)."""
+        from hybridjax.eval import lm_metrics, recall_metrics
+
         t = self.t
-        batch_size = t.eval_batch_size or t.batch_size
-        sums = {"nll": 0.0, "correct": 0.0, "count": 0.0}
-        buckets = {}
-        for i, batch in enumerate(self.dataset("eval", t.eval_seed, batch_size)):
+        sums = None
+        batches = self.dataset("eval", t.eval_seed, t.eval_batch_size or t.batch_size)
+        for i, batch in enumerate(batches):
             if t.eval_batches is not None and i >= t.eval_batches:
                 break
-            out = jax.device_get(self.s.eval_step(state.params, state.model_state,
-                                                  self.to_device(model_batch(batch))))
-            for k in sums:
-                sums[k] += float(np.sum(out[k]))
-            if "bucket" in batch:
-                for b, c, n in zip(np.asarray(batch["bucket"]), out["correct"], out["count"]):
-                    acc = buckets.setdefault(int(b), [0.0, 0.0])
-                    acc[0] += float(c)
-                    acc[1] += float(n)
-        count = max(sums["count"], 1.0)
-        loss = sums["nll"] / count
-        record = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)),
-                  "eval/accuracy": sums["correct"] / count}
-        names = self.bucket_names()
-        for b, (c, n) in sorted(buckets.items()):
-            name = names[b] if names and b < len(names) else str(b)
-            record[f"eval/accuracy/{name}"] = c / max(n, 1.0)
+            batch = {k: v for k, v in batch.items() if k in (*MODEL_INPUTS, "bucket")}
+            out = self.s.eval_step(state.params, state.model_state, self.to_device(batch))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = jax.device_get(sums)
+        lm = lm_metrics(sums["loss_sum"], sums["weight_sum"])
+        names = self.bucket_names
+        recall = recall_metrics(sums["correct"], sums["total"], names or None)
+        record = {"eval/loss": lm["loss"], "eval/perplexity": lm["perplexity"],
+                  "eval/accuracy": recall["accuracy"], "eval/answers": recall["answers"]}
+        if names:
+            record.update({f"eval/{k}": v for k, v in recall.items()
+                           if k.startswith("accuracy/")})
         self.last_eval = record
         self.metrics.message(f"step {done}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in record.items()))
+            f"{k} {v:.4g}" for k, v in record.items()))
         if hasattr(self, "clock"):
             self.clock = (time.perf_counter(), done)  # eval time is not training throughput
         return record
-
-    def bucket_names(self):
-        try:
-            from hybridjax.data import bucket_names
-        except ImportError:
-            return None
-        return list(bucket_names(self.s.run.data, self.t.seq_len))
 
     def save(self, ckpt: Checkpointer, done: int, state, train_iter) -> None:
         if not bool(all_finite((state.params, state.opt_state))):

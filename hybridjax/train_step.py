@@ -137,17 +137,19 @@ def moe_stats(aux) -> dict:
             "moe/dropped_frac": aux.dropped_frac}
 
 
-def make_eval_step(graphdef):
-    """A jitted `eval_step(params, model_state, batch) -> per-row sums` over answer positions:
-    {"nll": (B,), "correct": (B,), "count": (B,)} (argmax prediction == target)."""
+def make_eval_step(graphdef, num_buckets: int = 1):
+    """A jitted `eval_step(params, model_state, batch) -> sums` over answer positions (loss_mask):
+    {"loss_sum", "weight_sum"} (cross-entropy) and {"correct", "total"} (num_buckets,) per
+    difficulty bucket (argmax prediction == target), the inputs of hybridjax.eval's metrics."""
+    from hybridjax.eval import cross_entropy_sums, recall_counts
 
     @jax.jit
     def eval_step(params, model_state, batch):
-        batch = model_batch(batch)
-        ce, _, logits = token_losses(graphdef, params, model_state, batch)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-        return {"nll": jnp.sum(ce * mask, axis=1), "correct": jnp.sum(correct * mask, axis=1),
-                "count": jnp.sum(mask, axis=1)}
+        model = nnx.merge(graphdef, params, model_state)
+        logits = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
+        loss_sum, weight_sum = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+        correct, total = recall_counts(logits, batch, num_buckets)
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
+                "total": total}
 
     return eval_step

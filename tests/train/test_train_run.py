@@ -27,7 +27,7 @@ def test_run_dir_contents(tmp_path, tiny_run):
     assert all(r["tokens_per_sec"] > 0 for r in records[1:])
     evals = [r for r in records if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4]
-    assert {"eval/loss", "eval/ppl", "eval/accuracy/pairs=2,len=32",
+    assert {"eval/loss", "eval/perplexity", "eval/accuracy/pairs=2,len=32",
             "eval/accuracy/pairs=4,len=32"} <= set(evals[0])
     assert 0.0 <= evals[0]["eval/accuracy"] <= 1.0
     assert records[0]["lr"] < records[1]["lr"]  # warming up
