@@ -1,0 +1,1 @@
+"""Benchmark programs: `python -m hybridjax.bench <name> ...` prints a table of medians."""
