@@ -178,6 +178,7 @@ class Loop:
                 self.pending.append((done, metrics))
                 if done == start + 1:  # the first step compiled: time from here
                     jax.block_until_ready(metrics)
+                    self.step_memory = step_memory_bytes(self.s.train_step, state, batch)
                     self.clock = (time.perf_counter(), done)
                 if done == t.stop_at and not stop.requested:
                     stop.requested = f"trainer.stop_at={t.stop_at}"
@@ -292,10 +293,22 @@ class Loop:
         total, active = getattr(self, "param_counts", (None, None))
         out = {"step": int(jax.device_get(state.step)), "params_total": total,
                "params_active": active, **self.last_metrics, **self.last_eval,
+               "step_memory_bytes": getattr(self, "step_memory", None),
                "peak_memory_bytes": peak_memory_bytes()}
         with open(os.path.join(self.s.run_dir, "summary.json"), "w") as f:
             json.dump(out, f, indent=1)
         return out
+
+
+def step_memory_bytes(train_step, state, batch) -> int | None:
+    """XLA's buffers for one compiled train step (arguments + outputs + temporaries, less what
+    outputs alias): unlike the process's peak RSS, comparable between runs of one multirun.
+    Called after the first step, so lowering hits the compile cache."""
+    stats = train_step.lower(state, batch).compile().memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 def peak_memory_bytes() -> int | None:

@@ -46,8 +46,7 @@ FILL_PROGRAMS = 200     # b*h at or above this: one superchunk per (b, h)
 TARGET_PROGRAMS = 512   # else about this many programs
 WINDOW = 256            # positions per window of the decay-gradient sums
 SPLIT = False           # hi/lo state operands in the backward's inter-chunk products
-# dx with 8 warps: l=64K fwd+bwd 9.4 -> 7.5 ms on the H200 (check.py variants)
-LAUNCH = (("fwd", (4, 2)), ("state", (4, 2)), ("dx", (8, 2)), ("dc", (4, 2)))
+LAUNCH = (("fwd", (4, 2)), ("state", (4, 2)), ("dx", (4, 2)), ("dc", (4, 2)))
 
 
 @dataclasses.dataclass(frozen=True)
