@@ -10,6 +10,7 @@ from flax import nnx
 from hybridjax.config import HybridConfig
 from hybridjax.layers.attention import Attention, KVCache, document_positions
 from hybridjax.ops.rope import rope_frequencies
+from _layer_calls import decode, prefill, random_x
 
 CFG = HybridConfig(d_model=40, attn_heads=6, kv_heads=2, head_dim=10, dtype="float64",
                    param_dtype="float64", pattern="*-")
@@ -19,20 +20,6 @@ CFG = HybridConfig(d_model=40, attn_heads=6, kv_heads=2, head_dim=10, dtype="flo
 @nnx.jit
 def fwd(m, x, segment_ids=None, positions=None):
     return m(x, segment_ids=segment_ids, positions=positions)
-
-
-@nnx.jit
-def prefill(m, x, cache, segment_ids=None):
-    return m.prefill(x, cache, segment_ids=segment_ids)
-
-
-@nnx.jit
-def decode(m, x, cache):
-    return m.decode(x, cache)
-
-
-def _x(shape, seed=1, dtype=jnp.float64):
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
 def _attn(cfg=CFG, seed=0):
@@ -79,7 +66,7 @@ def test_matches_transformers(packed):
     attn = _attn()
     hf = _hf_attention(CFG, attn)
     b, l = 2, 23
-    x = _x((b, l, CFG.d_model))
+    x = random_x((b, l, CFG.d_model))
     seg = jnp.array([[0] * 9 + [1] * 14, [3] * 23]) if packed else None
     with torch.no_grad(), keep_float64():
         want, _ = hf(t(x), attention_mask=_additive_mask(seg, b, l))
@@ -127,7 +114,7 @@ def test_rope_matches_numpy(scaling):
     cfg = CFG.replace(rope_theta=500.0, rope_scaling=scaling, rope_factor=4.0,
                       rope_original_max_len=16)
     attn = _attn(cfg)
-    x = _x((2, 9, cfg.d_model))
+    x = random_x((2, 9, cfg.d_model))
     positions = jnp.array([np.arange(9) + 5, np.arange(9) * 3])
     got = fwd(attn, x, positions=positions)
     want = _numpy_attention(cfg, attn, x, np.asarray(positions))
@@ -137,7 +124,7 @@ def test_rope_matches_numpy(scaling):
 def test_rope_is_relative():
     cfg = CFG.replace(rope_theta=10000.0)
     attn = _attn(cfg)
-    x = _x((1, 8, cfg.d_model))
+    x = random_x((1, 8, cfg.d_model))
     base = fwd(attn, x, positions=jnp.arange(8)[None])
     shifted = fwd(attn, x, positions=jnp.arange(8)[None] + 1000)
     np.testing.assert_allclose(shifted, base, rtol=1e-8, atol=1e-10)
@@ -150,7 +137,7 @@ def test_rope_is_relative():
 def test_segments_equal_separate_documents(rope):
     attn = _attn(CFG.replace(rope_theta=rope))
     la, lb = 7, 10
-    xa, xb = _x((1, la, CFG.d_model), 2), _x((1, lb, CFG.d_model), 3)
+    xa, xb = random_x((1, la, CFG.d_model), 2), random_x((1, lb, CFG.d_model), 3)
     packed = jnp.concatenate([xa, xb], axis=1)
     seg = jnp.array([[5] * la + [9] * lb])
     got = fwd(attn, packed, seg)  # default positions restart at each document
@@ -171,7 +158,7 @@ def test_document_positions():
 def test_prefill_then_decode_equals_forward(rope, prompt):
     attn = _attn(CFG.replace(rope_theta=rope))
     b, l = 2, 15
-    x = _x((b, l, CFG.d_model))
+    x = random_x((b, l, CFG.d_model))
     full = fwd(attn, x)
     cache = attn.init_cache(b, 20, jnp.float64)
     assert isinstance(cache, KVCache) and cache.k.shape == (b, 20, CFG.kv_heads, CFG.head_dim)
@@ -188,7 +175,7 @@ def test_prefill_then_decode_equals_forward(rope, prompt):
 def test_decode_after_packed_prefill_continues_last_document():
     attn = _attn(CFG.replace(rope_theta=100.0))
     la, lb, extra = 5, 3, 4
-    xa, xb = _x((1, la, CFG.d_model), 4), _x((1, lb + extra, CFG.d_model), 5)
+    xa, xb = random_x((1, la, CFG.d_model), 4), random_x((1, lb + extra, CFG.d_model), 5)
     seg = jnp.array([[0] * la + [1] * lb])
     _, cache = prefill(attn, jnp.concatenate([xa, xb[:, :lb]], 1), attn.init_cache(1, 16), seg)
     assert int(cache.start[0]) == la
@@ -203,7 +190,7 @@ def test_decode_after_packed_prefill_continues_last_document():
 def test_decode_under_jit():
     cfg = CFG.replace(dtype="float32", param_dtype="float32", rope_theta=10000.0)
     attn = Attention(cfg, rngs=nnx.Rngs(0))
-    x = _x((2, 9, cfg.d_model), dtype=jnp.float32)
+    x = random_x((2, 9, cfg.d_model), dtype=jnp.float32)
     _, cache = prefill(attn, x[:, :3], attn.init_cache(2, 9))
     outs = []
     for i in range(3, 9):
@@ -223,7 +210,7 @@ def test_cudnn_builds_causal_call(monkeypatch):
         return real(q, k, v, scale=kw["scale"], is_causal=True, implementation="xla")
 
     attn = _attn(CFG.replace(attn_impl="cudnn"))
-    x = _x((2, 11, CFG.d_model))
+    x = random_x((2, 11, CFG.d_model))
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
     got = attn(x)
     monkeypatch.undo()
@@ -240,7 +227,7 @@ def test_cudnn_builds_causal_call(monkeypatch):
 def test_cudnn_rejects_segment_ids():
     attn = _attn(CFG.replace(attn_impl="cudnn"))
     with pytest.raises(ValueError, match="segment_ids"):
-        attn(_x((1, 4, CFG.d_model)), segment_ids=jnp.zeros((1, 4), jnp.int32))
+        attn(random_x((1, 4, CFG.d_model)), segment_ids=jnp.zeros((1, 4), jnp.int32))
 
 
 # --- errors, names -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.layers.mamba2 import Mamba2Cache, Mamba2Mixer
+from _layer_calls import decode, prefill, random_x
 
 CFG = HybridConfig(d_model=48, mamba_heads=6, mamba_head_dim=8, ssm_state=12, n_groups=3,
                    conv_kernel=4, chunk_size=8, dtype="float64", param_dtype="float64",
@@ -31,34 +32,13 @@ def _mixer(cfg=CFG, seed=0):
     return m
 
 
-# jitted entry points: one compile per (module structure, shape) instead of one per eager op
+# jitted forward (prefill and decode come from _layer_calls)
 @nnx.jit
 def fwd(m, x, segment_ids=None):
     return m(x, segment_ids=segment_ids)
 
 
-@nnx.jit
-def prefill(m, x, cache, segment_ids=None):
-    return m.prefill(x, cache, segment_ids=segment_ids)
-
-
-@nnx.jit
-def decode(m, x, cache):
-    return m.decode(x, cache)
-
-
-def _x(shape, seed=1, dtype=jnp.float64):
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
-
-
-def _impls():
-    impls = ["reference"]
-    try:
-        import hybridjax.ops.ssd_chunked  # noqa: F401
-        impls.append("chunked")
-    except ImportError:
-        pass
-    return impls
+IMPLS = ["reference", "chunked"]
 
 
 # --- against transformers ------------------------------------------------------------------------
@@ -86,7 +66,7 @@ def _hf_mixer(cfg, mixer):
     return hf
 
 
-@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [37, 5])
 def test_matches_transformers(impl, length):
     torch = pytest.importorskip("torch")
@@ -97,7 +77,7 @@ def test_matches_transformers(impl, length):
     # large dt_bias spread so some dt fall below time_step_min and the clamp is exercised
     mixer.dt_bias[...] = jnp.linspace(-9.0, 1.0, cfg.mamba_heads)
     hf = _hf_mixer(cfg, mixer)
-    x = _x((2, length, cfg.d_model))
+    x = random_x((2, length, cfg.d_model))
     with torch.no_grad(), keep_float64():
         want = hf(t(x)).numpy()
     got = fwd(mixer, x)
@@ -108,19 +88,19 @@ def test_matches_transformers(impl, length):
 def test_clamp_dt_off_differs_only_when_dt_small():
     mixer = _mixer(CFG)
     mixer.dt_bias[...] = jnp.full((CFG.mamba_heads,), -12.0)  # softplus ~ 6e-6 < time_step_min
-    x = _x((1, 9, CFG.d_model))
+    x = random_x((1, 9, CFG.d_model))
     unclamped = Mamba2Mixer(CFG.replace(clamp_dt=False), rngs=nnx.Rngs(0))
     nnx.update(unclamped, nnx.state(mixer))
     assert not np.allclose(fwd(mixer, x), fwd(unclamped, x))
 
 
 # --- packed documents ----------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("impl", IMPLS)
 def test_segments_equal_separate_documents(impl):
     cfg = CFG.replace(ssd_impl=impl)
     mixer = _mixer(cfg)
     la, lb = 13, 11  # the boundary falls inside a chunk and inside a conv window
-    xa, xb = _x((1, la, cfg.d_model), 2), _x((1, lb, cfg.d_model), 3)
+    xa, xb = random_x((1, la, cfg.d_model), 2), random_x((1, lb, cfg.d_model), 3)
     packed = jnp.concatenate([xa, xb], axis=1)
     seg = jnp.array([[1] * la + [2] * lb])
     got = fwd(mixer, packed, seg)
@@ -134,7 +114,7 @@ def test_segments_equal_separate_documents(impl):
 @pytest.mark.parametrize("prompt", [1, 2, 10])
 def test_prefill_then_decode_equals_forward(prompt):
     mixer = _mixer(CFG)
-    x = _x((2, 19, CFG.d_model))
+    x = random_x((2, 19, CFG.d_model))
     full = fwd(mixer, x)
     cache = mixer.init_cache(2, 19)
     assert isinstance(cache, Mamba2Cache)
@@ -152,7 +132,7 @@ def test_prefill_then_decode_equals_forward(prompt):
 def test_decode_after_packed_prefill_continues_last_document():
     mixer = _mixer(CFG)
     la, lb, extra = 6, 2, 4  # last document shorter than the conv window
-    xa, xb = _x((1, la, CFG.d_model), 4), _x((1, lb + extra, CFG.d_model), 5)
+    xa, xb = random_x((1, la, CFG.d_model), 4), random_x((1, lb + extra, CFG.d_model), 5)
     seg = jnp.array([[0] * la + [1] * lb])
     _, cache = prefill(mixer, jnp.concatenate([xa, xb[:, :lb]], 1), mixer.init_cache(1), seg)
     outs = []
@@ -166,7 +146,7 @@ def test_decode_after_packed_prefill_continues_last_document():
 def test_decode_under_jit_float32():
     cfg = CFG.replace(dtype="float32", param_dtype="float32")
     mixer = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
-    x = _x((2, 7, cfg.d_model), dtype=jnp.float32)
+    x = random_x((2, 7, cfg.d_model), dtype=jnp.float32)
 
     _, cache = prefill(mixer, x[:, :4], mixer.init_cache(2))
     assert cache.ssm.dtype == jnp.float32 and cache.conv.dtype == jnp.float32
@@ -210,7 +190,7 @@ def test_dt_floor():
 def test_bfloat16_compute():
     cfg = CFG.replace(dtype="bfloat16", param_dtype="float32")
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
-    x = _x((2, 11, cfg.d_model), dtype=jnp.float32)
+    x = random_x((2, 11, cfg.d_model), dtype=jnp.float32)
     y = fwd(m, x)
     assert y.dtype == jnp.bfloat16
     ref = fwd(Mamba2Mixer(cfg.replace(dtype="float32"), rngs=nnx.Rngs(0)), x)
