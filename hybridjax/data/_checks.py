@@ -31,3 +31,16 @@ def check_fraction(name: str, value, *, closed_low=True, closed_high=True):
     if not (ok_low and ok_high):
         low, high = "[" if closed_low else "(", "]" if closed_high else ")"
         raise ValueError(f"{name}: must be in {low}0, 1{high}, got {value!r}")
+
+
+def bucket_lengths(lengths, seq_len, field: str, task: str) -> tuple:
+    """The example lengths of a task's buckets: `lengths` (field `field`), or, when None, the row
+    length `seq_len` alone (examples fill the row); every length must fit in `seq_len`."""
+    if seq_len is not None and lengths is not None and max(lengths) > seq_len:
+        raise ValueError(f"seq_len: {seq_len} is shorter than {field} ({max(lengths)})")
+    if lengths is None:
+        if seq_len is None:
+            raise ValueError(f"seq_len: needed to name {task} buckets when {field} is None "
+                             "(examples then fill the row)")
+        return (seq_len,)
+    return tuple(lengths)

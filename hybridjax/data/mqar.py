@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from hybridjax.data._checks import as_tuple, check_positive
+from hybridjax.data._checks import as_tuple, bucket_lengths, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +55,7 @@ class MQARConfig:
     def buckets(self, seq_len: int | None = None) -> tuple[tuple[int, int], ...]:
         """(num_pairs, example length) per bucket. `seq_len` is the row length: it stands in for
         `seq_lens=None` and must hold every example."""
-        lengths = self.seq_lens
-        if seq_len is not None and lengths is not None and max(lengths) > seq_len:
-            raise ValueError(f"seq_len: {seq_len} is shorter than MQARConfig.seq_lens "
-                             f"({max(lengths)})")
-        if lengths is None:
-            if seq_len is None:
-                raise ValueError("seq_len: needed to name MQAR buckets when MQARConfig.seq_lens "
-                                 "is None (examples then fill the row)")
-            lengths = (seq_len,)
+        lengths = bucket_lengths(self.seq_lens, seq_len, "MQARConfig.seq_lens", "MQAR")
         pairs = self.num_pairs
         if len(pairs) != len(lengths) and 1 not in (len(pairs), len(lengths)):
             raise ValueError(f"MQARConfig.seq_lens: {len(lengths)} lengths cannot be zipped with "

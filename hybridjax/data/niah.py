@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from hybridjax.data._checks import as_tuple, check_fraction, check_positive
+from hybridjax.data._checks import as_tuple, bucket_lengths, check_fraction, check_positive
 
 PAD, NEEDLE, QUERY = 0, 1, 2
 FIRST_ORDINARY = 3
@@ -67,16 +67,9 @@ class NIAHConfig:
     def buckets(self, seq_len: int | None = None) -> tuple[tuple[int, float], ...]:
         """(context length, depth) per bucket. `seq_len` is the row length: it stands in for
         `context_lens=None` and must hold every example."""
-        lengths = self.context_lens
-        if seq_len is not None and lengths is not None and max(lengths) > seq_len:
-            raise ValueError(f"seq_len: {seq_len} is shorter than NIAHConfig.context_lens "
-                             f"({max(lengths)})")
-        if lengths is None:
-            if seq_len is None:
-                raise ValueError("seq_len: needed to name NIAH buckets when "
-                                 "NIAHConfig.context_lens is None (examples then fill the row)")
+        if self.context_lens is None and seq_len is not None:
             self._check_length(seq_len)
-            lengths = (seq_len,)
+        lengths = bucket_lengths(self.context_lens, seq_len, "NIAHConfig.context_lens", "NIAH")
         return tuple(itertools.product(lengths, self.depths))
 
     @staticmethod

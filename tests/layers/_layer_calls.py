@@ -16,5 +16,15 @@ def decode(m, x, cache):
     return m.decode(x, cache)
 
 
+def decode_each(m, x, cache):
+    """Decode every position of x (b, l, d) one token at a time from `cache` -> (outputs joined,
+    the cache after the last)."""
+    outs = []
+    for i in range(x.shape[1]):
+        y, cache = decode(m, x[:, i:i + 1], cache)
+        outs.append(y)
+    return jnp.concatenate(outs, 1), cache
+
+
 def random_x(shape, seed=1, dtype=jnp.float64):
     return jax.random.normal(jax.random.key(seed), shape, dtype)

@@ -10,7 +10,7 @@ from flax import nnx
 from hybridjax.config import HybridConfig
 from hybridjax.layers.attention import Attention, KVCache, document_positions
 from hybridjax.ops.rope import rope_frequencies
-from _layer_calls import decode, prefill, random_x
+from _layer_calls import decode_each, prefill, random_x
 
 CFG = HybridConfig(d_model=40, attn_heads=6, kv_heads=2, head_dim=10, dtype="float64",
                    param_dtype="float64", pattern="*-")
@@ -164,12 +164,9 @@ def test_prefill_then_decode_equals_forward(rope, prompt):
     assert isinstance(cache, KVCache) and cache.k.shape == (b, 20, CFG.kv_heads, CFG.head_dim)
     y, cache = prefill(attn, x[:, :prompt], cache)
     assert int(cache.pos) == prompt
-    outs = [y]
-    for i in range(prompt, l):
-        y, cache = decode(attn, x[:, i:i + 1], cache)
-        outs.append(y)
+    ys, cache = decode_each(attn, x[:, prompt:l], cache)
     assert int(cache.pos) == l
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jnp.concatenate([y, ys], 1), full, rtol=1e-10, atol=1e-12)
 
 
 def test_decode_after_packed_prefill_continues_last_document():
@@ -179,12 +176,8 @@ def test_decode_after_packed_prefill_continues_last_document():
     seg = jnp.array([[0] * la + [1] * lb])
     _, cache = prefill(attn, jnp.concatenate([xa, xb[:, :lb]], 1), attn.init_cache(1, 16), seg)
     assert int(cache.start[0]) == la
-    outs = []
-    for i in range(lb, lb + extra):
-        y, cache = decode(attn, xb[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), fwd(attn, xb)[:, lb:], rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(decode_each(attn, xb[:, lb:], cache)[0],
+                               fwd(attn, xb)[:, lb:], rtol=1e-10, atol=1e-12)
 
 
 def test_decode_under_jit():
@@ -192,11 +185,8 @@ def test_decode_under_jit():
     attn = Attention(cfg, rngs=nnx.Rngs(0))
     x = random_x((2, 9, cfg.d_model), dtype=jnp.float32)
     _, cache = prefill(attn, x[:, :3], attn.init_cache(2, 9))
-    outs = []
-    for i in range(3, 9):
-        y, cache = decode(attn, x[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), fwd(attn, x)[:, 3:], rtol=1e-4,
+    ys, cache = decode_each(attn, x[:, 3:9], cache)
+    np.testing.assert_allclose(ys, fwd(attn, x)[:, 3:], rtol=1e-4,
                                atol=1e-5)
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.layers.mamba2 import Mamba2Cache, Mamba2Mixer
-from _layer_calls import decode, prefill, random_x
+from _layer_calls import decode_each, prefill, random_x
 
 CFG = HybridConfig(d_model=48, mamba_heads=6, mamba_head_dim=8, ssm_state=12, n_groups=3,
                    conv_kernel=4, chunk_size=8, dtype="float64", param_dtype="float64",
@@ -122,11 +122,8 @@ def test_prefill_then_decode_equals_forward(prompt):
     conv_dim = CFG.d_inner + 2 * CFG.n_groups * CFG.ssm_state
     assert cache.conv.shape == (2, CFG.conv_kernel - 1, conv_dim)
     y, cache = prefill(mixer, x[:, :prompt], cache)
-    outs = [y]
-    for i in range(prompt, x.shape[1]):
-        y, cache = decode(mixer, x[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-10, atol=1e-12)
+    ys, cache = decode_each(mixer, x[:, prompt:], cache)
+    np.testing.assert_allclose(jnp.concatenate([y, ys], 1), full, rtol=1e-10, atol=1e-12)
 
 
 def test_decode_after_packed_prefill_continues_last_document():
@@ -135,12 +132,8 @@ def test_decode_after_packed_prefill_continues_last_document():
     xa, xb = random_x((1, la, CFG.d_model), 4), random_x((1, lb + extra, CFG.d_model), 5)
     seg = jnp.array([[0] * la + [1] * lb])
     _, cache = prefill(mixer, jnp.concatenate([xa, xb[:, :lb]], 1), mixer.init_cache(1), seg)
-    outs = []
-    for i in range(lb, lb + extra):
-        y, cache = decode(mixer, xb[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), fwd(mixer, xb)[:, lb:], rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(decode_each(mixer, xb[:, lb:], cache)[0],
+                               fwd(mixer, xb)[:, lb:], rtol=1e-10, atol=1e-12)
 
 
 def test_decode_under_jit_float32():
@@ -150,11 +143,8 @@ def test_decode_under_jit_float32():
 
     _, cache = prefill(mixer, x[:, :4], mixer.init_cache(2))
     assert cache.ssm.dtype == jnp.float32 and cache.conv.dtype == jnp.float32
-    outs = []
-    for i in range(4, 7):
-        y, cache = decode(mixer, x[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), fwd(mixer, x)[:, 4:], rtol=2e-4,
+    ys, cache = decode_each(mixer, x[:, 4:7], cache)
+    np.testing.assert_allclose(ys, fwd(mixer, x)[:, 4:], rtol=2e-4,
                                atol=2e-5)
 
 
