@@ -187,6 +187,54 @@ def time_variant(shape, pallas_kw):
   return bench(fwd, args), bench(fwdbwd, args, dy), ct
 
 
+def stage_times(shape, pallas_kw):
+  """Median ms of each kernel and of the whole forward / backward at one shape (bf16, with D):
+  where the time goes. The XLA glue is the whole minus its kernels."""
+  from hybridjax.kernels import ssd as S
+  from hybridjax.kernels import ssd_kernels as K_
+  (x, dt, A, B, C), _ = inputs(jax.random.key(3), *shape, jnp.bfloat16)
+  b, l, h, p, g, n = shape
+  D = jnp.ones((h,), F32)
+  dy = jax.random.normal(jax.random.key(4), (b, l, h, p), F32).astype(jnp.bfloat16)
+  cfg, x, dt, B, C, _ = S.prepare(x, dt, B, C, interpret=_INTERPRET, **pallas_kw)
+  cfgb = S.dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
+  dy = jnp.pad(dy, [(0, 0), (0, x.shape[1] - l), (0, 0), (0, 0)])
+  K = x.shape[1] // cfg.T
+  out = {}
+
+  def timed(name, f, *a):
+    f = jax.jit(f)
+    out[name] = bench(f, *a)[0]
+    return f(*a)
+
+  _, _, s_in = timed("fwd: whole", lambda *a: S._forward(cfg, *a, None, None), x, dt, A, B, C, D)
+  dtT, cs, ind, outd, *_ = timed("fwd: decays", lambda dt, A: S._decays(dt, A, None, cfg.Q), dt, A)
+  if K > 1:
+    timed("fwd: state", lambda *a: K_.state_call(cfg, *a[:3], outd=a[3], dt=a[4]),
+          x, B, ind, outd, dtT)
+  timed("fwd: fwd kernel", lambda *a: K_.fwd_call(cfg, *a[:7], None, a[7], a[8]),
+        x, B, C, dtT, cs, ind, outd, s_in, D)
+  timed("bwd: whole", lambda *a: S._backward(cfg, *a[:6], None, a[6], None, a[7],
+                                             jnp.zeros_like(s_in[:, 0])),
+        x, dt, A, B, C, D, s_in, dy)
+  dtT, cs, ind, outd, *_ = timed("bwd: decays", lambda dt, A: S._decays(dt, A, None, cfgb.Q),
+                                 dt, A)
+  _, s_chunks, s_win = timed("bwd: sweep", lambda *a: K_.state_call(
+      cfgb, *a[:3], outd=a[3], dt=a[4], s0=a[5]), x, B, ind, outd, dtT, s_in)
+  if K > 1:
+    timed("bwd: reverse state", lambda *a: K_.state_call(cfgb, *a), dy, C, ind)
+  _, g_chunks, _ = timed("bwd: reverse sweep", lambda *a: K_.state_call(
+      cfgb, *a[:3], s0=a[3], s_win=a[4]), dy, C, ind, s_in, s_win)
+  timed("bwd: dc kernel", lambda *a: K_.bwd_dc_call(cfgb, *a[:7], None, a[7], cfgb.cdt),
+        dy, x, B, C, dtT, cs, ind, s_chunks)
+  timed("bwd: dx kernel", lambda *a: K_.bwd_dx_call(cfgb, *a[:7], None, *a[7:], cfgb.cdt),
+        dy, x, B, C, dtT, cs, outd, g_chunks, D)
+  for side in ("fwd", "bwd"):
+    parts = sum(v for k, v in out.items() if k.startswith(side) and k != f"{side}: whole")
+    out[f"{side}: XLA glue"] = out[f"{side}: whole"] - parts
+  return out
+
+
 def peer_times(shape):
   import types
   import torch
@@ -218,15 +266,14 @@ VARIANTS = {  # name: ssd_pallas keyword overrides
     "default": {},
     "win128": dict(window=128),
     "win512": dict(window=512),
-    "split": dict(split=True),
     "K1": dict(superchunks=1),
-    "K2": dict(superchunks=2),
     "K4": dict(superchunks=4),
     "K16": dict(superchunks=16),
-    "dx8": dict(launch=(("dx", (8, 2)),)),
-    "dc8": dict(launch=(("dc", (8, 2)),)),
-    "dx_s3": dict(launch=(("dx", (4, 3)), ("dc", (4, 3)))),
     "Q32": dict(block_q=32),
+    "Qb32": dict(block_q_bwd=32),
+    "dx8": dict(launch=(("dx", (8, 1)), ("dc", (8, 1)))),
+    "state8": dict(launch=(("state", (8, 2)),)),
+    "state_s3": dict(launch=(("state", (4, 3)),)),
 }
 
 
@@ -238,6 +285,8 @@ def main():
   ap.add_argument("--budget", type=float, default=420.0)
   ap.add_argument("--variants", default="")
   ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument("--stages", action="store_true",
+                  help="time each kernel of the default plan (and --variants) at each shape")
   ap.add_argument("--cpu-dry", action="store_true", help="interpret mode at tiny shapes")
   a = ap.parse_args()
   if a.cpu_dry:
@@ -259,6 +308,17 @@ def main():
     jax.block_until_ready(ssd_pallas(*args))
     log(f"first call {time.time() - t:.1f}s; warnings: "
         + repr(sorted({f'{x.category.__name__}: {x.message}' for x in w})))
+  if a.stages:
+    log("== stages (ms, median of 7 batches of 10 calls; bf16 with D) ==")
+    for s in a.shapes.split(","):
+      for v in (a.variants.split(",") if a.variants else ["default"]):
+        try:
+          st = stage_times(SHAPES[s], VARIANTS[v])
+          log(f"  {s} {v}: " + "  ".join(f"{k} {t:.3f}" for k, t in st.items()))
+        except Exception as e:  # noqa: BLE001
+          log(f"  {s} {v}: ERROR {type(e).__name__}: {str(e)[:2000]}")
+        save_log()
+    return
   results = []
   if not a.skip_correct:
     log("== correctness (poisoned outputs) ==")

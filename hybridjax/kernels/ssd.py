@@ -9,12 +9,19 @@ Structure (kernels in ssd_kernels.py; everything here is cheap XLA over (b, h, l
   forward   [state kernel: each superchunk's own end state]  (only when K > 1)
             passing: one small batched matmul chains the K superchunk states
             fwd kernel: y and each superchunk's end state
-  backward  [reverse state kernel: each superchunk's own start adjoint]  (only when K > 1)
+  backward  forward sweep (from the superchunks' entering states): the state entering every
+              chunk (operand dtype) and the float32 state at every window end
+            [reverse state kernel: each superchunk's own start adjoint]  (only when K > 1)
             passing of the adjoints (the same matrix, transposed)
-            dc kernel (forward sweep): per-head dC, row sums, the state at each window end
-            dx kernel (reverse sweep): dx, per-head dB, x.v_t, dy.x, column sums, <G, S>
+            reverse sweep: the adjoint at every chunk end and Z = <G, S> at every window end
+            dc kernel, one program per chunk: per-head dC, row sums
+            dx kernel, one program per chunk: dx, per-head dB, x.v_t (column sums), dy.x
             XLA: per-head dB/dC summed over the heads of a group; d(log decay) by reverse
             cumsums inside windows; ddt, dA, dD from (b, h, l) vectors.
+  The backward's heavy kernels carry no state: as sequential walks carrying a (p, n) float32
+  state next to the per-chunk products they ran 2.3x slower (H200, b1 l65536 h64 p64 n128 g1,
+  bf16: dx 4.46 -> 1.91 ms, dc 2.0 -> 1.62 ms, whole backward 7.1 -> 6.0 ms with the sweeps'
+  extra 1.6 ms of chunk-state traffic).
 
 The decay gradient needs no extra pass. With the pair terms
 P(t', s) = (dy_t' . x_s)(C_t' . B_s) dt_s exp(cs_t' - cs_s) (masked by resets), the gradient with
@@ -22,9 +29,11 @@ respect to the log decay a_t = dt_t A is the sum of P over the pairs that stradd
 s < t <= t'. For t inside a window of W positions ending at e this is
     sum_{t'=t..e} (row_t' - col_t')  +  Z_e,
 row_t' = sum_s P(t', s), col_s = sum_t' P(t', s), Z_e = <G_e, S_e> (the pairs straddling e: the
-adjoint and the state at e). The dx kernel forms the intra-chunk parts of row and col from one
-float32 matrix (so they cancel exactly) and the column sums towards later chunks; the dc kernel
-the row sums from the entering state and S_e; the dx kernel takes <G_e, S_e>. Keeping the sums
+adjoint and the state at e). The dc kernel forms the row sums (C_t . dC_t), the dx kernel the
+column sums (col_s = dt_s x_s . v_s), the reverse sweep <G_e, S_e>; inside a chunk both from the
+float32 pair
+terms (products of the same float32 matmul results), so those parts cancel to float32
+rounding, not to bfloat16's. Keeping the sums
 inside a window (256 positions) keeps rounding from accumulating over the sequence: one global
 reverse cumsum of row - col is exact in exact arithmetic but drifts by O(sqrt(l) * eps) in
 floating point (measured: dA off by 17x at l = 64K in bfloat16).
@@ -42,22 +51,22 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 # Tuning defaults, measured on one H200 (the README's performance section has the numbers).
 DEFAULT_BLOCK_Q = 64
+DEFAULT_BLOCK_Q_BWD = 64  # the backward's chunk length (its kernels do more per position)
 FILL_PROGRAMS = 200     # b*h at or above this: one superchunk per (b, h)
 TARGET_PROGRAMS = 512   # else about this many programs
 WINDOW = 256            # positions per window of the decay-gradient sums
-SPLIT = False           # hi/lo state operands in the backward's inter-chunk products
-LAUNCH = (("fwd", (4, 2)), ("state", (4, 2)), ("dx", (4, 2)), ("dc", (4, 2)))
+LAUNCH = (("fwd", (4, 2)), ("state", (4, 2)), ("dx", (4, 1)), ("dc", (4, 1)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   Q: int             # positions per chunk (the matmul tile)
+  Qb: int            # positions per chunk in the backward (divides Q * wq)
   T: int             # positions per superchunk (one program's sequential walk)
   wq: int            # chunks per window of the decay-gradient sums (divides T // Q)
   cdt: object        # matmul operand dtype
   interpret: bool
   launch: tuple = LAUNCH
-  split: bool = False   # backward: state operands of the inter-chunk products as hi + lo
   poison: bool = False  # outputs start as NaN (checks that every element is written)
 
 
@@ -159,6 +168,7 @@ def _forward(cfg, x, dt, A, B, C, D, s_init, resets):
 
 
 def _backward(cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal):
+  cfg = dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
   b, L, h, p = x.shape
   g, n = B.shape[2:]
   K = L // cfg.T
@@ -167,7 +177,7 @@ def _backward(cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal):
   dfinal = dfinal.astype(F32)
   # per-head dB/dC partials, summed over the heads of a group below (float32 for float32 inputs)
   part = F32 if cfg.cdt == jnp.dtype(F32) else cfg.cdt
-  dCh, row_in, s_win = K_.bwd_dc_call(cfg, dy, x, B, C, dtT, cs, ind, outd, doc, s_in, part)
+  _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=dtT, s0=s_in)
   if K == 1:
     g_end = dfinal[:, None]
   else:
@@ -175,14 +185,15 @@ def _backward(cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal):
     W = _passing_matrix(clog, creset, K)
     f_all = _hi("bhkm,bkhpn->bmhpn", W, jnp.concatenate([local, dfinal[:, None]], axis=1))
     g_end = f_all[:, 1:]
-  dx, dBh, xv, dcs, z, dyx, g_start = K_.bwd_dx_call(cfg, dy, x, B, C, dtT, cs, ind, outd, doc,
-                                                    g_end, s_win, D, part)
+  g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win)
+  dCh, rows = K_.bwd_dc_call(cfg, dy, x, B, C, dtT, cs, ind, doc, s_chunks, part)
+  dx, dBh, xv, dyx = K_.bwd_dx_call(cfg, dy, x, B, C, dtT, cs, outd, doc, g_chunks, D, part)
   d_init = g_start[:, 0] if K == 1 else f_all[:, 0]
   # d(log decay) at t: the pair terms (s < t <= t') = reverse cumsum inside t's window of
   # (row sum - column sum) + Z, all pairs straddling the window's end (see the module docstring).
   W_ = cfg.Q * cfg.wq
-  tot = (row_in + dcs).reshape(b, h, L // W_, W_)
-  dda = (jnp.flip(jnp.cumsum(jnp.flip(tot, -1), axis=-1), -1)).reshape(b, h, L) + z
+  tot = (rows - dtT * xv).reshape(b, h, L // W_, W_)
+  dda = (jnp.flip(jnp.cumsum(jnp.flip(tot, -1), axis=-1), -1) + z[..., None]).reshape(b, h, L)
   Af = A.astype(F32)
   ddt = jnp.transpose(xv + Af[None, :, None] * dda, (0, 2, 1))
   dA = jnp.sum(dtT * dda, axis=(0, 2))
@@ -215,8 +226,9 @@ _core = jax.custom_vjp(_core_impl, nondiff_argnums=(0,))
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def plan(b, l, h, chunk_size, block_q=None, superchunks=None, window=None):
-  """(Q, K, T, wq): chunk length, superchunk count and length, chunks per gradient window."""
+def plan(b, l, h, chunk_size, block_q=None, superchunks=None, window=None, block_q_bwd=None):
+  """(Q, Qb, K, T, wq): forward and backward chunk lengths, superchunk count and length, and
+  forward chunks per gradient window."""
   Q = block_q or max(16, min(DEFAULT_BLOCK_Q, 1 << (chunk_size.bit_length() - 1)))
   nc = -(-l // Q)
   if superchunks is None:  # one superchunk per (b, h) when that already fills the GPU
@@ -227,40 +239,50 @@ def plan(b, l, h, chunk_size, block_q=None, superchunks=None, window=None):
   nq = -(-nq // wq) * wq
   T = Q * nq
   K = -(-l // T)  # drop superchunks that would be all padding
-  return Q, K, T, wq
+  Qb = min(block_q_bwd or DEFAULT_BLOCK_Q_BWD, Q)
+  if (Q * wq) % Qb:  # the backward's chunks must tile a window
+    Qb = Q
+  return Q, Qb, K, T, wq
 
 
-def ssd_pallas(x, dt, A, B, C, *, D=None, chunk_size=256, initial_state=None, segment_ids=None,
-               return_final_state=False, interpret=False, block_q=None, superchunks=None,
-               launch=None, poison=False, window=None, split=None):
-  """The SSD scan through the Pallas kernels; see `hybridjax.ops.ssd` for the contract.
-
-  chunk_size caps the kernel's chunk length Q (the result does not depend on it beyond
-  rounding); block_q, superchunks, window (positions per decay-gradient window) and launch
-  ((kernel, (num_warps, num_stages)) pairs) override the tuned choices (tests, benchmarks);
-  poison=True starts every kernel output as NaN.
-  interpret=True runs the same kernels in Pallas interpret mode (CPU).
-  """
-  reason = pallas_unsupported_reason(x, dt, A, B, C, chunk_size=chunk_size, interpret=interpret)
-  if reason is not None:
-    raise ValueError(f"ssd(impl='pallas'): {reason}")
+def prepare(x, dt, B, C, *, chunk_size=256, segment_ids=None, interpret=False, block_q=None,
+            superchunks=None, launch=None, poison=False, window=None, block_q_bwd=None):
+  """The kernels' Config and the inputs padded to whole superchunks: (cfg, x, dt, B, C, resets).
+  B and C come in x's dtype; resets (b, L) marks where a new segment starts, or is None."""
+  for name, v in (("block_q", block_q), ("block_q_bwd", block_q_bwd)):
+    if v is not None and not (_pow2(v) and v >= 16):
+      raise ValueError(f"ssd_pallas: {name}={v} must be a power of two >= 16")
   b, l, h, p = x.shape
-  Q, K, T, wq = plan(b, l, h, chunk_size, block_q, superchunks, window)
-  if block_q is not None and not (_pow2(block_q) and block_q >= 16):
-    raise ValueError(f"ssd_pallas: block_q={block_q} must be a power of two >= 16")
+  Q, Qb, K, T, wq = plan(b, l, h, chunk_size, block_q, superchunks, window, block_q_bwd)
   cdt = jnp.dtype(x.dtype)
-  Lp = K * T
-  padl = lambda t: jnp.pad(t, [(0, 0), (0, Lp - l)] + [(0, 0)] * (t.ndim - 2))
+  padl = lambda t: jnp.pad(t, [(0, 0), (0, K * T - l)] + [(0, 0)] * (t.ndim - 2))
   resets = None
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
     resets = padl(jnp.concatenate(
         [jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1))
-  cfg = Config(Q=Q, T=T, wq=wq, cdt=cdt, interpret=bool(interpret),
+  cfg = Config(Q=Q, Qb=Qb, T=T, wq=wq, cdt=cdt, interpret=bool(interpret),
                launch=tuple(sorted({**dict(LAUNCH), **dict(launch or ())}.items())),
-               poison=bool(poison), split=SPLIT if split is None else bool(split))
-  Bc, Cc = (t.astype(cdt) for t in (B, C))
+               poison=bool(poison))
+  return cfg, padl(x), padl(dt), padl(B.astype(cdt)), padl(C.astype(cdt)), resets
+
+
+def ssd_pallas(x, dt, A, B, C, *, D=None, chunk_size=256, initial_state=None, segment_ids=None,
+               return_final_state=False, interpret=False, **tuning):
+  """The SSD scan through the Pallas kernels; see `hybridjax.ops.ssd` for the contract.
+
+  chunk_size caps the kernel's chunk length Q (the result does not depend on it beyond
+  rounding). `tuning` overrides the tuned choices (tests, benchmarks): block_q and block_q_bwd
+  (forward / backward chunk lengths), superchunks, window (positions per decay-gradient window),
+  launch ((kernel, (num_warps, num_stages)) pairs), and poison=True, which starts every
+  kernel output as NaN. interpret=True runs the same kernels in Pallas interpret mode (CPU).
+  """
+  reason = pallas_unsupported_reason(x, dt, A, B, C, chunk_size=chunk_size, interpret=interpret)
+  if reason is not None:
+    raise ValueError(f"ssd(impl='pallas'): {reason}")
+  cfg, xp, dtp, Bp, Cp, resets = prepare(x, dt, B, C, chunk_size=chunk_size,
+                                         segment_ids=segment_ids, interpret=interpret, **tuning)
   Df = None if D is None else jnp.asarray(D).astype(F32)
-  y, final = _core(cfg, padl(x), padl(dt), A, padl(Bc), padl(Cc), Df, initial_state, resets)
-  y = y[:, :l]
+  y, final = _core(cfg, xp, dtp, A, Bp, Cp, Df, initial_state, resets)
+  y = y[:, :x.shape[1]]
   return (y, final) if return_final_state else y

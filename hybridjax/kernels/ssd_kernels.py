@@ -1,11 +1,12 @@
 """Pallas (Triton backend) kernels for the chunked SSD scan: the bodies and their pallas_calls.
 
-Every kernel runs one program per (batch, head, superchunk) and walks the superchunk's chunks of
-Q positions in a sequential loop, carrying a (p, n) float32 state in registers. Per chunk it does
-small matmuls on the tensor cores (C.B^T, the masked-decay product with x, the state in/out
-terms), so the per-chunk states never go to device memory. Superchunks make the grid wide enough
-to fill the GPU; what crosses superchunk boundaries is a (p, n) state per superchunk, passed in
-plain XLA (see ssd.py).
+The forward kernel and the state sweeps run one program per (batch, head, superchunk) and walk
+the superchunk's chunks of Q positions in a sequential loop, carrying a (p, n) float32 state in
+registers. Per chunk they do small matmuls on the tensor cores (C.B^T, the masked-decay product
+with x, the state in/out terms), so the forward's per-chunk states never go to device memory.
+Superchunks make the grid wide enough to fill the GPU; what crosses superchunk boundaries is a
+(p, n) state per superchunk, passed in plain XLA (see ssd.py). The backward's dx and dc kernels
+run one program per chunk, from the chunk-boundary states that the sweeps store.
 
 Per-position float32 vectors, computed once in XLA, carry everything about decays and resets:
   dt (the step), cs (cumulative log decay inside the chunk), ind (exp(cs_t), zero once a reset has
@@ -34,15 +35,6 @@ def _dot(a, b, ta=False, tb=False):
   prec = jax.lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
   return jax.lax.dot_general(a, b, (((0 if ta else 1,), (1 if tb else 0,)), ((), ())),
                              precision=prec, preferred_element_type=F32)
-
-
-def _dot_state(a, S, cdt, split, ta=False, tb=False):
-  """a @ S for a float32 state S: with split, S = hi + lo in cdt (about 16 mantissa bits)."""
-  hi = S.astype(cdt)
-  out = _dot(a, hi, ta, tb)
-  if split and hi.dtype != F32:
-    out = out + _dot(a, (S - hi.astype(F32)).astype(cdt), ta, tb)
-  return out
 
 
 # lax.rem/div, not % and //: jnp's versions are nested jits whose Triton lowering mixes i32 and i1.
@@ -113,120 +105,103 @@ def _fwd_kernel(*refs, Q, nq, has_doc, has_D, cdt):
 
 
 # ----------------------------------------------------------------------------------------------
-# superchunk-local state: sum over chunks of U^T diag(w) V, chained by the chunk decays;
-# forward (x, B, w = outd*dt) for the state, reverse (dy, C, w = ind) for the adjoint.
+# state sweeps: chains of U^T diag(w) V over the chunks. Forward (x, B, w = outd*dt) for the
+# state, reverse (dy, C, w = ind) for the adjoint. From zero, only the superchunk's own end state
+# (for the passing); from the passed states, also the state at every chunk boundary in the
+# operand dtype (what the backward's per-chunk kernels multiply with) and the float32 states at
+# the window ends: stored going forward, met with the adjoint going in reverse (Z = <G, S>).
 # ----------------------------------------------------------------------------------------------
-def _state_kernel(*refs, Q, nq, reverse, cdt):
-  if reverse:  # weights ind
-    u_ref, v_ref, ind_ref, out_ref = refs
-  else:  # weights outd * dt
-    u_ref, v_ref, outd_ref, dt_ref, ind_ref, out_ref = refs
+def _state_kernel(*refs, Q, nq, wq, reverse, chunks, cdt):
+  it = iter(refs)
+  u_ref, v_ref = next(it), next(it)
+  w_refs = [next(it)] if reverse else [next(it), next(it)]  # ind | outd, dt
+  ind_ref = w_refs[0] if reverse else next(it)
+  if chunks:
+    s0_ref = next(it)
+    sw_in = next(it) if reverse else None
+  out_ref = next(it)
+  if chunks:
+    st_ref = next(it)
+    win_ref = next(it)  # forward: the window-end states; reverse: Z per window
 
   def body(i, S):
     j = nq - 1 - i if reverse else i
     ch = _Chunk(j, Q)
-    u = u_ref[ch.sl, :]
-    w = ind_ref[ch.sl] if reverse else outd_ref[ch.sl] * dt_ref[ch.sl]
+    if chunks and reverse:
+      st_ref[j] = S.astype(st_ref.dtype)  # the adjoint at the chunk's end
+
+      @pl.when(_ends_window(j, wq))
+      def _():
+        win_ref[_window(j, wq)] = jnp.sum(S * sw_in[_window(j, wq)])
+    elif chunks:
+      st_ref[j] = S.astype(st_ref.dtype)  # the state entering the chunk
+    w = ind_ref[ch.sl] if reverse else w_refs[0][ch.sl] * w_refs[1][ch.sl]
     v = (w[:, None] * v_ref[ch.sl, :].astype(F32)).astype(cdt)
-    return ind_ref[ch.last] * S + _dot(u, v, ta=True)
-
-  out_ref[...] = jax.lax.fori_loop(0, nq, body, jnp.zeros(out_ref.shape, F32))
-
-
-# ----------------------------------------------------------------------------------------------
-# backward, reverse sweep carrying the adjoint state G (p, n): dx, per-head dB, x.v, dy.x and
-# the pieces of d(log decay) (see ssd.py): the exact intra-chunk row and column sums of the pair
-# terms, the inter-chunk column sums, and Z = <G, S> at each window end (S from the dc kernel).
-# ----------------------------------------------------------------------------------------------
-def _bwd_dx_kernel(*refs, Q, nq, wq, has_doc, has_D, cdt, split):
-  it = iter(refs)
-  dy_ref, x_ref, b_ref, c_ref, dt_ref, cs_ref, ind_ref, outd_ref = (next(it) for _ in range(8))
-  doc_ref = next(it) if has_doc else None
-  g_ref, sw_ref = next(it), next(it)
-  d_ref = next(it) if has_D else None
-  dx_ref, db_ref, xv_ref, dcs_ref, z_ref, dyx_ref, gout_ref = (next(it) for _ in range(7))
-
-  def body(i, carry):
-    G, Z = carry
-    j = nq - 1 - i
-    ch = _Chunk(j, Q)
-    # entering a new window (its last chunk): Z = <adjoint, state> at the window's end
-    Z = jax.lax.cond(_ends_window(j, wq), lambda: jnp.sum(G * sw_ref[_window(j, wq)]), lambda: Z)
-    dy = dy_ref[ch.sl, :]
-    x = x_ref[ch.sl, :]
-    Bm = b_ref[ch.sl, :]
-    Cm = c_ref[ch.sl, :]
-    dt = dt_ref[ch.sl]
-    cs = cs_ref[ch.sl]
-    ind = ind_ref[ch.sl]
-    outd = outd_ref[ch.sl]
-    doc = doc_ref[ch.sl] if has_doc else None
-    cdec = ind_ref[ch.last]
-    Lt = _pair_decay(cs, doc, doc, Q, transpose=True)  # [s, t]
-    Gc = G.astype(cdt)
-    BCL = _dot(Bm, Cm, tb=True) * Lt  # [s, t]
-    XdY = _dot(x, dy, tb=True)  # [s, t]
-    M = BCL * XdY  # the intra-chunk pair terms without dt_s
-    # v_s = G_s B_s: what dx_s is before the dt_s factor.
-    V_in = outd[:, None] * _dot_state(Bm, G, cdt, split, tb=True)
-    V = _dot(BCL.astype(cdt), dy) + V_in
-    xf = x.astype(F32)
-    dyf = dy.astype(F32)
-    dx = dt[:, None] * V
-    if has_D:
-      dx = dx + d_ref[0] * dyf
-    dx_ref[ch.sl, :] = dx.astype(dx_ref.dtype)
-    xv_in = jnp.sum(xf * V_in, axis=1)
-    xv_ref[ch.sl] = jnp.sum(M, axis=1) + xv_in
-    # row sums (over s <= t) minus column sums (over t >= s, including later chunks)
-    dcs_ref[ch.sl] = jnp.sum(M * dt[:, None], axis=0) - dt * (jnp.sum(M, axis=1) + xv_in)
-    z_ref[ch.sl] = jnp.full((Q,), Z, F32)
-    dyx_ref[ch.sl] = jnp.sum(xf * dyf, axis=1)
-    dB = _dot((XdY * Lt).astype(cdt), Cm) + outd[:, None] * _dot(x, Gc)
-    db_ref[ch.sl, :] = (dt[:, None] * dB).astype(db_ref.dtype)
-    return cdec * G + _dot_state(dy, ind[:, None] * Cm.astype(F32), cdt, split, ta=True), Z
-
-  G, _ = jax.lax.fori_loop(0, nq, body, (g_ref[...], jnp.zeros((), F32)))
-  gout_ref[...] = G
-
-
-# ----------------------------------------------------------------------------------------------
-# backward, forward sweep carrying the state S: per-head dC, the inter-chunk row sums
-# C_t . dC_t(from the entering state), and the state at each window end
-# ----------------------------------------------------------------------------------------------
-def _bwd_dc_kernel(*refs, Q, nq, wq, has_doc, cdt, split):
-  it = iter(refs)
-  dy_ref, x_ref, b_ref, c_ref, dt_ref, cs_ref, ind_ref, outd_ref = (next(it) for _ in range(8))
-  doc_ref = next(it) if has_doc else None
-  s0_ref = next(it)
-  dc_ref, rs_ref, sw_ref = next(it), next(it), next(it)
-
-  def body(j, S):
-    ch = _Chunk(j, Q)
-    dy = dy_ref[ch.sl, :]
-    x = x_ref[ch.sl, :]
-    Bm = b_ref[ch.sl, :]
-    Cm = c_ref[ch.sl, :]
-    dt = dt_ref[ch.sl]
-    cs = cs_ref[ch.sl]
-    ind = ind_ref[ch.sl]
-    outd = outd_ref[ch.sl]
-    doc = doc_ref[ch.sl] if has_doc else None
-    cdec = ind_ref[ch.last]
-    L = _pair_decay(cs, doc, doc, Q, transpose=False)
-    P = (_dot(dy, x, tb=True) * L * dt[None, :]).astype(cdt)
-    dC_in = ind[:, None] * _dot_state(dy, S, cdt, split)
-    dc_ref[ch.sl, :] = (_dot(P, Bm) + dC_in).astype(dc_ref.dtype)
-    rs_ref[ch.sl] = jnp.sum(Cm.astype(F32) * dC_in, axis=1)
-    S = cdec * S + _dot_state(x, (outd * dt)[:, None] * Bm.astype(F32), cdt, split, ta=True)
-
-    @pl.when(_ends_window(j, wq))
-    def _():
-      sw_ref[_window(j, wq)] = S
-
+    S = ind_ref[ch.last] * S + _dot(u_ref[ch.sl, :], v, ta=True)
+    if chunks and not reverse:
+      @pl.when(_ends_window(j, wq))
+      def _():
+        win_ref[_window(j, wq)] = S
     return S
 
-  jax.lax.fori_loop(0, nq, body, s0_ref[...])
+  s0 = s0_ref[...] if chunks else jnp.zeros(out_ref.shape, F32)
+  out_ref[...] = jax.lax.fori_loop(0, nq, body, s0)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward per chunk, given the adjoint G at the chunk's end (operand dtype): dx, per-head dB,
+# x_s . v_s (the column sums of the pair terms over dt_s, see ssd.py) and dy . x for dD.
+# ----------------------------------------------------------------------------------------------
+def _bwd_dx_kernel(*refs, Q, has_doc, has_D, cdt):
+  it = iter(refs)
+  dy_ref, x_ref, b_ref, c_ref, dt_ref, cs_ref, outd_ref = (next(it) for _ in range(7))
+  doc_ref = next(it) if has_doc else None
+  g_ref = next(it)
+  d_ref = next(it) if has_D else None
+  dx_ref, db_ref, xv_ref, dyx_ref = (next(it) for _ in range(4))
+
+  dy, x, Bm, Cm, G = dy_ref[...], x_ref[...], b_ref[...], c_ref[...], g_ref[...]
+  dt, cs, outd = dt_ref[...], cs_ref[...], outd_ref[...]
+  doc = doc_ref[...] if has_doc else None
+  Lt = _pair_decay(cs, doc, doc, Q, transpose=True)  # [s, t]
+  BCL = _dot(Bm, Cm, tb=True) * Lt  # [s, t]
+  XdY = _dot(x, dy, tb=True)  # [s, t]
+  # v_s = G_s B_s: what dx_s is before the dt_s factor.
+  V_in = outd[:, None] * _dot(Bm, G, tb=True)
+  V = _dot(BCL.astype(cdt), dy) + V_in
+  xf = x.astype(F32)
+  dyf = dy.astype(F32)
+  dx = dt[:, None] * V
+  if has_D:
+    dx = dx + d_ref[0] * dyf
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  # the intra-chunk part from the float32 pair terms (the dc kernel's rows use the same products)
+  xv_ref[...] = jnp.sum(BCL * XdY, axis=1) + jnp.sum(xf * V_in, axis=1)
+  dyx_ref[...] = jnp.sum(xf * dyf, axis=1)
+  dB = _dot((XdY * Lt).astype(cdt), Cm) + outd[:, None] * _dot(x, G)
+  db_ref[...] = (dt[:, None] * dB).astype(db_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward per chunk, given the state S entering the chunk (operand dtype): per-head dC and the
+# row sums of the pair terms, C_t . dC_t (intra-chunk from the float32 pair terms)
+# ----------------------------------------------------------------------------------------------
+def _bwd_dc_kernel(*refs, Q, has_doc, cdt):
+  it = iter(refs)
+  dy_ref, x_ref, b_ref, c_ref, dt_ref, cs_ref, ind_ref = (next(it) for _ in range(7))
+  doc_ref = next(it) if has_doc else None
+  s_ref = next(it)
+  dc_ref, rs_ref = next(it), next(it)
+
+  dy, x, Bm, Cm, S = dy_ref[...], x_ref[...], b_ref[...], c_ref[...], s_ref[...]
+  dt, cs, ind = dt_ref[...], cs_ref[...], ind_ref[...]
+  doc = doc_ref[...] if has_doc else None
+  L = _pair_decay(cs, doc, doc, Q, transpose=False)
+  P = _dot(dy, x, tb=True) * L * dt[None, :]  # [t, s]
+  dC_in = ind[:, None] * _dot(dy, S)
+  dc_ref[...] = (_dot(P.astype(cdt), Bm) + dC_in).astype(dc_ref.dtype)
+  rs_ref[...] = (jnp.sum(P * _dot(Cm, Bm, tb=True), axis=1)
+                 + jnp.sum(Cm.astype(F32) * dC_in, axis=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,57 +265,81 @@ def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D):
                 jax.ShapeDtypeStruct((b, K, h, p, n), F32)], "ssd_fwd")(*args)
 
 
-def state_call(cfg, u, v, ind, outd=None, dt=None):
-  """Superchunk-local (du, dv) states, (b, K, h, du, dv) float32: the forward state from
-  (x, B, outd * dt) when outd is given, else the reverse adjoint from (dy, C, ind)."""
+def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None):
+  """State sweeps over each superchunk, the forward state from (x, B, outd * dt) when outd is
+  given, else the reverse adjoint from (dy, C, ind). Without s0: the superchunk-local end states
+  (b, K, h, du, dv) float32, from zero. With s0 (b, K, h, du, dv), the states entering the
+  superchunks (forward) or at their ends (reverse): (end states, the state at each chunk
+  boundary (b, L // Q, h, du, dv) in u's dtype, and per window: forward the float32 state at its
+  end (b, L // W, h, du, dv), reverse Z = <adjoint, s_win> at its end (b, h, L // W))."""
   reverse = outd is None
+  chunks = s0 is not None
   b, L, h, du = u.shape
   dv = v.shape[-1]
   K = L // cfg.T
-  sp = Specs(cfg.T, h // v.shape[2], du, dv)
-  kern = functools.partial(_state_kernel, Q=cfg.Q, nq=cfg.T // cfg.Q, reverse=reverse,
-                           cdt=cfg.cdt)
+  nq = cfg.T // cfg.Q
+  nw = nq // cfg.wq
+  sp = Specs(cfg.T, h // v.shape[2], du, dv, nw)
+  kern = functools.partial(_state_kernel, Q=cfg.Q, nq=nq, wq=cfg.wq, reverse=reverse,
+                           chunks=chunks, cdt=cfg.cdt)
   args = [u, v, ind] if reverse else [u, v, outd, dt, ind]
-  return _call(kern, cfg, "state", (b, h, K), [sp.bhlp, sp.blgn] + [sp.bhl] * (len(args) - 2),
-               sp.state, jax.ShapeDtypeStruct((b, K, h, du, dv), F32),
-               "ssd_state_rev" if reverse else "ssd_state")(*args)
+  specs = [sp.bhlp, sp.blgn] + [sp.bhl] * (len(args) - 2)
+  out_specs = [sp.state]
+  out_shape = [jax.ShapeDtypeStruct((b, K, h, du, dv), F32)]
+  if chunks:
+    args += [s0] + ([s_win] if reverse else [])
+    specs += [sp.state] + ([sp.win] if reverse else [])
+    out_specs += [pl.BlockSpec((_SQ, nq, _SQ, du, dv), lambda b, h, k: (b, k, h, 0, 0)),
+                  pl.BlockSpec((_SQ, _SQ, nw), lambda b, h, k: (b, h, k)) if reverse
+                  else sp.win]
+    out_shape += [jax.ShapeDtypeStruct((b, L // cfg.Q, h, du, dv), u.dtype),
+                  jax.ShapeDtypeStruct((b, h, K * nw), F32) if reverse
+                  else jax.ShapeDtypeStruct((b, K * nw, h, du, dv), F32)]
+  name = ("ssd_sweep_rev" if reverse else "ssd_sweep") if chunks else (
+      "ssd_state_rev" if reverse else "ssd_state")
+  outs = _call(kern, cfg, "state", (b, h, K), specs, out_specs, out_shape, name)(*args)
+  return tuple(outs) if chunks else outs[0]
 
 
-def bwd_dx_call(cfg, dy, x, B, C, dt, cs, ind, outd, doc, g_end, s_win, D, part_dtype):
+class ChunkSpecs:
+  """BlockSpecs of the per-chunk backward kernels: grid (batch, head, chunk)."""
+
+  def __init__(self, Q, hpg, p, n):
+    self.bhlp = pl.BlockSpec((_SQ, Q, _SQ, p), lambda b, h, c: (b, c, h, 0))
+    self.blgn = pl.BlockSpec((_SQ, Q, _SQ, n), lambda b, h, c: (b, c, h // hpg, 0))
+    self.blhn = pl.BlockSpec((_SQ, Q, _SQ, n), lambda b, h, c: (b, c, h, 0))
+    self.bhl = pl.BlockSpec((_SQ, _SQ, Q), lambda b, h, c: (b, h, c))
+    self.doc = pl.BlockSpec((_SQ, Q), lambda b, h, c: (b, c))
+    self.state = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda b, h, c: (b, c, h, 0, 0))
+    self.D = pl.BlockSpec((1,), lambda b, h, c: (h,))
+
+
+def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D, part_dtype):
   b, L, h, p = x.shape
   n = B.shape[-1]
-  K = L // cfg.T
-  nq = cfg.T // cfg.Q
-  sp = Specs(cfg.T, h // B.shape[2], p, n, nq // cfg.wq)
-  kern = functools.partial(_bwd_dx_kernel, Q=cfg.Q, nq=nq, wq=cfg.wq,
-                           has_doc=doc is not None, has_D=D is not None, cdt=cfg.cdt,
-                           split=cfg.split)
-  args = [dy, x, B, C, dt, cs, ind, outd] + ([doc] if doc is not None else []) + [
-      g_end, s_win] + ([D] if D is not None else [])
-  specs = [sp.bhlp, sp.bhlp, sp.blgn, sp.blgn, sp.bhl, sp.bhl, sp.bhl, sp.bhl] + (
-      [sp.doc] if doc is not None else []) + [sp.state, sp.win] + ([sp.D] if D is not None else [])
+  sp = ChunkSpecs(cfg.Q, h // B.shape[2], p, n)
+  kern = functools.partial(_bwd_dx_kernel, Q=cfg.Q, has_doc=doc is not None,
+                           has_D=D is not None, cdt=cfg.cdt)
+  args = [dy, x, B, C, dt, cs, outd] + ([doc] if doc is not None else []) + [g_chunks] + (
+      [D] if D is not None else [])
+  specs = [sp.bhlp, sp.bhlp, sp.blgn, sp.blgn, sp.bhl, sp.bhl, sp.bhl] + (
+      [sp.doc] if doc is not None else []) + [sp.state] + ([sp.D] if D is not None else [])
   vec = jax.ShapeDtypeStruct((b, h, L), F32)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
-               jax.ShapeDtypeStruct((b, L, h, n), part_dtype), vec, vec, vec, vec,
-               jax.ShapeDtypeStruct((b, K, h, p, n), F32)]
-  return _call(kern, cfg, "dx", (b, h, K), specs,
-               [sp.bhlp, sp.blhn, sp.bhl, sp.bhl, sp.bhl, sp.bhl, sp.state],
+               jax.ShapeDtypeStruct((b, L, h, n), part_dtype), vec, vec]
+  return _call(kern, cfg, "dx", (b, h, L // cfg.Q), specs, [sp.bhlp, sp.blhn, sp.bhl, sp.bhl],
                out_shape, "ssd_bwd_dx")(*args)
 
 
-def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, outd, doc, s0, part_dtype):
+def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks, part_dtype):
   b, L, h, p = x.shape
   n = B.shape[-1]
-  K = L // cfg.T
-  nq = cfg.T // cfg.Q
-  sp = Specs(cfg.T, h // B.shape[2], p, n, nq // cfg.wq)
-  kern = functools.partial(_bwd_dc_kernel, Q=cfg.Q, nq=nq, wq=cfg.wq,
-                           has_doc=doc is not None, cdt=cfg.cdt, split=cfg.split)
-  args = [dy, x, B, C, dt, cs, ind, outd] + ([doc] if doc is not None else []) + [s0]
-  specs = [sp.bhlp, sp.bhlp, sp.blgn, sp.blgn, sp.bhl, sp.bhl, sp.bhl, sp.bhl] + (
+  sp = ChunkSpecs(cfg.Q, h // B.shape[2], p, n)
+  kern = functools.partial(_bwd_dc_kernel, Q=cfg.Q, has_doc=doc is not None, cdt=cfg.cdt)
+  args = [dy, x, B, C, dt, cs, ind] + ([doc] if doc is not None else []) + [s_chunks]
+  specs = [sp.bhlp, sp.bhlp, sp.blgn, sp.blgn, sp.bhl, sp.bhl, sp.bhl] + (
       [sp.doc] if doc is not None else []) + [sp.state]
   out_shape = [jax.ShapeDtypeStruct((b, L, h, n), part_dtype),
-               jax.ShapeDtypeStruct((b, h, L), F32),
-               jax.ShapeDtypeStruct((b, L // (cfg.Q * cfg.wq), h, p, n), F32)]
-  return _call(kern, cfg, "dc", (b, h, K), specs, [sp.blhn, sp.bhl, sp.win], out_shape,
+               jax.ShapeDtypeStruct((b, h, L), F32)]
+  return _call(kern, cfg, "dc", (b, h, L // cfg.Q), specs, [sp.blhn, sp.bhl], out_shape,
                "ssd_bwd_dc")(*args)

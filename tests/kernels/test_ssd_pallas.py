@@ -68,10 +68,11 @@ CASES = {
     # one superchunk, nothing optional, p != n (a transposed state would show)
     "f32_plain": ((1, 48, 2, 16, 1, 32), F32, False, False, None, False,
                   {"superchunks": 1}),
-    # l=77 pads to 2 superchunks of 64 with 2 windows of 32 each; resets at position 1, at a
-    # chunk boundary (16), a window boundary (32), the superchunk boundary (64), mid-chunk
+    # l=77 pads to 2 superchunks of 64 with 2 windows of 32 each; forward chunks of 32, backward
+    # chunks of 16; resets at position 1, at a backward chunk boundary (16), a window boundary
+    # (32), the superchunk boundary (64), mid-chunk
     "f32_all": ((2, 77, 4, 32, 2, 16), F32, True, True, [[1, 16, 64], [32, 50, 70]], True,
-                {"superchunks": 2, "window": 32}),
+                {"superchunks": 2, "window": 32, "chunk_size": 32, "block_q_bwd": 16}),
     # 4 superchunks with no resets: the initial state crosses every superchunk boundary
     "f32_K4_init": ((1, 100, 2, 16, 1, 16), F32, False, True, None, True,
                     {"superchunks": 4}),
