@@ -19,9 +19,9 @@ Structure (kernels in ssd_kernels.py; everything here is cheap XLA over (b, h, l
             XLA: per-head dB/dC summed over the heads of a group; d(log decay) by reverse
             cumsums inside windows; ddt, dA, dD from (b, h, l) vectors.
   The backward's heavy kernels carry no state: as sequential walks carrying a (p, n) float32
-  state next to the per-chunk products they ran 2.3x slower (H200, b1 l65536 h64 p64 n128 g1,
-  bf16: dx 4.46 -> 1.91 ms, dc 2.0 -> 1.62 ms, whole backward 7.1 -> 6.0 ms with the sweeps'
-  extra 1.6 ms of chunk-state traffic).
+  state next to the per-chunk products they were slower (H200, b1 l65536 h64 p64 n128 g1, bf16:
+  dx 4.46 -> 1.91 ms, dc 2.0 -> 1.62 ms; the whole backward 7.1 -> 6.0 ms, the sweeps' chunk
+  states included).
 
 The decay gradient needs no extra pass. With the pair terms
 P(t', s) = (dy_t' . x_s)(C_t' . B_s) dt_s exp(cs_t' - cs_s) (masked by resets), the gradient with
@@ -31,12 +31,11 @@ s < t <= t'. For t inside a window of W positions ending at e this is
 row_t' = sum_s P(t', s), col_s = sum_t' P(t', s), Z_e = <G_e, S_e> (the pairs straddling e: the
 adjoint and the state at e). The dc kernel forms the row sums (C_t . dC_t), the dx kernel the
 column sums (col_s = dt_s x_s . v_s), the reverse sweep <G_e, S_e>; inside a chunk both from the
-float32 pair
-terms (products of the same float32 matmul results), so those parts cancel to float32
-rounding, not to bfloat16's. Keeping the sums
-inside a window (256 positions) keeps rounding from accumulating over the sequence: one global
-reverse cumsum of row - col is exact in exact arithmetic but drifts by O(sqrt(l) * eps) in
-floating point (measured: dA off by 17x at l = 64K in bfloat16).
+float32 pair terms (products of the same float32 matmul results), so those parts cancel to
+float32 rounding, not to bfloat16's. Keeping the sums inside a window (256 positions) keeps
+rounding from accumulating over the sequence: one global reverse cumsum of row - col is exact
+in exact arithmetic but drifts by O(sqrt(l) * eps) in floating point (measured: dA off by 17x
+at l = 64K in bfloat16).
 """
 
 import dataclasses
