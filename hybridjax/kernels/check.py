@@ -225,9 +225,9 @@ def stage_times(shape, pallas_kw):
     timed("bwd: reverse state", lambda *a: K_.state_call(cfgb, *a), dy, C, ind)
   _, g_chunks, _ = timed("bwd: reverse sweep", lambda *a: K_.state_call(
       cfgb, *a[:3], s0=a[3], s_win=a[4]), dy, C, ind, s_in, s_win)
-  timed("bwd: dc kernel", lambda *a: K_.bwd_dc_call(cfgb, *a[:7], None, a[7], cfgb.cdt),
+  timed("bwd: dc kernel", lambda *a: K_.bwd_dc_call(cfgb, *a[:7], None, a[7]),
         dy, x, B, C, dtT, cs, ind, s_chunks)
-  timed("bwd: dx kernel", lambda *a: K_.bwd_dx_call(cfgb, *a[:7], None, *a[7:], cfgb.cdt),
+  timed("bwd: dx kernel", lambda *a: K_.bwd_dx_call(cfgb, *a[:7], None, *a[7:]),
         dy, x, B, C, dtT, cs, outd, g_chunks, D)
   for side in ("fwd", "bwd"):
     parts = sum(v for k, v in out.items() if k.startswith(side) and k != f"{side}: whole")
@@ -271,9 +271,16 @@ VARIANTS = {  # name: ssd_pallas keyword overrides
     "K16": dict(superchunks=16),
     "Q32": dict(block_q=32),
     "Qb32": dict(block_q_bwd=32),
-    "dx8": dict(launch=(("dx", (8, 1)), ("dc", (8, 1)))),
     "state8": dict(launch=(("state", (8, 2)),)),
     "state_s3": dict(launch=(("state", (4, 3)),)),
+    "hb1": dict(heads_per_program=1),
+    "hb4": dict(heads_per_program=4),
+    "hb64": dict(heads_per_program=64),
+    "hb8": dict(heads_per_program=8),
+    "hb16": dict(heads_per_program=16),
+    "dxdc_s1": dict(launch=(("dx", (4, 1)), ("dc", (4, 1)))),
+    "dxdc_s3": dict(launch=(("dx", (4, 3)), ("dc", (4, 3)))),
+    "dx8": dict(launch=(("dx", (8, 2)),)),
 }
 
 

@@ -6,7 +6,8 @@ registers. Per chunk they do small matmuls on the tensor cores (C.B^T, the maske
 with x, the state in/out terms), so the forward's per-chunk states never go to device memory.
 Superchunks make the grid wide enough to fill the GPU; what crosses superchunk boundaries is a
 (p, n) state per superchunk, passed in plain XLA (see ssd.py). The backward's dx and dc kernels
-run one program per chunk, from the chunk-boundary states that the sweeps store.
+run one program per chunk and block of heads, from the chunk-boundary states that the sweeps
+store.
 
 Per-position float32 vectors, computed once in XLA, carry everything about decays and resets:
   dt (the step), cs (cumulative log decay inside the chunk), ind (exp(cs_t), zero once a reset has
@@ -149,10 +150,13 @@ def _state_kernel(*refs, Q, nq, wq, reverse, chunks, cdt):
 
 
 # ----------------------------------------------------------------------------------------------
-# backward per chunk, given the adjoint G at the chunk's end (operand dtype): dx, per-head dB,
-# x_s . v_s (the column sums of the pair terms over dt_s, see ssd.py) and dy . x for dD.
+# backward per chunk, one program per (batch, chunk, block of hb heads of one group). Each head's
+# outputs are its own; dB and dC sum over the block's heads in float32 registers (the product of
+# the group's B and C is shared by its heads), so only one partial per block leaves the kernel.
 # ----------------------------------------------------------------------------------------------
-def _bwd_dx_kernel(*refs, Q, has_doc, has_D, cdt):
+def _bwd_dx_kernel(*refs, Q, hb, has_doc, has_D, cdt):
+  """Given the adjoint G at the chunk's end (operand dtype): dx, the block's dB, x_s . v_s (the
+  column sums of the pair terms over dt_s, see ssd.py) and dy . x for dD."""
   it = iter(refs)
   dy_ref, x_ref, b_ref, c_ref, dt_ref, cs_ref, outd_ref = (next(it) for _ in range(7))
   doc_ref = next(it) if has_doc else None
@@ -160,48 +164,56 @@ def _bwd_dx_kernel(*refs, Q, has_doc, has_D, cdt):
   d_ref = next(it) if has_D else None
   dx_ref, db_ref, xv_ref, dyx_ref = (next(it) for _ in range(4))
 
-  dy, x, Bm, Cm, G = dy_ref[...], x_ref[...], b_ref[...], c_ref[...], g_ref[...]
-  dt, cs, outd = dt_ref[...], cs_ref[...], outd_ref[...]
+  Bm, Cm = b_ref[...], c_ref[...]
   doc = doc_ref[...] if has_doc else None
-  Lt = _pair_decay(cs, doc, doc, Q, transpose=True)  # [s, t]
-  BCL = _dot(Bm, Cm, tb=True) * Lt  # [s, t]
-  XdY = _dot(x, dy, tb=True)  # [s, t]
-  # v_s = G_s B_s: what dx_s is before the dt_s factor.
-  V_in = outd[:, None] * _dot(Bm, G, tb=True)
-  V = _dot(BCL.astype(cdt), dy) + V_in
-  xf = x.astype(F32)
-  dyf = dy.astype(F32)
-  dx = dt[:, None] * V
-  if has_D:
-    dx = dx + d_ref[0] * dyf
-  dx_ref[...] = dx.astype(dx_ref.dtype)
-  # the intra-chunk part from the float32 pair terms (the dc kernel's rows use the same products)
-  xv_ref[...] = jnp.sum(BCL * XdY, axis=1) + jnp.sum(xf * V_in, axis=1)
-  dyx_ref[...] = jnp.sum(xf * dyf, axis=1)
-  dB = _dot((XdY * Lt).astype(cdt), Cm) + outd[:, None] * _dot(x, G)
-  db_ref[...] = (dt[:, None] * dB).astype(db_ref.dtype)
+  BC = _dot(Bm, Cm, tb=True)  # [s, t]
+
+  def head(i, dB):
+    dy, x, G = dy_ref[:, i, :], x_ref[:, i, :], g_ref[i]
+    dt, cs, outd = dt_ref[i, :], cs_ref[i, :], outd_ref[i, :]
+    Lt = _pair_decay(cs, doc, doc, Q, transpose=True)  # [s, t]
+    BCL = BC * Lt
+    XdY = _dot(x, dy, tb=True)  # [s, t]
+    # v_s = G_s B_s: what dx_s is before the dt_s factor.
+    V_in = outd[:, None] * _dot(Bm, G, tb=True)
+    V = _dot(BCL.astype(cdt), dy) + V_in
+    xf = x.astype(F32)
+    dyf = dy.astype(F32)
+    dx = dt[:, None] * V
+    if has_D:
+      dx = dx + d_ref[i] * dyf
+    dx_ref[:, i, :] = dx.astype(dx_ref.dtype)
+    # the intra-chunk part from the float32 pair terms (the dc kernel's rows use the same products)
+    xv_ref[i, :] = jnp.sum(BCL * XdY, axis=1) + jnp.sum(xf * V_in, axis=1)
+    dyx_ref[i, :] = jnp.sum(xf * dyf, axis=1)
+    return dB + dt[:, None] * (_dot((XdY * Lt).astype(cdt), Cm) + outd[:, None] * _dot(x, G))
+
+  db_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(b_ref.shape, F32))
 
 
-# ----------------------------------------------------------------------------------------------
-# backward per chunk, given the state S entering the chunk (operand dtype): per-head dC and the
-# row sums of the pair terms, C_t . dC_t (intra-chunk from the float32 pair terms)
-# ----------------------------------------------------------------------------------------------
-def _bwd_dc_kernel(*refs, Q, has_doc, cdt):
+def _bwd_dc_kernel(*refs, Q, hb, has_doc, cdt):
+  """Given the state S entering the chunk (operand dtype): the block's dC and the row sums of
+  the pair terms, C_t . dC_t (intra-chunk from the float32 pair terms)."""
   it = iter(refs)
   dy_ref, x_ref, b_ref, c_ref, dt_ref, cs_ref, ind_ref = (next(it) for _ in range(7))
   doc_ref = next(it) if has_doc else None
   s_ref = next(it)
   dc_ref, rs_ref = next(it), next(it)
 
-  dy, x, Bm, Cm, S = dy_ref[...], x_ref[...], b_ref[...], c_ref[...], s_ref[...]
-  dt, cs, ind = dt_ref[...], cs_ref[...], ind_ref[...]
+  Bm, Cm = b_ref[...], c_ref[...]
   doc = doc_ref[...] if has_doc else None
-  L = _pair_decay(cs, doc, doc, Q, transpose=False)
-  P = _dot(dy, x, tb=True) * L * dt[None, :]  # [t, s]
-  dC_in = ind[:, None] * _dot(dy, S)
-  dc_ref[...] = (_dot(P.astype(cdt), Bm) + dC_in).astype(dc_ref.dtype)
-  rs_ref[...] = (jnp.sum(P * _dot(Cm, Bm, tb=True), axis=1)
-                 + jnp.sum(Cm.astype(F32) * dC_in, axis=1))
+  CB = _dot(Cm, Bm, tb=True)  # [t, s]
+
+  def head(i, dC):
+    dy, x, S = dy_ref[:, i, :], x_ref[:, i, :], s_ref[i]
+    dt, cs, ind = dt_ref[i, :], cs_ref[i, :], ind_ref[i, :]
+    L = _pair_decay(cs, doc, doc, Q, transpose=False)
+    P = _dot(dy, x, tb=True) * L * dt[None, :]  # [t, s]
+    dC_in = ind[:, None] * _dot(dy, S)
+    rs_ref[i, :] = jnp.sum(P * CB, axis=1) + jnp.sum(Cm.astype(F32) * dC_in, axis=1)
+    return dC + _dot(P.astype(cdt), Bm) + dC_in
+
+  dc_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(c_ref.shape, F32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +227,6 @@ class Specs:
     self.win = pl.BlockSpec((_SQ, nw, _SQ, p, n), lambda b, h, k: (b, k, h, 0, 0))
     self.bhlp = pl.BlockSpec((_SQ, T, _SQ, p), lambda b, h, k: (b, k, h, 0))     # x, y, dy, dx
     self.blgn = pl.BlockSpec((_SQ, T, _SQ, n), lambda b, h, k: (b, k, h // hpg, 0))  # B, C
-    self.blhn = pl.BlockSpec((_SQ, T, _SQ, n), lambda b, h, k: (b, k, h, 0))     # per-head dB, dC
     self.bhl = pl.BlockSpec((_SQ, _SQ, T), lambda b, h, k: (b, h, k))            # per position
     self.doc = pl.BlockSpec((_SQ, T), lambda b, h, k: (b, k))
     self.state = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda b, h, k: (b, k, h, 0, 0))
@@ -302,23 +313,32 @@ def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None):
 
 
 class ChunkSpecs:
-  """BlockSpecs of the per-chunk backward kernels: grid (batch, head, chunk)."""
+  """BlockSpecs of the per-chunk backward kernels: grid (batch, block of hb heads, chunk); the
+  hpg // hb blocks of a group share its B and C."""
 
-  def __init__(self, Q, hpg, p, n):
-    self.bhlp = pl.BlockSpec((_SQ, Q, _SQ, p), lambda b, h, c: (b, c, h, 0))
-    self.blgn = pl.BlockSpec((_SQ, Q, _SQ, n), lambda b, h, c: (b, c, h // hpg, 0))
-    self.blhn = pl.BlockSpec((_SQ, Q, _SQ, n), lambda b, h, c: (b, c, h, 0))
-    self.bhl = pl.BlockSpec((_SQ, _SQ, Q), lambda b, h, c: (b, h, c))
-    self.doc = pl.BlockSpec((_SQ, Q), lambda b, h, c: (b, c))
-    self.state = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda b, h, c: (b, c, h, 0, 0))
-    self.D = pl.BlockSpec((1,), lambda b, h, c: (h,))
+  def __init__(self, Q, hb, hpg, p, n):
+    nhb = hpg // hb
+    self.bhlp = pl.BlockSpec((_SQ, Q, hb, p), lambda b, k, c: (b, c, k, 0))
+    self.blgn = pl.BlockSpec((_SQ, Q, _SQ, n), lambda b, k, c: (b, c, k // nhb, 0))
+    self.part = pl.BlockSpec((_SQ, Q, _SQ, n), lambda b, k, c: (b, c, k, 0))  # per block
+    self.bhl = pl.BlockSpec((_SQ, hb, Q), lambda b, k, c: (b, k, c))
+    self.doc = pl.BlockSpec((_SQ, Q), lambda b, k, c: (b, c))
+    self.state = pl.BlockSpec((_SQ, _SQ, hb, p, n), lambda b, k, c: (b, c, k, 0, 0))
+    self.D = pl.BlockSpec((hb,), lambda b, k, c: (k,))
 
 
-def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D, part_dtype):
+def _chunk_call(kern, cfg, kind, x, B, args, specs, out_specs, out_shape, name):
+  b, L, h, p = x.shape
+  return _call(kern, cfg, kind, (b, h // cfg.hb, L // cfg.Q), specs, out_specs, out_shape,
+               name)(*args)
+
+
+def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D):
+  """dx, dB summed over each block of cfg.hb heads (b, L, h // hb, n) float32, x.v, dy.x."""
   b, L, h, p = x.shape
   n = B.shape[-1]
-  sp = ChunkSpecs(cfg.Q, h // B.shape[2], p, n)
-  kern = functools.partial(_bwd_dx_kernel, Q=cfg.Q, has_doc=doc is not None,
+  sp = ChunkSpecs(cfg.Q, cfg.hb, h // B.shape[2], p, n)
+  kern = functools.partial(_bwd_dx_kernel, Q=cfg.Q, hb=cfg.hb, has_doc=doc is not None,
                            has_D=D is not None, cdt=cfg.cdt)
   args = [dy, x, B, C, dt, cs, outd] + ([doc] if doc is not None else []) + [g_chunks] + (
       [D] if D is not None else [])
@@ -326,20 +346,22 @@ def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D, part_dtype):
       [sp.doc] if doc is not None else []) + [sp.state] + ([sp.D] if D is not None else [])
   vec = jax.ShapeDtypeStruct((b, h, L), F32)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
-               jax.ShapeDtypeStruct((b, L, h, n), part_dtype), vec, vec]
-  return _call(kern, cfg, "dx", (b, h, L // cfg.Q), specs, [sp.bhlp, sp.blhn, sp.bhl, sp.bhl],
-               out_shape, "ssd_bwd_dx")(*args)
+               jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), F32), vec, vec]
+  return _chunk_call(kern, cfg, "dx", x, B, args, specs, [sp.bhlp, sp.part, sp.bhl, sp.bhl],
+                     out_shape, "ssd_bwd_dx")
 
 
-def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks, part_dtype):
+def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks):
+  """dC summed over each block of cfg.hb heads (b, L, h // hb, n) float32, and the row sums."""
   b, L, h, p = x.shape
   n = B.shape[-1]
-  sp = ChunkSpecs(cfg.Q, h // B.shape[2], p, n)
-  kern = functools.partial(_bwd_dc_kernel, Q=cfg.Q, has_doc=doc is not None, cdt=cfg.cdt)
+  sp = ChunkSpecs(cfg.Q, cfg.hb, h // B.shape[2], p, n)
+  kern = functools.partial(_bwd_dc_kernel, Q=cfg.Q, hb=cfg.hb, has_doc=doc is not None,
+                           cdt=cfg.cdt)
   args = [dy, x, B, C, dt, cs, ind] + ([doc] if doc is not None else []) + [s_chunks]
   specs = [sp.bhlp, sp.bhlp, sp.blgn, sp.blgn, sp.bhl, sp.bhl, sp.bhl] + (
       [sp.doc] if doc is not None else []) + [sp.state]
-  out_shape = [jax.ShapeDtypeStruct((b, L, h, n), part_dtype),
+  out_shape = [jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), F32),
                jax.ShapeDtypeStruct((b, h, L), F32)]
-  return _call(kern, cfg, "dc", (b, h, L // cfg.Q), specs, [sp.blhn, sp.bhl], out_shape,
-               "ssd_bwd_dc")(*args)
+  return _chunk_call(kern, cfg, "dc", x, B, args, specs, [sp.part, sp.bhl], out_shape,
+                     "ssd_bwd_dc")

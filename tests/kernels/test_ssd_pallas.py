@@ -73,6 +73,9 @@ CASES = {
     # (32), the superchunk boundary (64), mid-chunk
     "f32_all": ((2, 77, 4, 32, 2, 16), F32, True, True, [[1, 16, 64], [32, 50, 70]], True,
                 {"superchunks": 2, "window": 32, "chunk_size": 32, "block_q_bwd": 16}),
+    # 4 heads per group in blocks of 2 (dB/dC summed in the kernels, then over the blocks)
+    "f32_head_blocks": ((1, 64, 8, 16, 2, 32), F32, True, False, [[20]], False,
+                        {"heads_per_program": 2}),
     # 4 superchunks with no resets: the initial state crosses every superchunk boundary
     "f32_K4_init": ((1, 100, 2, 16, 1, 16), F32, False, True, None, True,
                     {"superchunks": 4}),
