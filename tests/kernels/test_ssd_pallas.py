@@ -11,6 +11,7 @@ import pytest
 
 from hybridjax.kernels import pallas_unsupported_reason, ssd_pallas
 from hybridjax.kernels.check import dA_term_size
+from hybridjax.kernels.ssd import prepare
 from hybridjax.ops import ssd
 
 F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
@@ -144,6 +145,18 @@ def test_pallas_impl_refuses_unsupported_calls(change, message):
                                                 interpret=True)
     with pytest.raises(ValueError, match=message):
       ssd_pallas(**fl, interpret=True)
+
+
+@pytest.mark.parametrize("dtype,p,n,warps", [(F32, 64, 128, 4), (F32, 128, 128, 8),
+                                             (BF16, 128, 128, 4)])
+def test_launch_widens_for_large_float32_states(dtype, p, n, warps):
+  fl, _ = make_inputs(0, 1, 64, 2, p, 1, n, dtype, False, False)
+  cfg = prepare(fl["x"], fl["dt"], fl["B"], fl["C"], interpret=True)[0]
+  assert {k: w for k, (w, _) in cfg.launch} == dict.fromkeys(("dc", "dx", "fwd", "state"), warps)
+  # an override still wins
+  cfg = prepare(fl["x"], fl["dt"], fl["B"], fl["C"], interpret=True,
+                launch=(("fwd", (2, 1)),))[0]
+  assert dict(cfg.launch)["fwd"] == (2, 1)
 
 
 def test_auto_on_cpu_is_chunked():

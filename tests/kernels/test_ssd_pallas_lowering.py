@@ -12,6 +12,7 @@ from hybridjax.kernels import ssd as pallas_ssd
     (jnp.bfloat16, 64, 128, 1, False),
     (jnp.bfloat16, 128, 128, 2, True),
     (jnp.float32, 64, 64, 4, True),
+    (jnp.float32, 128, 128, 1, False),  # the 8-warp launch of large float32 states
 ])
 def test_forward_and_backward_lower_for_cuda(monkeypatch, dtype, p, n, g, features):
   # The support check refuses a CPU backend; lowering for CUDA needs no GPU.
