@@ -16,8 +16,16 @@ Parameters (torch name in brackets; nnx kernels are (in, out) = torch weight tra
   norm.weight (d_inner,)                            [norm.weight; no weight decay]
   out_proj.kernel (d_inner, d_model)                [out_proj.weight]
 
-Init (transformers NemotronH `_init_weights`, except A — see below):
-  in_proj, conv1d kernels ~ normal(0, initializer_range); conv bias 0;
+Init (transformers NemotronH `_init_weights`, except A and the conv — see below):
+  in_proj ~ normal(0, initializer_range);
+  conv1d kernel and bias ~ U(-1/sqrt(K), 1/sqrt(K)), K = conv_kernel: torch's own Conv1d init
+    (depthwise, fan_in = K), which mamba_ssm keeps. transformers 5 re-draws the kernel from
+    normal(0, initializer_range) with bias 0 instead; then x, B and C leave the conv at ~3e-3
+    rms (d_model 64), the state term C.h (a product of the three) starts ~1e-6 of the D skip
+    instead of ~1e-2, and the key-to-value binding that MQAR needs (B from the key one step
+    back in the conv window, C from the query key) has almost no gradient: a pure Mamba-2 stack
+    stays on the plateau where it knows which values occur but not their keys (accuracy
+    ~ 1/pairs) for thousands of steps;
   out_proj ~ U(-1/sqrt(d_inner), 1/sqrt(d_inner)) / sqrt(n_layers) (kaiming_uniform(a=sqrt(5))
     rescaled as `rescale_prenorm_residual=True`, the NemotronH default);
   A = -exp(A_log) with A ~ U[1, 16] as mamba_ssm (transformers uses A = arange(1, H+1));
@@ -77,13 +85,16 @@ def _init_dt_bias(config: HybridConfig):
 
 
 class DepthwiseConv1d(nnx.Module):
-    """Parameters of the causal depthwise conv: kernel (K, C), bias (C,)."""
+    """Parameters of the causal depthwise conv: kernel (K, C), bias (C,), both drawn from
+    U(-1/sqrt(K), 1/sqrt(K)) as torch's Conv1d(C, C, K, groups=C) (fan_in = K) and mamba_ssm."""
 
-    def __init__(self, channels: int, kernel_size: int, *, std: float, param_dtype, rngs):
-        self.kernel = nnx.Param(
-            jax.random.normal(rngs.params(), (kernel_size, channels), jnp.float32).astype(
-                param_dtype) * jnp.asarray(std, param_dtype))
-        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+    def __init__(self, channels: int, kernel_size: int, *, param_dtype, rngs):
+        bound = 1.0 / math.sqrt(kernel_size)
+        ct = jnp.result_type(jnp.float32, param_dtype)
+        self.kernel = nnx.Param(jax.random.uniform(
+            rngs.params(), (kernel_size, channels), ct, -bound, bound).astype(param_dtype))
+        self.bias = nnx.Param(jax.random.uniform(
+            rngs.params(), (channels,), ct, -bound, bound).astype(param_dtype))
 
 
 class GatedRMSNorm(nnx.Module):
@@ -116,8 +127,7 @@ class Mamba2Mixer(nnx.Module):
         self.in_proj = linear(config, config.d_model, self.d_inner + self.conv_dim + self.n_heads,
                               rngs=rngs)
         self.conv1d = DepthwiseConv1d(self.conv_dim, config.conv_kernel,
-                                      std=config.initializer_range, param_dtype=param_dtype,
-                                      rngs=rngs)
+                                      param_dtype=param_dtype, rngs=rngs)
         self.dt_bias = nnx.Param(_init_dt_bias(config)(rngs.params(), (self.n_heads,),
                                                        param_dtype))
         self.A_log = nnx.Param(_init_A_log(rngs.params(), (self.n_heads,), param_dtype))

@@ -163,12 +163,48 @@ def test_init_statistics():
     assert abs(log_dt.mean() - (math.log(lo) + math.log(hi)) / 2) < 0.1
     np.testing.assert_array_equal(m.D[...], 1.0)
     np.testing.assert_array_equal(m.norm.weight[...], 1.0)
-    np.testing.assert_array_equal(m.conv1d.bias[...], 0.0)
     assert abs(np.std(m.in_proj.kernel[...]) - cfg.initializer_range) < 0.002
     # out_proj: U(+-1/sqrt(d_inner)) / sqrt(n_layers)
     bound = 1 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layers)
     out = np.asarray(m.out_proj.kernel[...])
     assert np.abs(out).max() <= bound and np.abs(out).max() > 0.95 * bound
+
+
+def test_conv_init_is_torch_conv1d_default():
+    """The depthwise conv starts as torch's own Conv1d(C, C, K, groups=C) (which mamba_ssm keeps),
+    not at the 0.02 normal that transformers 5 re-draws: same distribution of kernel and bias."""
+    torch = pytest.importorskip("torch")
+    from scipy.stats import ks_2samp
+
+    cfg = CFG.replace(mamba_heads=512, mamba_head_dim=8, n_groups=1, dtype="float32",
+                      param_dtype="float32")
+    m = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
+    conv_dim = m.conv_dim
+    torch.manual_seed(0)
+    ref = torch.nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim)
+    for ours, theirs in ((m.conv1d.kernel[...], ref.weight), (m.conv1d.bias[...], ref.bias)):
+        ours = np.asarray(ours).ravel()
+        theirs = theirs.detach().numpy().ravel()
+        assert ks_2samp(ours, theirs).pvalue > 1e-3
+        assert np.abs(ours).max() <= np.abs(theirs).max() * 1.01
+
+
+def test_state_path_is_live_at_init():
+    """At init a token beyond the conv window must reach the output through the SSM state with a
+    gain not negligible against the current token's. With the conv drawn from normal(0, 0.02)
+    and bias 0, x, B and C are ~3e-3 and that gain was ~1e-6 (a pure Mamba-2 stack then stayed on
+    the MQAR plateau of accuracy 1/pairs); with torch's Conv1d init it is ~1e-3."""
+    cfg = CFG.replace(d_model=64, mamba_heads=4, mamba_head_dim=16, ssm_state=16, n_groups=1,
+                      pattern="MMMM")
+    length, window = 16, cfg.conv_kernel
+    for seed in range(3):
+        m = Mamba2Mixer(cfg, rngs=nnx.Rngs(seed))
+        graph, state = nnx.split(m)
+        x = random_x((1, length, cfg.d_model), seed=seed)
+        jac = jax.jacrev(lambda x: nnx.merge(graph, state)(x)[0, -1])(x)[:, 0]  # (d, L, d)
+        gain = np.linalg.norm(np.asarray(jac), axis=(0, 2))
+        beyond_conv = gain[:length - window] / gain[-1]
+        assert beyond_conv.max() > 1e-4, (seed, beyond_conv.max())
 
 
 def test_dt_floor():
