@@ -24,7 +24,7 @@ TINY = ["model.d_model=32", "model.mamba_heads=2", "model.mamba_head_dim=16", "m
         "model.chunk_size=16", "model.attn_heads=2", "model.kv_heads=1", "model.head_dim=16",
         "trainer.steps=3", "trainer.batch_size=4", "trainer.seq_len=32", "trainer.log_every=1",
         "trainer.eval_every=2", "optimizer.warmup_steps=1", "data.num_pairs=[2,4]",
-        "data.num_eval_examples=16"]
+        "data.seq_lens=null", "data.num_eval_examples=16"]
 BUCKETS = ["pairs=2,len=32", "pairs=4,len=32"]
 
 
