@@ -275,9 +275,9 @@ VARIANTS = {  # name: ssd_pallas keyword overrides
     "state_s3": dict(launch=(("state", (4, 3)),)),
     "hb1": dict(heads_per_program=1),
     "hb4": dict(heads_per_program=4),
-    "hb64": dict(heads_per_program=64),
     "hb8": dict(heads_per_program=8),
     "hb16": dict(heads_per_program=16),
+    "hb64": dict(heads_per_program=64),
     "dxdc_s1": dict(launch=(("dx", (4, 1)), ("dc", (4, 1)))),
     "dxdc_s3": dict(launch=(("dx", (4, 3)), ("dc", (4, 3)))),
     "dx8": dict(launch=(("dx", (8, 2)),)),
@@ -337,6 +337,8 @@ def main():
     if not small:
       ok &= check_case("bf16_p128n128_K1", (1, 1000, 2, 128, 1, 128), jnp.bfloat16, True,
                        "reference", 2e-2)
+      ok &= check_case("f32_p128n128", (1, 2048, 4, 128, 1, 128), F32, True, "reference", 2e-4,
+                       dict(superchunks=2))
       ok &= check_case("f32_plain_K5", (2, 1024, 4, 64, 4, 128), F32, False, "reference", 2e-4,
                        dict(superchunks=5))
       ok &= check_case("bf16_feats", (2, 2048, 8, 64, 2, 128), jnp.bfloat16, True, "reference",

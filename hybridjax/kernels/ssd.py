@@ -56,8 +56,8 @@ TARGET_PROGRAMS = 512   # else about this many programs
 WINDOW = 256            # positions per window of the decay-gradient sums
 HEADS_PER_PROGRAM = 32  # heads of one group per program of the dc/dx kernels (dB/dC summed)
 LAUNCH = (("fwd", (4, 2)), ("state", (4, 2)), ("dx", (4, 2)), ("dc", (4, 2)))
-# float32 states above 64x128 take twice the registers: 8 warps (H200, p128 n128: compiles in
-# 22 s instead of 49 s; docs/measurements/h200_f32_p128n128.log)
+# float32 states above 64x128 take twice the registers: 8 warps (H200, p128 n128: its check
+# case takes 22 s instead of 49 s, mostly compiling; docs/measurements/h200_f32_p128n128.log)
 LAUNCH_F32_LARGE = tuple((k, (8, 2)) for k, _ in LAUNCH)
 
 
@@ -277,8 +277,9 @@ def ssd_pallas(x, dt, A, B, C, *, D=None, chunk_size=256, initial_state=None, se
   chunk_size caps the kernel's chunk length Q (the result does not depend on it beyond
   rounding). `tuning` overrides the tuned choices (tests, benchmarks): block_q and block_q_bwd
   (forward / backward chunk lengths), superchunks, window (positions per decay-gradient window),
-  heads_per_program (of the backward's dc/dx kernels), launch ((kernel, (num_warps, num_stages)) pairs), and poison=True, which starts every
-  kernel output as NaN. interpret=True runs the same kernels in Pallas interpret mode (CPU).
+  heads_per_program (of the backward's dc/dx kernels), launch ((kernel, (num_warps,
+  num_stages)) pairs), and poison=True, which starts every kernel output as NaN. interpret=True
+  runs the same kernels in Pallas interpret mode (CPU).
   """
   reason = pallas_unsupported_reason(x, dt, A, B, C, chunk_size=chunk_size, interpret=interpret)
   if reason is not None:

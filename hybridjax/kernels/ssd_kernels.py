@@ -213,6 +213,7 @@ def _bwd_dc_kernel(*refs, Q, hb, has_doc, cdt):
   dc_ref, rs_ref = next(it), next(it)
 
   Bm, Cm = b_ref[...], c_ref[...]
+  Cf = Cm.astype(F32)
   doc = doc_ref[...] if has_doc else None
   CB = _dot(Cm, Bm, tb=True)  # [t, s]
 
@@ -222,7 +223,7 @@ def _bwd_dc_kernel(*refs, Q, hb, has_doc, cdt):
     L = _pair_decay(cs, doc, doc, Q, transpose=False)
     P = _dot(dy, x, tb=True) * L * dt[None, :]  # [t, s]
     dC_in = ind[:, None] * _dot(dy, S)
-    rs_ref[i, :] = jnp.sum(P * CB, axis=1) + jnp.sum(Cm.astype(F32) * dC_in, axis=1)
+    rs_ref[i, :] = jnp.sum(P * CB, axis=1) + jnp.sum(Cf * dC_in, axis=1)
     return dC + _dot(P.astype(cdt), Bm) + dC_in
 
   dc_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(c_ref.shape, F32))
@@ -339,12 +340,6 @@ class ChunkSpecs:
     self.D = pl.BlockSpec((hb,), lambda b, k, c: (k,))
 
 
-def _chunk_call(kern, cfg, kind, x, B, args, specs, out_specs, out_shape, name):
-  b, L, h, p = x.shape
-  return _call(kern, cfg, kind, (b, h // cfg.hb, L // cfg.Q), specs, out_specs, out_shape,
-               name)(*args)
-
-
 def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D):
   """dx, dB summed over each block of cfg.hb heads (b, L, h // hb, n) float32, x.v, dy.x."""
   b, L, h, p = x.shape
@@ -359,8 +354,8 @@ def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D):
   vec = jax.ShapeDtypeStruct((b, h, L), F32)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
                jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), F32), vec, vec]
-  return _chunk_call(kern, cfg, "dx", x, B, args, specs, [sp.bhlp, sp.part, sp.bhl, sp.bhl],
-                     out_shape, "ssd_bwd_dx")
+  return _call(kern, cfg, "dx", (b, h // cfg.hb, L // cfg.Q), specs,
+               [sp.bhlp, sp.part, sp.bhl, sp.bhl], out_shape, "ssd_bwd_dx")(*args)
 
 
 def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks):
@@ -375,5 +370,5 @@ def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks):
       [sp.doc] if doc is not None else []) + [sp.state]
   out_shape = [jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), F32),
                jax.ShapeDtypeStruct((b, h, L), F32)]
-  return _chunk_call(kern, cfg, "dc", x, B, args, specs, [sp.part, sp.bhl], out_shape,
-                     "ssd_bwd_dc")
+  return _call(kern, cfg, "dc", (b, h // cfg.hb, L // cfg.Q), specs, [sp.part, sp.bhl],
+               out_shape, "ssd_bwd_dc")(*args)

@@ -21,11 +21,11 @@ Init (transformers NemotronH `_init_weights`, except A and the conv — see belo
   conv1d kernel and bias ~ U(-1/sqrt(K), 1/sqrt(K)), K = conv_kernel: torch's own Conv1d init
     (depthwise, fan_in = K), which mamba_ssm keeps. transformers 5 re-draws the kernel from
     normal(0, initializer_range) with bias 0 instead; then x, B and C leave the conv at ~3e-3
-    rms (d_model 64), the state term C.h (a product of the three) starts ~1e-6 of the D skip
-    instead of ~1e-2, and the key-to-value binding that MQAR needs (B from the key one step
-    back in the conv window, C from the query key) has almost no gradient: a pure Mamba-2 stack
-    stays on the plateau where it knows which values occur but not their keys (accuracy
-    ~ 1/pairs) for thousands of steps;
+    rms (d_model 64), a token beyond the conv window reaches the output with ~1e-6 of the
+    current token's gain instead of ~5e-4 (test_state_path_is_live_at_init), and the binding
+    that MQAR needs (B from the key one step back in the conv window, C from the query key) has
+    almost no gradient: a pure Mamba-2 stack stays on the plateau where it knows which values
+    occur but not their keys (accuracy ~ 1/pairs) for thousands of steps;
   out_proj ~ U(-1/sqrt(d_inner), 1/sqrt(d_inner)) / sqrt(n_layers) (kaiming_uniform(a=sqrt(5))
     rescaled as `rescale_prenorm_residual=True`, the NemotronH default);
   A = -exp(A_log) with A ~ U[1, 16] as mamba_ssm (transformers uses A = arange(1, H+1));
