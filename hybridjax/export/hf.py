@@ -58,7 +58,7 @@ MAPPED_FIELDS = frozenset({
 # `rope_theta` already reports).
 RUNTIME_FIELDS = frozenset({
     "dtype", "param_dtype", "scan_layers", "remat", "ssd_impl", "attn_impl", "moe_dispatch",
-    "capacity_factor", "grouped_matmul", "rope_scaling", "rope_factor",
+    "capacity_factor", "grouped_matmul", "rope_scaling", "rope_factor", "ep_capacity_factor",
 })
 
 
@@ -272,7 +272,7 @@ def hybrid_config(hf: dict, **overrides) -> HybridConfig:
 
 # --- tensors --------------------------------------------------------------------------------
 class TensorSpec(NamedTuple):
-    ours: str  # flat_params name
+    ours: str | tuple  # flat_params name, or names whose flattened parts one tensor concatenates
     hf: str  # checkpoint name; "{e}" in it = one tensor per routed expert
     kind: str  # "same" | "linear" (ours (in, out) = torch (out, in).T) | "conv" | "experts"
     shape: tuple  # torch shape (per expert for "experts")
@@ -285,8 +285,9 @@ def tensor_specs(cfg: HybridConfig) -> list[TensorSpec]:
     for i, letter in enumerate(cfg.pattern):
         specs.append(TensorSpec(f"layers.{i}.norm.weight", f"backbone.layers.{i}.norm.weight",
                                 "same", (d,)))
-        specs += [TensorSpec(f"layers.{i}.mixer.{ours}", f"backbone.layers.{i}.mixer.{hf}",
-                             kind, shape) for ours, hf, kind, shape in _mixer_tensors(cfg, letter)]
+        specs += [TensorSpec(_prefixed(f"layers.{i}.mixer.", ours),
+                             f"backbone.layers.{i}.mixer.{hf}", kind, shape)
+                  for ours, hf, kind, shape in _mixer_tensors(cfg, letter)]
     specs.append(TensorSpec("norm_f.weight", "backbone.norm_f.weight", "same", (d,)))
     # NemotronH always has its own lm_head tensor; a tied model writes the embedding table.
     if cfg.tie_embeddings:
@@ -294,6 +295,15 @@ def tensor_specs(cfg: HybridConfig) -> list[TensorSpec]:
     else:
         specs.append(TensorSpec("lm_head.kernel", "lm_head.weight", "linear", (v, d)))
     return specs
+
+
+def _prefixed(prefix: str, ours: str | tuple) -> str | tuple:
+    return tuple(prefix + o for o in ours) if isinstance(ours, tuple) else prefix + ours
+
+
+def _parts(spec: TensorSpec) -> tuple:
+    """Our parameter names of one tensor, in concatenation order."""
+    return spec.ours if isinstance(spec.ours, tuple) else (spec.ours,)
 
 
 def _mixer_tensors(cfg: HybridConfig, letter: str) -> list[tuple]:
@@ -306,9 +316,11 @@ def _mixer_tensors(cfg: HybridConfig, letter: str) -> list[tuple]:
     if letter == "M":
         h, inner = cfg.mamba_heads, cfg.d_inner
         conv_dim = inner + 2 * cfg.n_groups * cfg.ssm_state
-        return [linear("in_proj", d, inner + conv_dim + h),
-                ("conv1d.kernel", "conv1d.weight", "conv", (conv_dim, 1, cfg.conv_kernel)),
-                ("conv1d.bias", "conv1d.bias", "same", (conv_dim,)),
+        return [(("zx_proj.kernel", "bc_proj.kernel", "dt_proj.kernel"), "in_proj.weight",
+                 "linear", (inner + conv_dim + h, d)),
+                (("conv_x.kernel", "conv_bc.kernel"), "conv1d.weight", "conv",
+                 (conv_dim, 1, cfg.conv_kernel)),
+                (("conv_x.bias", "conv_bc.bias"), "conv1d.bias", "same", (conv_dim,)),
                 ("dt_bias", "dt_bias", "same", (h,)),
                 ("A_log", "A_log", "same", (h,)),
                 ("D", "D", "same", (h,)),
@@ -342,17 +354,18 @@ def to_hf_tensors(cfg: HybridConfig, flat: dict[str, np.ndarray],
                   dtype: str = "float32") -> dict[str, np.ndarray]:
     """`flat_params` of a HybridLM -> checkpoint tensors (torch layout, `dtype`)."""
     specs = tensor_specs(cfg)
-    unused = flat.keys() - {s.ours for s in specs}
+    unused = flat.keys() - {name for s in specs for name in _parts(s)}
     if unused:
         raise ValueError("cannot export to a NemotronH checkpoint; these parameters have no "
                          f"NemotronH tensor: {sorted(unused)}")
     np_dtype = _np_dtype(dtype)
     out = {}
     for spec in specs:
-        if spec.ours not in flat:
-            raise ValueError(f"to_hf: the model has no parameter {spec.ours!r} "
+        absent = [name for name in _parts(spec) if name not in flat]
+        if absent:
+            raise ValueError(f"to_hf: the model has no parameter {absent[0]!r} "
                              f"(needed for {spec.hf})")
-        value = np.asarray(flat[spec.ours])
+        value = _join([np.asarray(flat[name]) for name in _parts(spec)], spec)
         for name, t in _to_torch_layout(spec, value).items():
             cast = np.float32 if name.endswith(FP32_TENSORS) else np_dtype
             out[name] = np.ascontiguousarray(t.astype(cast))
@@ -381,14 +394,38 @@ def from_hf_tensors(cfg: HybridConfig, tensors: dict[str, np.ndarray],
                 raise ValueError(f"from_hf: {n} has shape {tensors[n].shape}, the config "
                                  f"implies {spec.shape}")
             parts.append(tensors[n])
-        if spec.ours not in template:
-            raise ValueError(f"from_hf: the model has no parameter {spec.ours!r}")
-        flat[spec.ours] = _from_torch_layout(spec, parts, template[spec.ours])
+        absent = [name for name in _parts(spec) if name not in template]
+        if absent:
+            raise ValueError(f"from_hf: the model has no parameter {absent[0]!r}")
+        likes = [template[name] for name in _parts(spec)]
+        joined = _from_torch_layout(spec, parts, _join(likes, spec))
+        flat.update(zip(_parts(spec), _split(joined, likes)))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"from_hf: checkpoint tensors do not match the config: missing "
                          f"{missing[:8]}, unexpected {unexpected[:8]}")
     return flat
+
+
+def _join(values: list[np.ndarray], spec: TensorSpec) -> np.ndarray:
+    """Our parts of one tensor -> one array in our single-tensor layout: each part flattened to
+    (rows, -1) (rows = the tensor's input size for "linear", K for "conv", 1 for "same") and
+    concatenated along the last axis (the tensor's output channels)."""
+    if len(values) == 1:
+        return values[0]
+    rows = {"linear": spec.shape[-1], "conv": spec.shape[-1], "same": 1}[spec.kind]
+    joined = np.concatenate([v.reshape(rows, -1) for v in values], axis=-1)
+    return joined.reshape(-1) if spec.kind == "same" else joined
+
+
+def _split(joined: np.ndarray, likes: list[np.ndarray]) -> list[np.ndarray]:
+    """Inverse of `_join`: the parts, shaped like `likes`."""
+    if len(likes) == 1:
+        return [joined]
+    rows = joined.shape[0] if joined.ndim == 2 else 1
+    sizes = np.cumsum([like.size // rows for like in likes])[:-1]
+    return [part.reshape(like.shape) for part, like in
+            zip(np.split(joined.reshape(rows, -1), sizes, axis=-1), likes)]
 
 
 def _hf_names(spec: TensorSpec, cfg: HybridConfig) -> list[str]:

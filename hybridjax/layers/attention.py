@@ -7,8 +7,9 @@
 NoPE by default (as NemotronH); RoPE on q and k when config.rope_theta is set, with the scalings of
 `hybridjax.ops.rope` (rope_scaling / rope_factor / rope_original_max_len) at the given positions.
 
-Parameters: q_proj.kernel (d, Hq*hd), k_proj.kernel / v_proj.kernel (d, Hk*hd),
-o_proj.kernel (Hq*hd, d); (in, out) = torch weight transposed; init normal(0, initializer_range).
+Parameters keep the heads as an axis (tensor parallelism splits them whole): q_proj.kernel
+(d, Hq, hd), k_proj.kernel / v_proj.kernel (d, Hk, hd), o_proj.kernel (Hq, hd, d); flattened,
+(in, out) = torch weight transposed; init normal(0, initializer_range).
 
 Implementations (config.attn_impl):
   "xla"    einsum scores in float32 (float64 for a float64 model), causal + segment mask, float32
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import HybridConfig
-from hybridjax.layers.mlp import linear
+from hybridjax.layers.mlp import Dense
 from hybridjax.ops.rope import apply_rope
 
 
@@ -95,18 +96,20 @@ class Attention(nnx.Module):
         self.impl = config.attn_impl
         self.scale = self.head_dim ** -0.5
         self.dtype = jnp.dtype(config.dtype)
-        d = config.d_model
-        self.q_proj = linear(config, d, self.n_heads * self.head_dim, rngs=rngs)
-        self.k_proj = linear(config, d, self.n_kv * self.head_dim, rngs=rngs)
-        self.v_proj = linear(config, d, self.n_kv * self.head_dim, rngs=rngs)
-        self.o_proj = linear(config, self.n_heads * self.head_dim, d, rngs=rngs)
+        d, hd = config.d_model, self.head_dim
+        init = nnx.initializers.normal(config.initializer_range)
+        pdt = jnp.dtype(config.param_dtype)
+
+        def dense(shape, n_in=1):
+            return Dense(init(rngs.params(), shape, pdt), n_in=n_in, dtype=self.dtype)
+
+        self.q_proj = dense((d, self.n_heads, hd))
+        self.k_proj = dense((d, self.n_kv, hd))
+        self.v_proj = dense((d, self.n_kv, hd))
+        self.o_proj = dense((self.n_heads, hd, d), n_in=2)
 
     def _qkv(self, x, positions):
-        b, l, _ = x.shape
-        x = x.astype(self.dtype)
-        q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim)
-        v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         c = self.config
         if c.rope_theta is not None:
             kw = {"theta": c.rope_theta, "scaling": c.rope_scaling, "factor": c.rope_factor,
@@ -134,7 +137,7 @@ class Attention(nnx.Module):
                                                implementation="cudnn")
         else:
             out = attention_xla(q, k, v, causal_mask(segment_ids, b, l), scale=self.scale)
-        return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+        return self.o_proj(out)
 
     def __call__(self, x, *, segment_ids=None, positions=None):
         """x (B, L, d_model); segment_ids (B, L) int | None; positions (B, L) int | None (RoPE
@@ -175,7 +178,6 @@ class Attention(nnx.Module):
     def decode(self, x, cache: KVCache, *, positions=None):
         """One token per row at slot cache.pos: x (B, 1, d) -> (y (B, 1, d), updated cache)."""
         self._check(x, None, positions)
-        b = x.shape[0]
         if x.shape[1] != 1:
             raise ValueError(f"Attention.decode: x must hold one token per row, got {x.shape}")
         pos = cache.pos.astype(jnp.int32)
@@ -190,5 +192,5 @@ class Attention(nnx.Module):
         mask = (slots[None] <= pos) & (slots[None] >= cache.start[:, None])  # (B, S)
         out = attention_xla(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask[:, None],
                             scale=self.scale)
-        y = self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim))
+        y = self.o_proj(out)
         return y, KVCache(new_k, new_v, pos + 1, cache.start)

@@ -1,22 +1,28 @@
 """Mamba-2 mixer (transformers `NemotronHMamba2Mixer` semantics, so export is exact).
 
-    in_proj(x) -> [z (d_inner) | xBC (d_inner + 2*G*N) | dt (H)]
-    xBC = silu(causal depthwise conv1d(xBC))           kernel conv_kernel, with bias
-    x, B, C = split(xBC, [d_inner, G*N, G*N])          head h reads group h // (H/G)
+    z, x = zx_proj(x); B, C = bc_proj(x); dt = dt_proj(x)   (transformers: one in_proj)
+    x, B, C = silu(causal depthwise conv1d(x, B, C))   kernel conv_kernel, with bias
+                                                       head h reads group h // (H/G)
     dt = softplus(dt + dt_bias), clamped below at time_step_min when config.clamp_dt
     A = -exp(A_log)
     y = ssd(x, dt, A, B, C, D=D, ...)                  y includes D * x
     y = rmsnorm(y * silu(z)) over groups of d_inner / G, times norm.weight
     out = out_proj(y)
 
-Parameters (torch name in brackets; nnx kernels are (in, out) = torch weight transposed):
-  in_proj.kernel (d_model, 2*d_inner + 2*G*N + H)   [in_proj.weight]
-  conv1d.kernel (conv_kernel, conv_dim), conv1d.bias (conv_dim,)   [conv1d.weight (C,1,K), .bias]
-  dt_bias (H,), A_log (H,), D (H,)                  [same names; no weight decay]
-  norm.weight (d_inner,)                            [norm.weight; no weight decay]
-  out_proj.kernel (d_inner, d_model)                [out_proj.weight]
+Parameters keep heads and groups as axes of their own, so tensor parallelism splits them whole
+(`hybridjax.sharding`); export concatenates them into transformers' tensors (torch name in
+brackets, kernels (in, out) = torch weight transposed):
+  zx_proj.kernel (d_model, 2, H, P)       z, x   [in_proj.weight rows [0, 2*d_inner)]
+  bc_proj.kernel (d_model, 2, G, N)       B, C   [in_proj.weight rows [2*d_inner, +2*G*N)]
+  dt_proj.kernel (d_model, H)                    [in_proj.weight, the last H rows]
+  conv_x.kernel (K, H, P), conv_x.bias (H, P)    [conv1d.weight (C, 1, K) / .bias, x channels]
+  conv_bc.kernel (K, 2, G, N), conv_bc.bias (2, G, N)   [the B and C channels]
+  dt_bias (H,), A_log (H,), D (H,)               [same names; no weight decay]
+  norm.weight (H, P)                             [norm.weight (d_inner,); no weight decay]
+  out_proj.kernel (H, P, d_model)                [out_proj.weight]
 
-Init (transformers NemotronH `_init_weights`, except A and the conv — see below):
+Init (transformers NemotronH `_init_weights`, except A and the conv — see below), drawn in the
+transformers layout and split, so the values do not depend on the layout:
   in_proj ~ normal(0, initializer_range);
   conv1d kernel and bias ~ U(-1/sqrt(K), 1/sqrt(K)), K = conv_kernel: torch's own Conv1d init
     (depthwise, fan_in = K), which mamba_ssm keeps. transformers 5 re-draws the kernel from
@@ -53,7 +59,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import HybridConfig
-from hybridjax.layers.mlp import linear
+from hybridjax.layers.mlp import Dense
 from hybridjax.ops.conv1d import causal_conv1d, causal_conv1d_update
 from hybridjax.ops.norms import gated_rmsnorm
 from hybridjax.ops.ssd import ssd
@@ -85,28 +91,41 @@ def _init_dt_bias(config: HybridConfig):
 
 
 class DepthwiseConv1d(nnx.Module):
-    """Parameters of the causal depthwise conv: kernel (K, C), bias (C,), both drawn from
-    U(-1/sqrt(K), 1/sqrt(K)) as torch's Conv1d(C, C, K, groups=C) (fan_in = K) and mamba_ssm."""
+    """Parameters of a causal depthwise conv over channels of any shape: kernel (K, *channels),
+    bias (*channels)."""
 
-    def __init__(self, channels: int, kernel_size: int, *, param_dtype, rngs):
-        bound = 1.0 / math.sqrt(kernel_size)
-        ct = jnp.result_type(jnp.float32, param_dtype)
-        self.kernel = nnx.Param(jax.random.uniform(
-            rngs.params(), (kernel_size, channels), ct, -bound, bound).astype(param_dtype))
-        self.bias = nnx.Param(jax.random.uniform(
-            rngs.params(), (channels,), ct, -bound, bound).astype(param_dtype))
+    def __init__(self, kernel, bias):
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(bias)
+
+    def flat(self):
+        """(kernel (K, C), bias (C,)) over the flattened channels."""
+        k = self.kernel[...]
+        return k.reshape(k.shape[0], -1), self.bias[...].reshape(-1)
+
+
+def _torch_conv_init(key, kernel_size: int, channels: int, dtype):
+    """Kernel (K, C) and bias (C,) drawn from U(-1/sqrt(K), 1/sqrt(K)) as torch's
+    Conv1d(C, C, K, groups=C) (fan_in = K) and mamba_ssm."""
+    bound = 1.0 / math.sqrt(kernel_size)
+    ct = jnp.result_type(jnp.float32, dtype)
+    k_kernel, k_bias = key
+    kernel = jax.random.uniform(k_kernel, (kernel_size, channels), ct, -bound, bound)
+    bias = jax.random.uniform(k_bias, (channels,), ct, -bound, bound)
+    return kernel.astype(dtype), bias.astype(dtype)
 
 
 class GatedRMSNorm(nnx.Module):
-    """NemotronHRMSNormGated: weight (d,); rmsnorm(x * silu(z)) over groups of group_size."""
+    """NemotronHRMSNormGated: weight (any shape of d elements); rmsnorm(x * silu(z)) over groups of group_size."""
 
-    def __init__(self, d: int, group_size: int, *, eps: float, param_dtype):
+    def __init__(self, shape: tuple, group_size: int, *, eps: float, param_dtype):
         self.group_size = group_size
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((d,), param_dtype))
+        self.weight = nnx.Param(jnp.ones(shape, param_dtype))
 
     def __call__(self, x, z):
-        return gated_rmsnorm(x, z, self.weight[...], group_size=self.group_size, eps=self.eps)
+        return gated_rmsnorm(x, z, self.weight[...].reshape(-1), group_size=self.group_size,
+                             eps=self.eps)
 
 
 class Mamba2Mixer(nnx.Module):
@@ -123,27 +142,45 @@ class Mamba2Mixer(nnx.Module):
         self.dtype = jnp.dtype(config.dtype)
         self.acc_dtype = _acc_dtype(self.dtype)
         param_dtype = jnp.dtype(config.param_dtype)
+        h, p, g, n, d = self.n_heads, self.head_dim, self.n_groups, self.d_state, config.d_model
+        dtype = self.dtype
 
-        self.in_proj = linear(config, config.d_model, self.d_inner + self.conv_dim + self.n_heads,
-                              rngs=rngs)
-        self.conv1d = DepthwiseConv1d(self.conv_dim, config.conv_kernel,
-                                      param_dtype=param_dtype, rngs=rngs)
-        self.dt_bias = nnx.Param(_init_dt_bias(config)(rngs.params(), (self.n_heads,),
-                                                       param_dtype))
-        self.A_log = nnx.Param(_init_A_log(rngs.params(), (self.n_heads,), param_dtype))
-        self.D = nnx.Param(jnp.ones((self.n_heads,), param_dtype))
-        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps=config.norm_eps,
+        in_proj = nnx.initializers.normal(config.initializer_range)(
+            rngs.params(), (d, self.d_inner + self.conv_dim + h), param_dtype)
+        zx, bc, dt = jnp.split(in_proj, [2 * self.d_inner, 2 * self.d_inner + 2 * g * n], -1)
+        self.zx_proj = Dense(zx.reshape(d, 2, h, p), dtype=dtype)
+        self.bc_proj = Dense(bc.reshape(d, 2, g, n), dtype=dtype)
+        self.dt_proj = Dense(dt, dtype=dtype)
+        kernel, bias = _torch_conv_init((rngs.params(), rngs.params()), config.conv_kernel,
+                                        self.conv_dim, param_dtype)
+        k = config.conv_kernel
+        self.conv_x = DepthwiseConv1d(kernel[:, :self.d_inner].reshape(k, h, p),
+                                      bias[:self.d_inner].reshape(h, p))
+        self.conv_bc = DepthwiseConv1d(kernel[:, self.d_inner:].reshape(k, 2, g, n),
+                                       bias[self.d_inner:].reshape(2, g, n))
+        self.dt_bias = nnx.Param(_init_dt_bias(config)(rngs.params(), (h,), param_dtype))
+        self.A_log = nnx.Param(_init_A_log(rngs.params(), (h,), param_dtype))
+        self.D = nnx.Param(jnp.ones((h,), param_dtype))
+        self.norm = GatedRMSNorm((h, p), self.d_inner // g, eps=config.norm_eps,
                                  param_dtype=param_dtype)
         bound = 1.0 / math.sqrt(self.d_inner)  # kaiming_uniform(a=sqrt(5)) on fan_in = d_inner
-        out_init = jax.nn.initializers.uniform(2 * bound)
-        self.out_proj = linear(
-            config, self.d_inner, config.d_model, rngs=rngs,
-            kernel_init=lambda k, s, d: ((out_init(k, s, jnp.float32) - bound)
-                                         / math.sqrt(config.n_layers)).astype(d))
+        out = jax.random.uniform(rngs.params(), (self.d_inner, d), jnp.float32, -bound, bound)
+        self.out_proj = Dense((out / math.sqrt(config.n_layers)).astype(param_dtype)
+                              .reshape(h, p, d), n_in=2, dtype=dtype)
 
     # --- pieces shared by the forward and the decode step ---------------------------------------
-    def _split_proj(self, zxbcdt):
-        return jnp.split(zxbcdt, [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+    def _project(self, x):
+        """x (..., d_model) -> z, x (..., H, P); B and C (..., G, N) before the conv, flat as
+        the conv takes them: xs (..., d_inner), bc (..., 2*G*N); dt_raw (..., H)."""
+        zx = self.zx_proj(x)
+        bc = self.bc_proj(x)
+        lead = x.shape[:-1]
+        return (zx[..., 0, :, :], zx[..., 1, :, :].reshape(*lead, self.d_inner),
+                bc.reshape(*lead, -1), self.dt_proj(x))
+
+    def _split_bc(self, bc, lead):
+        bc = bc.reshape(*lead, 2, self.n_groups, self.d_state)
+        return bc[..., 0, :, :], bc[..., 1, :, :]
 
     def _dt(self, dt_raw):
         acc = self.acc_dtype
@@ -156,8 +193,10 @@ class Mamba2Mixer(nnx.Module):
         return -jnp.exp(self.A_log[...].astype(self.acc_dtype))
 
     def _out(self, y, z):
-        y = self.norm(y.astype(self.acc_dtype), z)
-        return self.out_proj(y.astype(self.dtype))
+        """y, z (..., H, P) -> (..., d_model)."""
+        lead = y.shape[:-2]
+        y = self.norm(y.reshape(*lead, -1).astype(self.acc_dtype), z.reshape(*lead, -1))
+        return self.out_proj(y.astype(self.dtype).reshape(*lead, self.n_heads, self.head_dim))
 
     def _check(self, x):
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
@@ -170,21 +209,27 @@ class Mamba2Mixer(nnx.Module):
         if segment_ids is not None and segment_ids.shape != (b, l):
             raise ValueError(f"Mamba2Mixer: segment_ids has shape {segment_ids.shape}, "
                              f"expected {(b, l)}")
-        z, xbc, dt_raw = self._split_proj(self.in_proj(x.astype(self.dtype)))
-        conv = causal_conv1d(xbc, self.conv1d.kernel[...], self.conv1d.bias[...],
-                             segment_ids=segment_ids, return_final_state=return_state)
-        xbc, conv_state = conv if return_state else (conv, None)
-        xbc = jax.nn.silu(xbc)
-        xs, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + self.n_groups * self.d_state], -1)
-        out = ssd(xs.reshape(b, l, self.n_heads, self.head_dim), self._dt(dt_raw), self._A(),
-                  B.reshape(b, l, self.n_groups, self.d_state),
-                  C.reshape(b, l, self.n_groups, self.d_state),
+        z, xs, bc, dt_raw = self._project(x)
+        xs, conv_x_state = self._conv(self.conv_x, xs, segment_ids, return_state)
+        bc, conv_bc_state = self._conv(self.conv_bc, bc, segment_ids, return_state)
+        B, C = self._split_bc(bc, (b, l))
+        out = ssd(xs.reshape(b, l, self.n_heads, self.head_dim), self._dt(dt_raw), self._A(), B, C,
                   D=self.D[...].astype(self.acc_dtype), chunk_size=self.config.chunk_size,
                   segment_ids=segment_ids, return_final_state=return_state,
                   impl=self.config.ssd_impl)
         y, ssm_state = out if return_state else (out, None)
-        y = self._out(y.reshape(b, l, self.d_inner), z)
-        return y, conv_state, ssm_state
+        conv_state = (jnp.concatenate([conv_x_state, conv_bc_state], -1) if return_state
+                      else None)
+        return self._out(y, z), conv_state, ssm_state
+
+    @staticmethod
+    def _conv(conv, x, segment_ids, return_state):
+        """silu(causal depthwise conv) over flat channels -> (y, final window or None)."""
+        kernel, bias = conv.flat()
+        out = causal_conv1d(x, kernel, bias, segment_ids=segment_ids,
+                            return_final_state=return_state)
+        y, state = out if return_state else (out, None)
+        return jax.nn.silu(y), state
 
     # --- public API ---------------------------------------------------------------------------
     def __call__(self, x, *, segment_ids=None, positions=None):
@@ -215,9 +260,11 @@ class Mamba2Mixer(nnx.Module):
             raise ValueError(f"Mamba2Mixer.decode: x must hold one token per row, got {x.shape}")
         b = x.shape[0]
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        z, xbc, dt_raw = self._split_proj(self.in_proj(x[:, 0].astype(self.dtype)))
-        xbc, conv_state = causal_conv1d_update(xbc, cache.conv.astype(xbc.dtype),
-                                               self.conv1d.kernel[...], self.conv1d.bias[...])
+        z, xs, bc, dt_raw = self._project(x[:, 0])
+        (kx, bx), (kbc, bbc) = self.conv_x.flat(), self.conv_bc.flat()
+        xbc, conv_state = causal_conv1d_update(
+            jnp.concatenate([xs, bc], -1), cache.conv.astype(xs.dtype),
+            jnp.concatenate([kx, kbc], -1), jnp.concatenate([bx, bbc], -1))
         xbc = jax.nn.silu(xbc)
         xs, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + g * n], -1)
         acc = self.acc_dtype
@@ -228,6 +275,6 @@ class Mamba2Mixer(nnx.Module):
         decay = jnp.exp(dt * self._A())[:, :, None, None]
         state = cache.ssm.astype(acc) * decay + (dt[:, :, None] * xs)[..., None] * B[:, :, None]
         y = jnp.einsum("bhpn,bhn->bhp", state, C) + self.D[...].astype(acc)[:, None] * xs
-        y = self._out(y.reshape(b, 1, self.d_inner), z[:, None])
+        y = self._out(y[:, None], z[:, None])
         return y, Mamba2Cache(conv=conv_state.astype(cache.conv.dtype),
                               ssm=state.astype(cache.ssm.dtype))

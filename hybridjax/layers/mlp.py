@@ -61,6 +61,23 @@ def linear(config: HybridConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, std=N
                       rngs=rngs)
 
 
+class Dense(nnx.Module):
+    """A bias-free projection whose kernel keeps its axes' structure: (*in_shape, *out_shape).
+
+    `Dense(kernel, n_in=k, dtype=...)(x)` contracts the last k axes of x with the first k of the
+    kernel. Heads and groups stay axes of their own, so the sharding rules can split them whole.
+    """
+
+    def __init__(self, kernel, *, n_in: int = 1, dtype):
+        self.kernel = nnx.Param(kernel)
+        self.n_in = n_in
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x):
+        return jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                             axes=self.n_in)
+
+
 class MLP(nnx.Module):
     """Dense MLP. `d_ff` and `act` default to `config.ffn` and `config.mlp_act`.
 

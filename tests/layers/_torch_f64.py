@@ -49,8 +49,10 @@ def t(x):
 
 
 def set_linear(torch_linear, nnx_linear):
-    """Copy an nnx.Linear kernel (in, out) into a torch nn.Linear weight (out, in)."""
-    torch_linear.weight.data = t(nnx_linear.kernel[...]).T.contiguous()
+    """Copy a kernel (in..., out...) (nnx.Linear, or Dense with head axes) into a torch
+    nn.Linear weight (out, in)."""
+    kernel = np.asarray(nnx_linear.kernel[...]).reshape(torch_linear.in_features, -1)
+    torch_linear.weight.data = t(kernel).T.contiguous()
 
 
 def rel_err(a, b):

@@ -81,9 +81,9 @@ def _numpy_attention(cfg, attn, x, positions):
     x = np.asarray(x)
     b, l, _ = x.shape
     hq, hk, hd = cfg.attn_heads, cfg.kv_heads, cfg.head_dim
-    q = (x @ np.asarray(attn.q_proj.kernel[...])).reshape(b, l, hq, hd)
-    k = (x @ np.asarray(attn.k_proj.kernel[...])).reshape(b, l, hk, hd)
-    v = (x @ np.asarray(attn.v_proj.kernel[...])).reshape(b, l, hk, hd)
+    q = (x @ np.asarray(attn.q_proj.kernel[...]).reshape(cfg.d_model, -1)).reshape(b, l, hq, hd)
+    k = (x @ np.asarray(attn.k_proj.kernel[...]).reshape(cfg.d_model, -1)).reshape(b, l, hk, hd)
+    v = (x @ np.asarray(attn.v_proj.kernel[...]).reshape(cfg.d_model, -1)).reshape(b, l, hk, hd)
     inv_freq, scale = rope_frequencies(hd, cfg.rope_theta, scaling=cfg.rope_scaling,
                                        factor=cfg.rope_factor,
                                        original_max_len=cfg.rope_original_max_len)
@@ -106,7 +106,7 @@ def _numpy_attention(cfg, attn, x, positions):
                 scores = scores * hd ** -0.5
                 p = np.exp(scores - scores.max())
                 out[bi, i, h] = (p / p.sum()) @ v[bi, :i + 1, kh]
-    return out.reshape(b, l, hq * hd) @ np.asarray(attn.o_proj.kernel[...])
+    return out.reshape(b, l, hq * hd) @ np.asarray(attn.o_proj.kernel[...]).reshape(hq * hd, -1)
 
 
 @pytest.mark.parametrize("scaling", [None, "linear", "ntk", "yarn"])

@@ -22,7 +22,7 @@ def _mixer(cfg=CFG, seed=0):
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(seed))
     # perturb the deterministic inits so the oracle comparison exercises every parameter
     key = jax.random.key(seed + 100)
-    for name in ("D", "conv1d.bias", "norm.weight"):
+    for name in ("D", "conv_x.bias", "conv_bc.bias", "norm.weight"):
         obj, attr = m, name.split(".")
         for a in attr[:-1]:
             obj = getattr(obj, a)
@@ -45,7 +45,7 @@ IMPLS = ["reference", "chunked"]
 def _hf_mixer(cfg, mixer):
     pytest.importorskip("torch")
     mod = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
-    from _torch_f64 import set_linear, t
+    from _torch_f64 import t
     from transformers import NemotronHConfig
 
     hf_cfg = NemotronHConfig(
@@ -56,13 +56,23 @@ def _hf_mixer(cfg, mixer):
         time_step_min=cfg.time_step_min, time_step_max=cfg.time_step_max, use_conv_bias=True,
         use_bias=False, use_mamba_kernels=False, vocab_size=16)
     hf = mod.NemotronHMamba2Mixer(hf_cfg, layer_idx=0).double().eval()
-    set_linear(hf.in_proj, mixer.in_proj)
-    set_linear(hf.out_proj, mixer.out_proj)
-    hf.conv1d.weight.data = t(mixer.conv1d.kernel[...]).T[:, None, :].contiguous()
-    hf.conv1d.bias.data = t(mixer.conv1d.bias[...])
+    d, k = cfg.d_model, cfg.conv_kernel
+
+    def flat(param, rows):
+        return np.asarray(param[...]).reshape(rows, -1)
+
+    # transformers' single in_proj / conv1d are our parts concatenated: [z | x | B | C | dt]
+    in_proj = np.concatenate([flat(mixer.zx_proj.kernel, d), flat(mixer.bc_proj.kernel, d),
+                              flat(mixer.dt_proj.kernel, d)], axis=1)
+    hf.in_proj.weight.data = t(in_proj).T.contiguous()
+    hf.out_proj.weight.data = t(flat(mixer.out_proj.kernel, cfg.d_inner)).T.contiguous()
+    conv = np.concatenate([flat(mixer.conv_x.kernel, k), flat(mixer.conv_bc.kernel, k)], axis=1)
+    hf.conv1d.weight.data = t(conv).T[:, None, :].contiguous()
+    hf.conv1d.bias.data = t(np.concatenate([flat(mixer.conv_x.bias, 1),
+                                            flat(mixer.conv_bc.bias, 1)], axis=1)[0])
     for name in ("dt_bias", "A_log", "D"):
         getattr(hf, name).data = t(getattr(mixer, name)[...])
-    hf.norm.weight.data = t(mixer.norm.weight[...])
+    hf.norm.weight.data = t(flat(mixer.norm.weight, 1)[0])
     return hf
 
 
@@ -163,7 +173,8 @@ def test_init_statistics():
     assert abs(log_dt.mean() - (math.log(lo) + math.log(hi)) / 2) < 0.1
     np.testing.assert_array_equal(m.D[...], 1.0)
     np.testing.assert_array_equal(m.norm.weight[...], 1.0)
-    assert abs(np.std(m.in_proj.kernel[...]) - cfg.initializer_range) < 0.002
+    for proj in (m.zx_proj, m.bc_proj, m.dt_proj):
+        assert abs(np.std(proj.kernel[...]) - cfg.initializer_range) < 0.002
     # out_proj: U(+-1/sqrt(d_inner)) / sqrt(n_layers)
     bound = 1 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layers)
     out = np.asarray(m.out_proj.kernel[...])
@@ -182,8 +193,9 @@ def test_conv_init_is_torch_conv1d_default():
     conv_dim = m.conv_dim
     torch.manual_seed(0)
     ref = torch.nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim)
-    for ours, theirs in ((m.conv1d.kernel[...], ref.weight), (m.conv1d.bias[...], ref.bias)):
-        ours = np.asarray(ours).ravel()
+    kernel = np.concatenate([np.ravel(m.conv_x.kernel[...]), np.ravel(m.conv_bc.kernel[...])])
+    bias = np.concatenate([np.ravel(m.conv_x.bias[...]), np.ravel(m.conv_bc.bias[...])])
+    for ours, theirs in ((kernel, ref.weight), (bias, ref.bias)):
         theirs = theirs.detach().numpy().ravel()
         assert ks_2samp(ours, theirs).pvalue > 1e-3
         assert np.abs(ours).max() <= np.abs(theirs).max() * 1.01
@@ -228,7 +240,8 @@ def test_bfloat16_compute():
 def test_param_names():
     state = nnx.to_flat_state(nnx.state(_mixer(), nnx.Param))
     names = {".".join(map(str, p)) for p, _ in state}
-    assert names == {"in_proj.kernel", "conv1d.kernel", "conv1d.bias", "dt_bias", "A_log", "D",
+    assert names == {"zx_proj.kernel", "bc_proj.kernel", "dt_proj.kernel", "conv_x.kernel",
+                     "conv_x.bias", "conv_bc.kernel", "conv_bc.bias", "dt_bias", "A_log", "D",
                      "norm.weight", "out_proj.kernel"}
 
 
