@@ -73,6 +73,7 @@ class HybridConfig:
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25
     grouped_matmul: str = "auto"
+    ep_capacity_factor: float | None = None  # expert-parallel buffer bound; None = dropless
 
     # --- dense MLP ----------------------------------------------------------------------------
     ffn: int = 256
@@ -115,6 +116,8 @@ class HybridConfig:
         if self.has("E"):
             for name in ("n_experts", "top_k", "moe_ffn", "capacity_factor"):
                 _check_positive(name, getattr(self, name))
+            if self.ep_capacity_factor is not None:
+                _check_positive("ep_capacity_factor", self.ep_capacity_factor)
             if self.top_k > self.n_experts:
                 raise ValueError(f"top_k: {self.top_k} exceeds n_experts ({self.n_experts})")
             if self.n_experts % self.router_groups:
