@@ -48,10 +48,12 @@ chosen; the bias changes choice only, never the weights.
 Dispatch (config.moe_dispatch): "dropless" sorts assignments by expert and runs
 `grouped_matmul(impl=config.grouped_matmul)`; "capacity" runs one (E, capacity, d) batched
 matmul and drops overflow (hybridjax.ops.moe_dispatch). Under a mesh (`jax.set_mesh`) whose
-batch axes hold several devices the dispatch runs per device under `jax.shard_map`, and with an
-"expert" axis larger than 1 the experts run expert-parallel with all-to-all token exchange
-(hybridjax.layers.moe_parallel; dropless by default). The router and the aux statistics always
-see the whole batch.
+token axes or "tensor" axis hold several devices the dispatch runs per device under
+`jax.shard_map`: with an "expert" axis larger than 1 the experts run expert-parallel with
+all-to-all token exchange (dropless unless config.ep_capacity_factor bounds the buffers), and
+with a "tensor" axis each device runs a slice of every expert's ffn, summed over "tensor"
+(Megatron; hybridjax.layers.moe_parallel). The router and the aux statistics always see the
+whole batch.
 """
 
 from __future__ import annotations
@@ -203,16 +205,14 @@ class Experts(nnx.Module):
 class MoE(nnx.Module):
     """NemotronH MoE mixer. __call__(x (..., d_model)) -> (y (..., d_model), MoEAux).
 
-    ep_capacity_factor: expert-parallel only. None (default) sizes the all-to-all buffers for the
-    worst case, so expert parallelism drops nothing; a float f bounds each (source, destination)
-    buffer to ceil(f * local_tokens * k / ep_size) rows (less memory and traffic) and reports
-    what it drops in dropped_frac.
+    config.ep_capacity_factor: expert-parallel only. None (default) sizes the all-to-all buffers
+    for the worst case, so expert parallelism drops nothing; a float f bounds each (source,
+    destination) buffer to ceil(f * local_tokens * k / ep_size) rows (less memory and traffic) and
+    reports what it drops, over all devices, in dropped_frac.
     """
 
-    def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs,
-                 ep_capacity_factor: float | None = None):
+    def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.ep_capacity_factor = ep_capacity_factor
         self.dtype = jnp.dtype(config.dtype)
         self.gate = Router(config, rngs=rngs)
         self.experts = Experts(config, rngs=rngs)
@@ -238,7 +238,7 @@ class MoE(nnx.Module):
         routed, dropped = routed_experts(
             h_TD, routing.expert_idx, routing.weights, self.experts.weights(),
             act_fn=self.experts.act_fn, impl=c.grouped_matmul, dispatch=c.moe_dispatch,
-            capacity_factor=c.capacity_factor, ep_capacity_factor=self.ep_capacity_factor)
+            capacity_factor=c.capacity_factor, ep_capacity_factor=c.ep_capacity_factor)
         routed = routed.astype(self.dtype)
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)

@@ -2,12 +2,18 @@
 
 `routed_experts(...)` is what `MoE` calls after routing. It picks:
 
-* no mesh (or every batch axis and "expert" of size 1): `local_experts` on all tokens.
-* a mesh whose batch axes ("data", "fsdp", "expert", those present) hold more than one device:
-  `jax.shard_map` over the mesh with tokens sharded over the batch axes, so every sort, gather
-  and scatter of the dispatch is device-local. Experts' stacked weights (E, ...) are sharded
-  over "expert" when the mesh has it (replicated otherwise: an fsdp-sharded weight is gathered).
-  Any other axis (e.g. "tensor") sees replicated tokens and repeats the expert work.
+* no mesh (or every token axis, "expert" and "tensor" of size 1): `local_experts` on all tokens.
+* a mesh whose token axes ("data", "fsdp", "expert", "context", those present) hold more than
+  one device, or whose "tensor" axis does: `jax.shard_map` over the mesh with tokens sharded over
+  the token axes, so every sort, gather and scatter of the dispatch is device-local. Experts'
+  stacked weights (E, ...) are sharded over "expert" when the mesh has it (an fsdp-sharded weight
+  is gathered: FSDP).
+* tensor parallelism (Megatron): with a "tensor" axis of size m > 1 that divides moe_ffn, up and
+  gate (E, d, f) are split over "tensor" along f, and so is down (E, f, d). Tokens are replicated
+  over "tensor"; each tensor shard runs its f/m slice of every expert MLP (relu2 and swiglu act
+  elementwise on f) and the partial outputs are summed with `psum` over "tensor" once, on the
+  combined (T, d) output. When m does not divide moe_ffn the weights stay whole and every tensor
+  shard repeats the expert work.
 * with an "expert" axis of size n > 1, device j owns experts [j E/n, (j+1) E/n) and each device
   exchanges tokens with `all_to_all` (expert parallelism):
     1. each (token, slot) assignment goes to the device owning its expert, packed into a send
@@ -17,15 +23,17 @@
        (padding rows sit past sum(group_sizes), so they give zero), un-sorted;
     4. `all_to_all` back; each assignment's output is gathered, weighted, summed over k.
   Static shapes come from the fixed buffer size C per (source, destination) pair:
-    worst case (ep_capacity_factor None, the default): C = T_l * min(k, E/n) for T_l local
+    worst case (config.ep_capacity_factor None, the default): C = T_l * min(k, E/n) for T_l local
       tokens — a token's k experts are distinct, so at most min(k, E/n) of them live on one
       device. Nothing is dropped: expert parallelism is dropless, at n * min(k, E/n) / k times
       the routed activations in buffer memory and all-to-all traffic.
     ep_capacity_factor f: C = min(worst case, ceil(f * T_l * k / n)); assignments past C (in
-      expert-then-token order per destination) are dropped and counted.
+      expert-then-token order per destination) are dropped. Every device counts its drops and
+      the counts are summed over the mesh, so `MoEAux.dropped_frac` is the global fraction.
 
-A token count that the batch axes do not divide (e.g. decoding a small batch) runs as one
-program without expert parallelism, and with it is padded with tokens that are never sent.
+A token count that the token axes do not divide (e.g. decoding a small batch) runs with tokens
+replicated (still tensor parallel) and without expert parallelism, or with it padded with tokens
+that are never sent.
 
 Capacity dispatch under a mesh is applied per device on its local tokens (GShard's "groups"):
 capacity = ceil(capacity_factor * T_l * k / E). It equals the single-device run only when the
@@ -43,7 +51,8 @@ from jax.sharding import PartitionSpec as P
 from hybridjax.ops import moe_dispatch
 from hybridjax.ops.grouped_matmul import grouped_matmul
 
-BATCH_AXES = ("data", "fsdp", "expert")
+# Mesh axes that split tokens: tokens are independent, so any data-like or sequence axis does.
+TOKEN_AXES = ("data", "fsdp", "expert", "context")
 
 
 # ---------------------------------------------------------------------------------- expert MLP
@@ -72,51 +81,62 @@ def expert_mlp_batched(weights: dict, x_ECD, act_fn):
 
 # ------------------------------------------------------------------------------------ dispatch
 def mesh_layout():
-    """(mesh or None, batch axes, batch device count, expert-axis size) of the abstract mesh."""
+    """(mesh or None, token axes, token-axis device count, expert-axis size, tensor-axis size)
+    of the abstract mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return None, (), 1, 1
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-    n_ep = mesh.shape["expert"] if "expert" in mesh.axis_names else 1
-    return mesh, batch_axes, n_batch, n_ep
+        return None, (), 1, 1, 1
+    size = mesh.shape
+    token_axes = tuple(a for a in TOKEN_AXES if a in size)
+    return (mesh, token_axes, math.prod(size[a] for a in token_axes), size.get("expert", 1),
+            size.get("tensor", 1))
 
 
 def routed_experts(x_TD, expert_idx_TK, weights_TK, expert_weights: dict, *, act_fn,
                    impl: str = "auto", dispatch: str = "dropless", capacity_factor: float = 1.25,
                    ep_capacity_factor: float | None = None):
     """sum_k weights * expert_k(x): (T, d_out) in the promoted dtype, and the number of
-    assignments dropped (() int32).
+    assignments dropped over all devices (() int32).
 
     x (T, d) tokens (already latent-projected); expert_idx, weights (T, k) from the router;
     expert_weights {name: (E, ...)} in compute dtype; act_fn the expert activation; impl the
     grouped matmul; dispatch "dropless" | "capacity"; ep_capacity_factor see the module doc.
     """
-    mesh, batch_axes, n_batch, n_ep = mesh_layout()
+    mesh, token_axes, n_tok, n_ep, n_tp = mesh_layout()
     t, _k = expert_idx_TK.shape
-    n_experts = next(iter(expert_weights.values())).shape[0]
+    n_experts, _, ffn = expert_weights["up_proj"].shape
     kw = {"act_fn": act_fn, "impl": impl, "dispatch": dispatch,
           "capacity_factor": capacity_factor, "ep_capacity_factor": ep_capacity_factor,
           "n_ep": n_ep}
     if n_ep > 1 and n_experts % n_ep:
         raise ValueError(f"n_experts: {n_experts} must be a multiple of the mesh's expert axis "
                          f"({n_ep}) for expert parallelism")
-    pad = -t % n_batch
-    if n_batch == 1 or (pad and n_ep == 1):  # nothing to split (or tokens that cannot be)
+    tp = n_tp > 1 and ffn % n_tp == 0
+    pad = -t % n_tok
+    split = n_tok > 1 and (not pad or n_ep > 1)  # tokens split over the token axes
+    if not split and not tp:  # nothing to split (or tokens that cannot be)
         out, dropped = local_experts(x_TD, expert_idx_TK, weights_TK, expert_weights, **kw)
         return out, dropped[0]
-    if pad:  # expert parallel on a token count the batch axes do not divide (e.g. decoding):
+    if split and pad:  # expert parallel on a token count the token axes do not divide:
         # pad with tokens routed to the sentinel expert n_experts, which are never sent.
         x_TD = jnp.pad(x_TD, ((0, pad), (0, 0)))
         expert_idx_TK = jnp.pad(expert_idx_TK, ((0, pad), (0, 0)), constant_values=n_experts)
         weights_TK = jnp.pad(weights_TK, ((0, pad), (0, 0)))
 
     def local(x, idx, w, ew):
-        return local_experts(x, idx, w, ew, **kw)
+        if not tp:
+            return local_experts(x, idx, w, ew, **kw)
+        # x varies over "tensor" from the start, so its gradient is summed over "tensor" once,
+        # on (T_l, d), not on the larger dispatched rows where it meets the split weights.
+        x = jax.lax.pcast(x, "tensor", to="varying")
+        out, dropped = local_experts(x, idx, w, ew, **kw)
+        return jax.lax.psum(out, "tensor"), dropped
 
-    tok = P(batch_axes)
-    w_spec = P("expert") if "expert" in mesh.axis_names else P()
-    w_specs = {name: w_spec for name in expert_weights}
+    tok = P(token_axes) if split else P()
+    ex = "expert" if n_ep > 1 else None
+    f_axis = "tensor" if tp else None
+    w_specs = {name: P(ex, f_axis, None) if name == "down_proj" else P(ex, None, f_axis)
+               for name in expert_weights}
     specs = (tok, tok, tok, w_specs)
     explicit = all(a == jax.sharding.AxisType.Explicit for a in mesh.axis_types)
     args = (x_TD, expert_idx_TK, weights_TK, expert_weights)

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hybridjax import sharding
 from hybridjax.config import HybridConfig
+from hybridjax.layers import moe_parallel
 from hybridjax.layers.moe import (
     MoE,
     MoEAux,
@@ -21,6 +24,8 @@ from hybridjax.layers.moe import (
     update_router_bias,
     z_loss,
 )
+from hybridjax.train_step import moe_stats
+from tests.tiny import tiny
 
 F64 = {"dtype": "float64", "param_dtype": "float64", "initializer_range": 0.3}
 
@@ -304,6 +309,7 @@ MESHES = {
     "expert8_explicit": ((8,), ("expert",), EXPLICIT),
     "fsdp2_expert2_tensor2": ((2, 2, 2), ("fsdp", "expert", "tensor"), AUTO),
     "data8_no_ep": ((8,), ("data",), AUTO),
+    "data2_context2_tensor2": ((2, 2, 2), ("data", "context", "tensor"), AUTO),
 }
 
 
@@ -320,7 +326,7 @@ def ep_case():
 def test_expert_parallel_matches_single_device(mesh_name):
     shape, names, kind = MESHES[mesh_name]
     mesh = jax.make_mesh(shape, names, axis_types=(kind,) * len(names))
-    batch_axes = tuple(a for a in ("data", "fsdp", "expert") if a in names)
+    batch_axes = tuple(a for a in moe_parallel.TOKEN_AXES if a in names)
     moe, x, cot, ((l0, (y0, aux0)), g0) = ep_case()
     (l1, (y1, aux1)), g1 = loss_grads(moe, x, cot, mesh, batch_axes)
     assert_tree_close((l1, y1, aux1), (l0, y0, aux0))
@@ -328,7 +334,7 @@ def test_expert_parallel_matches_single_device(mesh_name):
     assert float(aux1.dropped_frac) == 0.0
 
 
-def test_expert_parallel_pads_indivisible_tokens_and_capacity_bounds():
+def test_expert_parallel_pads_indivisible_tokens():
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AUTO, AUTO))
     _cfg, moe = make(expert_act="swiglu")
     x = inputs((3, 5, 16), seed=9)  # 15 tokens on 8 batch shards: padded to 16
@@ -337,12 +343,37 @@ def test_expert_parallel_pads_indivisible_tokens_and_capacity_bounds():
     (_, (y1, aux1)), g1 = loss_grads(moe, x, cot, mesh, ())
     assert_tree_close((y1, g1), (y0, g0))
     assert float(aux1.dropped_frac) == 0.0
-    # A small all-to-all buffer drops assignments and says so.
-    _, tight = make(expert_act="swiglu")
-    tight.ep_capacity_factor = 0.25
-    nnx.update(tight, nnx.state(moe))
-    (_, (_, aux2)), _ = loss_grads(tight, x, cot, mesh, ())
-    assert 0 < float(aux2.dropped_frac) < 1
+
+
+def ep_bound_drops(idx_TK, n_shards, n_ep, n_experts, factor):
+    """Assignments that the expert-parallel buffer bound drops, counted as moe_parallel's doc
+    states: tokens padded to a multiple of the shards and split into contiguous blocks of T_l; each
+    (source shard, destination device) buffer holds C = min(T_l min(k, E/n), ceil(f T_l k / n))."""
+    t, k = idx_TK.shape
+    t_l, e_local = -(-t // n_shards), n_experts // n_ep
+    cap = min(t_l * min(k, e_local), math.ceil(factor * t_l * k / n_ep))
+    per_dest = [np.bincount(idx_TK[s * t_l:(s + 1) * t_l].reshape(-1) // e_local, minlength=n_ep)
+                for s in range(n_shards)]
+    return int(np.maximum(np.stack(per_dest) - cap, 0).sum())
+
+
+def test_ep_capacity_factor_drops_are_counted_over_all_devices():
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AUTO, AUTO))
+    x = jnp.asarray(inputs((5, 9, 16), seed=12))  # 45 tokens: padded to 48, 6 per device
+    _, exact = make(expert_act="swiglu")
+    _, tight = make(expert_act="swiglu", ep_capacity_factor=0.5)  # same weights (seed)
+    with jax.set_mesh(mesh):
+        (y1, aux1), (_, aux2) = (jax.jit(lambda m, x: m(x))(m, x) for m in (exact, tight))
+    y0, _ = run(exact, x)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+    assert float(aux1.dropped_frac) == 0.0
+    idx = np.asarray(exact.gate(x.reshape(-1, 16)).expert_idx)
+    want = ep_bound_drops(idx, n_shards=8, n_ep=4, n_experts=8, factor=0.5) / idx.size
+    assert 0 < want < 1
+    np.testing.assert_allclose(float(aux2.dropped_frac), want, rtol=1e-6)
+    np.testing.assert_allclose(float(moe_stats(aux2)["moe/dropped_frac"]), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="ep_capacity_factor: must be > 0"):
+        make(ep_capacity_factor=0.0)
 
 
 def test_capacity_dispatch_is_per_device_under_a_mesh():
@@ -366,3 +397,99 @@ def test_expert_axis_must_divide_experts():
     _cfg, moe = make(n_experts=6, top_k=2)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="n_experts: 6"):
         jax.jit(lambda m, x: m(x))(moe, jnp.asarray(inputs((8, 2, 16))))
+
+
+# --- tensor-parallel experts --------------------------------------------------------------------
+def on_mesh(moe, mesh):
+    """A copy of `moe` with its expert weights placed by hybridjax.sharding's rules."""
+    moe = nnx.clone(moe)
+    for name in ("up_proj", "gate_proj", "down_proj"):
+        var = getattr(moe.experts, name)
+        if var is not None:
+            spec = sharding.param_spec(f"experts.{name}", var.shape, mesh)
+            var[...] = jax.device_put(var[...], NamedSharding(mesh, spec))
+    return moe
+
+
+@functools.cache
+def tp_case(act, dispatch, moe_ffn):
+    """Model, inputs and single-device loss/grads; capacity_factor 4 keeps capacity dispatch
+    dropless on every split of the batch, so it too equals the single-device run."""
+    cfg = tiny(pattern="E", expert_act=act, moe_dispatch=dispatch, capacity_factor=4.0,
+               moe_ffn=moe_ffn, initializer_range=0.3, grouped_matmul="ragged_dot")
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = inputs((4, 6, 32), seed=13)
+    cot = np.random.default_rng(14).standard_normal(x.shape)
+    return moe, x, cot, loss_grads(moe, x, cot)
+
+
+@pytest.mark.parametrize("sizes, act, dispatch, moe_ffn", [
+    ({"data": 2, "expert": 2, "tensor": 2}, "relu2", "dropless", 16),
+    ({"data": 2, "expert": 2, "tensor": 2}, "swiglu", "dropless", 16),
+    ({"data": 2, "expert": 2, "tensor": 2}, "swiglu", "capacity", 16),
+    ({"data": 1, "tensor": 8}, "relu2", "dropless", 16),
+    ({"data": 1, "tensor": 8}, "swiglu", "dropless", 16),
+    ({"data": 1, "tensor": 8}, "relu2", "capacity", 16),
+    ({"data": 1, "fsdp": 2, "tensor": 4}, "relu2", "dropless", 16),
+    ({"data": 1, "fsdp": 2, "tensor": 4}, "swiglu", "dropless", 16),
+    ({"data": 2, "tensor": 4}, "relu2", "dropless", 10),  # 4 does not divide 10: replicated
+])
+def test_tensor_parallel_experts_match_single_device(sizes, act, dispatch, moe_ffn):
+    moe, x, cot, ((l0, (y0, aux0)), g0) = tp_case(act, dispatch, moe_ffn)
+    mesh = sharding.make_mesh(**sizes)
+    (l1, (y1, aux1)), g1 = loss_grads(on_mesh(moe, mesh), x, cot, mesh, sharding.BATCH_AXES)
+    assert_tree_close((l1, y1, aux1), (l0, y0, aux0))
+    assert_tree_close(g1, g0)  # input and every parameter, expert weights included
+    assert float(aux1.dropped_frac) == 0.0
+
+
+# --- lowering under the mesh --------------------------------------------------------------------
+COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|collective-permute"
+                        r"|all-to-all)(?:-start)?\(")
+
+
+def token_collectives(hlo: str, n_tokens: int, k: int, d: int) -> list[str]:
+    """Collectives of a compiled HLO module, other than all-to-all, that move token data of the
+    whole batch: arrays with all tokens (T) or all assignments (T k) as leading dimension and
+    nothing, k or d after it (token rows, expert ids, routing weights). The router's (T, E)
+    scores do not count: XLA's top-k partitioning gathers them, outside the dispatch."""
+    found = []
+    for result, op in COLLECTIVE.findall(hlo):
+        for dims in re.findall(r"\[([\d,]*)\]", result):
+            shape = tuple(int(n) for n in dims.split(",") if n)
+            if (op != "all-to-all" and shape[:1] in ((n_tokens,), (n_tokens * k,))
+                    and shape[1:] in ((), (k,), (d,), (k, d))):
+                found.append(f"{op} {shape}")
+    return found
+
+
+@pytest.mark.parametrize("shard_map", [True, False])
+def test_grouped_matmul_runs_on_local_tokens(shard_map, monkeypatch):
+    """Under a (data 2, expert 2, tensor 2) mesh the dispatch and the grouped matmul run per
+    device: tokens cross devices only through the all-to-alls, and each device holds its
+    (E/2, d, f/2) slice of the expert weights. The negative control (the shard_map removed, XLA
+    left to partition the global sort and gathers) shows that the check sees the difference."""
+    cfg = tiny(pattern="E", grouped_matmul="ragged_dot")
+    mesh = sharding.make_mesh(data=2, expert=2, tensor=2)
+    moe = on_mesh(MoE(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+    x = np.zeros((8, 12, cfg.d_model))  # 96 tokens, 24 per device
+
+    def loss(params, x):
+        y, aux = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y ** 2) + aux.lb_loss
+
+    if not shard_map:
+        monkeypatch.setattr(moe_parallel, "mesh_layout", lambda: (None, (), 1, 1, 1))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x, sharding.batch_sharding(mesh))
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)
+        hlo = lowered.compile().as_text()
+    found = token_collectives(hlo, 96, cfg.top_k, cfg.d_model)
+    if not shard_map:
+        assert found, "the check must see the gathers of the unsharded dispatch"
+        return
+    assert found == []
+    assert "all-to-all" in hlo
+    e, d, f = cfg.n_experts // 2, cfg.d_model, cfg.moe_ffn // 2  # one device's expert weights
+    assert re.search(rf"sdy.manual_computation.*tensor<{e}x{d}x{f}xf64>", lowered.as_text())
