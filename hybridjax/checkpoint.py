@@ -6,6 +6,10 @@ mid-save leaves the previous checkpoint as the latest) and asynchronous where th
 `save` returns once the arrays are copied off the accelerator and the write finishes in the
 background. Only the newest `keep` checkpoints are kept.
 
+In a multi-process run every process calls `save` and `restore` with the same steps: orbax writes
+each process's shards of the arrays, and the data states of all processes (each reads its own
+shard of the data) travel as one JSON list, which orbax writes from process 0.
+
 `StopSignal` turns SIGTERM (and SIGINT) into a flag the training loop polls, so a pre-empted run
 saves and exits cleanly instead of dying mid-step.
 """
@@ -13,6 +17,7 @@ saves and exits cleanly instead of dying mid-step.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -21,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from hybridjax.distributed import allgather_str
+
 log = logging.getLogger(__name__)
+
+PER_PROCESS = "per_process"  # the data item of a multi-process run: {PER_PROCESS: [state, ...]}
 
 
 class Checkpointer:
@@ -42,17 +51,29 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict | None = None) -> None:
         """Save `state` (a pytree of arrays) and `data_state` (JSON) as checkpoint `step`."""
+        data = data_state or {}
+        if jax.process_count() > 1:
+            data = {PER_PROCESS: [json.loads(s) for s in allgather_str(json.dumps(data))]}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state or {}))
+                                  data=ocp.args.JsonSave(data))
         self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, like):
         """(state, data_state) of checkpoint `step`; `like` gives the state's structure, shapes,
-        dtypes and shardings (arrays or jax.ShapeDtypeStruct)."""
+        dtypes and shardings (arrays or jax.ShapeDtypeStruct). The data state is this process's:
+        a run resumes with as many processes as saved it, since each read its own shard."""
         abstract = jax.tree.map(_abstract, like)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        return restored.state, restored.data
+        data = restored.data
+        saved_by = len(data[PER_PROCESS]) if PER_PROCESS in data else 1
+        if saved_by != jax.process_count():
+            raise ValueError(f"checkpoint {step} in {self.directory} was saved by {saved_by} "
+                             f"process(es), each with its own data position; resume it with as "
+                             f"many (this run has {jax.process_count()})")
+        if PER_PROCESS in data:
+            data = data[PER_PROCESS][jax.process_index()]
+        return restored.state, data
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -12,6 +12,11 @@ runs the loop in Hydra's output directory (`hydra.run.dir`):
 
 Rerunning with the same `hydra.run.dir` resumes from its latest checkpoint (`trainer.resume=auto`)
 and continues exactly as if never stopped: same data order, same RNG, same parameters.
+
+Several processes (hosts, or GPUs of one host) run one job when `hybridjax.distributed` finds
+them (SLURM, Open MPI, `trainer.distributed.*`, JAX_* variables; `launch/`): every process runs
+this same loop on its rows of each batch, they stop and save together, and process 0 alone writes
+metrics.jsonl, summary.json and wandb. The run directory must be on storage every host sees.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybridjax import distributed
 from hybridjax.checkpoint import Checkpointer, StopSignal, all_finite
 from hybridjax.data import bucket_names, make_dataset
 from hybridjax.metrics_log import MetricsLog
@@ -69,7 +75,20 @@ class Setup:
 
 
 def train(run: RunConfig, run_dir: str, *, config_dict: dict | None = None) -> dict:
-    """Train as `run` says, in `run_dir`; returns the summary (also written to summary.json)."""
+    """Train as `run` says, in `run_dir`; returns the summary (also written to summary.json).
+
+    Joins the other processes first when there are any (before anything touches a device), and
+    then trains in process 0's `run_dir`: Hydra's default directory is named after the clock,
+    which processes started a moment apart read differently."""
+    if distributed.initialize(run.trainer.distributed):
+        if run.trainer.mesh.single_device:
+            raise ValueError(f"trainer.mesh: {jax.process_count()} processes need a mesh over "
+                             f"all their devices, e.g. trainer.mesh.data=-1")
+        shared = distributed.broadcast_str(os.path.abspath(run_dir))
+        if shared != os.path.abspath(run_dir):
+            log.warning("process %d trains in process 0's run directory %s, not %s: give every "
+                        "process the same hydra.run.dir", jax.process_index(), shared, run_dir)
+        run_dir = shared
     os.makedirs(run_dir, exist_ok=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
     setup = build(run, run_dir)
@@ -111,13 +130,18 @@ class Loop:
 
     # --- data --------------------------------------------------------------------------------
     def dataset(self, split: str, seed: int, batch_size: int):
-        n_proc = jax.process_count()
-        if batch_size % n_proc:
-            raise ValueError(f"trainer.batch_size: {batch_size} must divide evenly over "
-                             f"{n_proc} processes")
-        return make_dataset(self.s.run.data, split=split, seed=seed,
-                            batch_size=batch_size // n_proc, seq_len=self.t.seq_len,
-                            shard_index=jax.process_index(), shard_count=n_proc)
+        """This process's rows of every batch (see `process_rows`); the eval split's batches
+        come in the same number on every process."""
+        index, count = process_rows(self.s.mesh)
+        if batch_size % count:
+            raise ValueError(f"trainer.batch_size: {batch_size} must divide evenly over the "
+                             f"{count} processes that read distinct rows")
+        batches = make_dataset(self.s.run.data, split=split, seed=seed,
+                               batch_size=batch_size // count, seq_len=self.t.seq_len,
+                               shard_index=index, shard_count=count)
+        if split == "eval" and jax.process_count() > 1:
+            return agreed_batches(batches)
+        return batches
 
     def to_device(self, batch: dict) -> dict:
         batch = {k: np.asarray(v) for k, v in batch.items()}
@@ -127,8 +151,9 @@ class Loop:
 
         sharding = batch_sharding(self.s.mesh)
         if jax.process_count() > 1:  # each process holds its own rows of the global batch
-            return {k: jax.make_array_from_process_local_data(sharding, v)
-                    for k, v in batch.items()}
+            count = process_rows(self.s.mesh)[1]
+            return {k: jax.make_array_from_process_local_data(
+                sharding, v, (v.shape[0] * count, *v.shape[1:])) for k, v in batch.items()}
         return jax.device_put(batch, sharding)
 
     # --- the loop ----------------------------------------------------------------------------
@@ -140,9 +165,10 @@ class Loop:
             train_iter = iter(self.dataset("train", t.seed, t.batch_size))
             state, start = self.restore(ckpt, s.state, train_iter)
             s.state = None  # the loop owns the state from here (it may be donated)
-            self.metrics = MetricsLog(s.run_dir, total_steps=t.steps, start_step=start,
-                                      logger=s.run.logger, config=self.config_dict,
-                                      progress=t.progress)
+            self.metrics = (MetricsLog(s.run_dir, total_steps=t.steps, start_step=start,
+                                       logger=s.run.logger, config=self.config_dict,
+                                       progress=t.progress)
+                            if distributed.is_primary() else OtherProcessMetrics())
             try:
                 state = self.steps(state, start, train_iter, ckpt)
             finally:
@@ -170,6 +196,7 @@ class Loop:
             log.info("nothing to do: checkpoint step %d >= trainer.steps=%d", start, t.steps)
             return state
         self.metrics.message(self.describe(start))
+        multi_process = jax.process_count() > 1
         with StopSignal() as stop:
             for step in range(start, t.steps):
                 batch = self.to_device(model_batch(next(train_iter)))
@@ -183,6 +210,14 @@ class Loop:
                 if done == t.stop_at and not stop.requested:
                     stop.requested = f"trainer.stop_at={t.stop_at}"
                 stopping = stop.requested  # read once: a signal may arrive at any moment
+                if multi_process:
+                    # All processes stop (and save) at one step or none does, else the savers
+                    # wait for the rest forever. They compare flags where the loop waits for the
+                    # device anyway (log steps; a signal waits for the next one) and at stop_at.
+                    agree = done % t.log_every == 0 or done == t.stop_at
+                    first = distributed.first_process(bool(stopping)) if agree else None
+                    stopping = ((stopping or f"a stop request on process {first}")
+                                if first is not None else None)
                 final = done == t.steps or bool(stopping)
                 eval_now = (done == t.steps or
                             (t.eval_every and done % t.eval_every == 0))
@@ -295,9 +330,66 @@ class Loop:
                "params_active": active, **self.last_metrics, **self.last_eval,
                "step_memory_bytes": getattr(self, "step_memory", None),
                "peak_memory_bytes": peak_memory_bytes()}
-        with open(os.path.join(self.s.run_dir, "summary.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        if distributed.is_primary():
+            with open(os.path.join(self.s.run_dir, "summary.json"), "w") as f:
+                json.dump(out, f, indent=1)
         return out
+
+
+class OtherProcessMetrics:
+    """The metrics sink of processes other than 0: the metrics are the global batch's, the same
+    everywhere, so process 0 alone writes them (metrics.jsonl, wandb, the progress line);
+    messages still reach each process's log."""
+
+    def write(self, step: int, metrics: dict) -> None:
+        pass
+
+    def show(self, step: int, loss=None, *, logged: bool = False, final: bool = False) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        log.info(text)
+
+    def close(self) -> None:
+        pass
+
+
+def process_rows(mesh) -> tuple[int, int]:
+    """(index, count): this process feeds row block `index` of `count` equal blocks of every
+    batch, the rows its devices hold under `batch_sharding(mesh)`. Processes whose devices hold
+    the same rows (a batch axis within each process, e.g. tensor parallel across hosts) read the
+    same block; one process reads the whole batch."""
+    if mesh is None or jax.process_count() == 1:
+        return 0, 1
+    from hybridjax.sharding import BATCH_AXES, batch_sharding
+
+    rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    indices = batch_sharding(mesh).addressable_devices_indices_map((rows,)).values()
+    held = sorted({r for index in indices for r in range(rows)[index[0]]})
+    block = len(held)
+    if held != list(range(held[0], held[0] + block)) or held[0] % block:
+        raise ValueError(f"trainer.mesh: process {jax.process_index()}'s devices hold batch "
+                         f"blocks {held} of {rows}, not one aligned run; order the mesh's "
+                         f"devices by process")
+    return held[0] // block, rows // block
+
+
+def agreed_batches(batches):
+    """`batches` (a process's share of the finite eval split), padded with rows of loss_mask 0
+    until every process has run out: each batch is one step of all processes together, and the
+    shards of a split need not hold equally many rows."""
+    batches, last = iter(batches), None
+    while True:
+        batch = next(batches, None)
+        if distributed.first_process(batch is not None) is None:
+            return
+        if batch is None:
+            if last is None:
+                raise ValueError(f"process {jax.process_index()} got no eval rows while others "
+                                 f"did: the eval split is smaller than the process count")
+            batch = {k: np.zeros_like(v) for k, v in last.items()}
+        last = batch
+        yield batch
 
 
 def step_memory_bytes(train_step, state, batch) -> int | None:
@@ -312,9 +404,9 @@ def step_memory_bytes(train_step, state, batch) -> int | None:
 
 
 def peak_memory_bytes() -> int | None:
-    """Peak accelerator memory of device 0 where the backend reports it, else the process's
-    peak resident set (CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Peak accelerator memory of this process's first device where the backend reports it, else
+    the process's peak resident set (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -42,6 +42,38 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Joining a multi-process run (hybridjax.distributed). All unset = decided by the
+    environment: SLURM / Open MPI jobs of several tasks and the JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID variables; none of them = one process."""
+
+    coordinator_address: str | None = None  # host:port where process 0 serves the coordinator
+    num_processes: int | None = None
+    process_id: int | None = None  # this process, in [0, num_processes)
+    local_device_ids: list[int] | None = None  # the host's devices this process drives; null =
+    #                                            all (one per task under SLURM / Open MPI)
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+    def __post_init__(self):
+        _check("num_processes", self.num_processes is None or self.num_processes > 0,
+               "must be > 0 or null")
+        _check("process_id", self.process_id is None or self.process_id >= 0,
+               "must be >= 0 or null")
+        if self.process_id is not None and self.num_processes is not None:
+            _check("process_id", self.process_id < self.num_processes,
+                   f"must be < num_processes ({self.num_processes})")
+        address = self.coordinator_address
+        _check("coordinator_address", address is None or (
+            ":" in address and address.rsplit(":", 1)[1].isdigit()),
+            f"must be host:port, got {address!r}")
+        ids = self.local_device_ids
+        _check("local_device_ids", ids is None or (
+            len(ids) > 0 and len(set(ids)) == len(ids) and min(ids) >= 0),
+            f"must be distinct device ids >= 0 or null, got {ids}")
+        _check("initialization_timeout", self.initialization_timeout > 0, "must be > 0")
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
     batch_size: int = 32  # sequences per optimizer step (global, over all devices)
@@ -62,6 +94,7 @@ class TrainerConfig:
     peak_tflops: float | None = None  # per-device peak for the MFU estimate; None = by device kind
     progress: bool = True  # console progress bar
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
@@ -79,6 +112,11 @@ class TrainerConfig:
         _choice("resume", self.resume, RESUME)
         if isinstance(self.mesh, dict):
             self.mesh = MeshConfig(**self.mesh)
+        if isinstance(self.distributed, dict):
+            try:
+                self.distributed = DistributedConfig(**self.distributed)
+            except ValueError as err:
+                raise ValueError(f"distributed.{err}") from None
 
 
 @dataclasses.dataclass
