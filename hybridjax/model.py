@@ -23,6 +23,7 @@ from hybridjax.layers.mamba2 import Mamba2Mixer
 from hybridjax.layers.mlp import MLP
 from hybridjax.layers.moe import MoE, update_router_bias
 from hybridjax.layers.norm import RMSNorm
+from hybridjax.sharding import constrain_batch, replicate
 
 MIXERS = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
 CACHED = ("M", "*")  # letters whose mixers carry decode state
@@ -161,14 +162,16 @@ class HybridLM(nnx.Module):
     # --- forward ----------------------------------------------------------------------------
     def __call__(self, tokens, segment_ids=None, *, return_aux: bool = False):
         positions = segment_positions(tokens.shape, segment_ids)
-        x = self.embeddings(tokens)
+        table = replicate(self.embeddings.embedding[...].astype(dtype_of(self.config.dtype)))
+        x = constrain_batch(jnp.take(table, tokens, axis=0))
         run_period = Period.__call__
         if self.config.remat != "none":
             run_period = nnx.remat(run_period, policy=REMAT_POLICIES[self.config.remat])
 
         @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
         def run_stack(period, x, segment_ids, positions):
-            return run_period(period, x, segment_ids, positions)
+            x, aux = run_period(period, x, segment_ids, positions)
+            return constrain_batch(x), aux
 
         x, auxs = run_stack(self.periods, x, segment_ids, positions)
         logits = self._logits(x)

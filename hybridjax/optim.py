@@ -15,6 +15,8 @@ import re
 import jax
 import optax
 
+from hybridjax.pytree import dotted
+
 SCHEDULES = ("cosine", "wsd", "constant")
 
 # Leaves that take no weight decay: SSM dynamics, skip gains, biases and every norm's scale.
@@ -86,19 +88,6 @@ def decays(path: str) -> bool:
 def weight_decay_mask(params):
     """A params-shaped tree of bools: True where weight decay applies."""
     return jax.tree_util.tree_map_with_path(lambda path, _: decays(dotted(path)), params)
-
-
-def dotted(path) -> str:
-    """A jax key path as "a.b.0.c" (dict keys, attributes and sequence indices)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
 
 
 def make_optimizer(config: OptimConfig, total_steps: int):

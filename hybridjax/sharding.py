@@ -1,34 +1,86 @@
-"""Device mesh and parameter sharding rules.
+"""Device mesh, parameter placement and batch layout.
 
-Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded parameters), `expert`
-(MoE experts; tokens are also split over it outside the MoE layers) and `tensor` (Megatron-style
-splits of projection matrices). Parameters are placed by name: the rules below give the axes of
-each matrix's trailing dimensions; the leading repeat axis of scanned layers stays unsharded, and
-a dimension that the mesh axis does not divide stays whole. Model code never mentions the mesh:
-jit propagates these placements and inserts the collectives.
+Mesh axes: `data` (pure data parallel: parameters replicated), `fsdp` (data parallel with every
+large matrix and its optimizer moments split over the devices, gathered for use), `expert` (MoE
+experts live on their owners; tokens are split over it outside the MoE layers, like a batch
+axis) and `tensor` (Megatron-style: heads, groups and ffn columns split, activations between
+blocks whole).
+
+Placement goes through logical axis names. `PARAM_AXES` names the axes of every parameter
+(matched against the end of its real path, e.g. `periods.blocks.0.mixer.zx_proj.kernel`, or
+`opt_state.0.mu.periods...` for its optimizer moments); `LOGICAL_RULES` maps those names to mesh
+axes. Scanned stacks carry one leading repeat axis, never split. A parameter without a rule is
+an error (so a new layer cannot silently stay replicated), and a dimension that its mesh axis
+does not divide is kept whole and reported (`placement_report`, and one warning per model).
+
+Model code does not mention the mesh, except where it must: `constrain_batch` pins activations
+between blocks to the batch layout (so FSDP gathers weights rather than moving activations), and
+custom kernels run per shard under `jax.shard_map`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hybridjax.pytree import dotted
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # rows of a batch are split over these
 
-# (regex on the dotted parameter path, mesh axes of the trailing dimensions)
-PARAM_RULES = (
-    (r"embeddings\.embedding$", ("tensor", "fsdp")),
-    (r"lm_head\.kernel$", ("fsdp", "tensor")),
-    (r"experts\.(up_proj|gate_proj)$", ("expert", "fsdp", "tensor")),
-    (r"experts\.down_proj$", ("expert", "tensor", "fsdp")),
-    (r"(in_proj|[qkv]_proj|up_proj|gate_proj|fc1_latent_proj)\.kernel$", ("fsdp", "tensor")),
-    (r"(out_proj|o_proj|down_proj|fc2_latent_proj)\.kernel$", ("tensor", "fsdp")),
+# logical axis -> mesh axis
+LOGICAL_RULES = {
+    "embed": "fsdp",  # d_model
+    "vocab": "tensor",
+    "heads": "tensor",  # attention query heads, Mamba-2 heads
+    "kv_heads": "tensor",
+    "groups": "tensor",  # Mamba-2 B/C groups
+    "mlp": "tensor",  # MLP and expert ffn
+    "expert": "expert",
+}
+
+# (pattern matched at the end of a dotted path, logical axes of the trailing dimensions);
+# the first match wins.
+PARAM_AXES = (
+    (r"embeddings\.embedding", ("vocab", "embed")),
+    (r"lm_head\.kernel", ("embed", "vocab")),
+    # Mamba-2
+    (r"zx_proj\.kernel", ("embed", None, "heads", None)),
+    (r"bc_proj\.kernel", ("embed", None, "groups", None)),
+    (r"dt_proj\.kernel", ("embed", "heads")),
+    (r"conv_x\.kernel", (None, "heads", None)),
+    (r"conv_x\.bias", ("heads", None)),
+    (r"conv_bc\.kernel", (None, None, "groups", None)),
+    (r"conv_bc\.bias", (None, "groups", None)),
+    (r"(dt_bias|A_log|D)", ("heads",)),
+    (r"mixer\.norm\.weight", ("heads", None)),
+    (r"mixer\.out_proj\.kernel", ("heads", None, "embed")),
+    # attention
+    (r"q_proj\.kernel", ("embed", "heads", None)),
+    (r"[kv]_proj\.kernel", ("embed", "kv_heads", None)),
+    (r"o_proj\.kernel", ("heads", None, "embed")),
+    # MoE (routed experts are stacked arrays, not Linear modules)
+    (r"experts\.(up_proj|gate_proj)", ("expert", "embed", "mlp")),
+    (r"experts\.down_proj", ("expert", "mlp", "embed")),
+    (r"gate\.weight", (None, "embed")),
+    (r"gate\.e_score_correction_bias", (None,)),
+    (r"fc1_latent_proj\.kernel", ("embed", None)),
+    (r"fc2_latent_proj\.kernel", (None, "embed")),
+    # dense MLP and the shared expert
+    (r"(up_proj|gate_proj)\.kernel", ("embed", "mlp")),
+    (r"down_proj\.kernel", ("mlp", "embed")),
+    # norms
+    (r"norm(_f)?\.weight", (None,)),
 )
+_COMPILED = tuple((re.compile(rf"(?:^|\.){pattern}$"), axes) for pattern, axes in PARAM_AXES)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
@@ -49,34 +101,92 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
     return jax.sharding.Mesh(grid, AXES)
 
 
+def logical_axes(name: str, ndim: int) -> tuple | None:
+    """The logical axes of the parameter at dotted path `name` with `ndim` dimensions (a leading
+    repeat axis of a scanned stack gets None); None when no rule names it."""
+    for pattern, axes in _COMPILED:
+        if pattern.search(name) and ndim in (len(axes), len(axes) + 1):
+            return (None,) * (ndim - len(axes)) + axes
+    return None
+
+
 def param_spec(name: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-    """The PartitionSpec of the parameter called `name` (dotted path) with `shape`."""
-    for pattern, axes in PARAM_RULES:
-        if re.search(pattern, name) and len(shape) >= len(axes):
-            lead = (None,) * (len(shape) - len(axes))
-            fitted = tuple(a if shape[len(lead) + i] % mesh.shape[a] == 0 else None
-                           for i, a in enumerate(axes))
-            return P(*lead, *fitted)
-    return P()
+    """The PartitionSpec of the array at dotted path `name` with `shape` (P() when no rule)."""
+    return _spec_and_problems(name, tuple(shape), mesh)[0]
 
 
-def model_shardings(model: nnx.Module, mesh: jax.sharding.Mesh):
-    """A state-shaped tree of NamedShardings for every variable of `model`."""
-    state = nnx.state(model)
-    return jax.tree.map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(_dotted(path), x.shape, mesh)), state)
+def _spec_and_problems(name, shape, mesh):
+    axes = logical_axes(name, len(shape))
+    if axes is None:
+        return P(), []
+    spec, problems = [], []
+    for size, logical in zip(shape, axes):
+        axis = LOGICAL_RULES.get(logical)
+        n = mesh.shape.get(axis, 1) if axis else 1
+        if n > 1 and size % n:
+            problems.append(f"{name}: {logical} dimension of {size} is not divisible by mesh "
+                            f"axis {axis!r} ({n}); kept whole")
+            axis = None
+        spec.append(axis if n > 1 else None)
+    return P(*spec), problems
 
 
-def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
-    """Place every variable of `model` on `mesh` by the rules above (in place)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, model_shardings(model, mesh)))
+def tree_shardings(tree, mesh: jax.sharding.Mesh):
+    """NamedShardings for every array of `tree` (params, optimizer state, a whole TrainState, or
+    their abstract shapes): by the rules where a rule names the path, replicated otherwise."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, param_spec(dotted(path), np.shape(x), mesh)), tree)
+
+
+def placement_report(tree, mesh: jax.sharding.Mesh) -> list[str]:
+    """The dimensions of `tree`'s arrays that their mesh axis does not divide (kept whole)."""
+    problems = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        problems += _spec_and_problems(dotted(path), tuple(np.shape(x)), mesh)[1]
+    return problems
+
+
+def unmatched_params(params) -> list[str]:
+    """Dotted paths of `params` (a pure dict of a model's parameters) that no rule names."""
+    return [dotted(path) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+            if logical_axes(dotted(path), np.ndim(x)) is None]
+
+
+def warn_placement(params, mesh: jax.sharding.Mesh) -> None:
+    """Raise for parameters without a rule; log the dimensions kept whole."""
+    missing = unmatched_params(params)
+    if missing:
+        raise ValueError(f"sharding: no rule in hybridjax.sharding.PARAM_AXES for {missing}")
+    for problem in placement_report(params, mesh):
+        log.warning("sharding: %s", problem)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Batches split over every data-like axis (rows), whole along the sequence."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def _dotted(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The batch axes that `mesh` (concrete or abstract) has."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def replicate(x):
+    """Gather `x` whole onto every device of the current mesh (no-op without one): FSDP's use of
+    a weight whose lookup (a gather) cannot run on its shards."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, P())
+
+
+def constrain_batch(x):
+    """Pin activations (B, ...) to the batch layout of the current mesh (no-op without one, or
+    when the rows do not divide over the batch axes, e.g. while decoding one sequence)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = batch_axes(mesh)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))

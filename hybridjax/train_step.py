@@ -34,24 +34,33 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2], split once per step (for stochastic layers)
 
 
-def init_model(config: HybridConfig, seed: int, mesh=None):
-    """(graphdef, params, model_state): a fresh model, split into its static graph and pure dicts;
-    placed on `mesh` by the sharding rules when one is given."""
+def init_model(config: HybridConfig, seed: int):
+    """(graphdef, params, model_state): a fresh model, split into its static graph and pure
+    dicts."""
     model = HybridLM(config, rngs=nnx.Rngs(seed))
-    if mesh is not None:
-        from hybridjax.sharding import shard_model
-
-        shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 def init_state(config: HybridConfig, tx: optax.GradientTransformation, seed: int, mesh=None):
-    """(graphdef, TrainState) at step 0."""
-    graphdef, params, model_state = init_model(config, seed, mesh)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                       opt_state=tx.init(params), rng=jax.random.PRNGKey(seed + 1))
-    return graphdef, state
+    """(graphdef, TrainState) at step 0. On a `mesh` the state is created inside one jit whose
+    outputs are laid out by `hybridjax.sharding` (parameters and optimizer moments split as the
+    rules say, the rest replicated), so no device ever holds the whole unsharded state."""
+
+    def fresh():
+        _, params, model_state = init_model(config, seed)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(seed + 1))
+
+    graphdef = nnx.split(nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(seed))),
+                         nnx.Param, ...)[0]
+    if mesh is None:
+        return graphdef, fresh()
+    from hybridjax.sharding import tree_shardings, warn_placement
+
+    abstract = jax.eval_shape(fresh)
+    warn_placement(abstract.params, mesh)
+    return graphdef, jax.jit(fresh, out_shardings=tree_shardings(abstract, mesh))()
 
 
 def model_batch(batch: dict) -> dict:
@@ -70,8 +79,12 @@ def token_losses(graphdef, params, model_state, batch):
 
 def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
                     router_bias_rate: float, grad_accum: int = 1, has_moe: bool = False,
-                    donate: bool = False):
-    """A jitted `step(state, batch) -> (state, metrics)` (metrics: dict of device scalars)."""
+                    donate: bool = False, mesh=None, state: TrainState | None = None):
+    """A jitted `step(state, batch) -> (state, metrics)` (metrics: dict of device scalars).
+
+    On a `mesh`, the step's inputs and outputs are pinned: the state keeps the layout of `state`
+    (from `init_state`), batches are split by `batch_sharding`, metrics are replicated.
+    """
 
     def micro_loss(params, model_state, micro, total_tokens):
         ce, aux, _ = token_losses(graphdef, params, model_state, micro)
@@ -123,7 +136,17 @@ def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
                                opt_state=opt_state, rng=rng)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from hybridjax.sharding import batch_sharding
+
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(step, donate_argnums=donate_argnums,
+                   in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
 
 def moe_stats(aux) -> dict:

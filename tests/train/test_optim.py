@@ -35,15 +35,15 @@ def test_bad_optimizer_values_name_the_field():
 def test_weight_decay_mask_by_name():
     assert not any(decays(p) for p in (
         "periods.blocks.0.mixer.A_log", "periods.blocks.0.mixer.D", "periods.blocks.0.mixer.dt_bias",
-        "periods.blocks.0.mixer.conv1d.bias", "periods.blocks.0.mixer.norm.weight",
+        "periods.blocks.0.mixer.conv_x.bias", "periods.blocks.0.mixer.norm.weight",
         "periods.blocks.0.norm.weight", "norm_f.weight"))
     assert all(decays(p) for p in (
-        "embeddings.embedding", "lm_head.kernel", "periods.blocks.0.mixer.in_proj.kernel",
+        "embeddings.embedding", "lm_head.kernel", "periods.blocks.0.mixer.zx_proj.kernel",
         "periods.blocks.1.mixer.q_proj.kernel", "periods.blocks.2.mixer.experts.up_proj"))
     _, params, model_state = init_model(HybridConfig(pattern="M*E"), seed=0)
     mask = weight_decay_mask(params)
     assert mask["periods"]["blocks"][0]["mixer"]["A_log"] is False
-    assert mask["periods"]["blocks"][0]["mixer"]["in_proj"]["kernel"] is True
+    assert mask["periods"]["blocks"][0]["mixer"]["zx_proj"]["kernel"] is True
     assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(params))
     assert "e_score_correction_bias" in str(jax.tree_util.tree_structure(model_state))
 
