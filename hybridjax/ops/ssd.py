@@ -8,7 +8,8 @@ Implementations (`impl=`):
   "reference"  `lax.scan` over time, one step per token: the oracle.
   "assoc"      `lax.associative_scan` over the full (b, l, h, p, n) state: a second oracle.
   "chunked"    the Mamba-2 SSD matmul form in plain XLA: the training path until Pallas lands.
-  "pallas"     the GPU kernel in `hybridjax.kernels` (imported only when asked for).
+  "pallas"     the GPU kernel in `hybridjax.kernels` (imported only when asked for); under a
+               mesh it runs per shard (`hybridjax.ops.ssd_sharded`).
   "auto"       "pallas" on a GPU backend when the kernel supports the call, else "chunked".
 
 Packed sequences: wherever segment_ids[t] != segment_ids[t-1] the state is zeroed before step t.
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from hybridjax.ops.ssd_assoc import ssd_assoc
 from hybridjax.ops.ssd_chunked import ssd_chunked
 from hybridjax.ops.ssd_reference import ssd_reference
+from hybridjax.ops.ssd_sharded import ssd_per_shard
 
 IMPLS = ("reference", "assoc", "chunked", "pallas", "auto")
 
@@ -93,9 +95,9 @@ def ssd(x, dt, A, B, C, *, D=None, chunk_size=256, initial_state=None, segment_i
             return_final_state=return_final_state)
   if impl == "auto":
     impl = "pallas" if _pallas_supported(x, dt, A, B, C, **kw) else "chunked"
-  if impl == "pallas":
+  if impl == "pallas":  # a custom call XLA cannot partition: run it per shard
     from hybridjax.kernels import ssd_pallas
-    return ssd_pallas(x, dt, A, B, C, **kw)
+    return ssd_per_shard(ssd_pallas, x, dt, A, B, C, **kw)
 
   return _ssd_xla(x, dt, A, B, C, D, initial_state, segment_ids, chunk_size=chunk_size,
                   return_final_state=return_final_state, impl=impl)

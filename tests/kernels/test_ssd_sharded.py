@@ -1,0 +1,97 @@
+"""The SSD scan per shard of a mesh (8 forced CPU devices): equal to the whole-array scan (values
+and gradients, every way heads can read groups across tensor shards), and the Pallas kernels
+lower for CUDA on each device's rows and heads only (no gathered operand)."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hybridjax.kernels import ssd as pallas_ssd
+from hybridjax.kernels import ssd_pallas
+from hybridjax.ops import ssd
+from hybridjax.ops.ssd_sharded import ssd_per_shard
+from hybridjax.sharding import make_mesh
+from tests.kernels.test_ssd_pallas import make_inputs, segments
+
+
+def _loss_and_grads(scan, fl, seg, cots):
+    def f(fl):
+        y, final = scan(**fl, segment_ids=seg, return_final_state=True)
+        return jnp.sum(y * cots[0]) + jnp.sum(final * cots[1])
+
+    return jax.jit(jax.value_and_grad(f))(fl)
+
+
+@pytest.mark.parametrize("h,g,sizes", [
+    (4, 2, {"data": 2, "fsdp": 2, "tensor": 2}),  # groups split with the heads
+    (8, 2, {"data": 2, "tensor": 4}),  # two heads per shard, one group
+    (6, 3, {"data": 4, "tensor": 2}),  # heads straddle groups unevenly: a group per head
+    (4, 1, {"data": 8}),  # rows only
+])
+def test_per_shard_equals_whole_scan(h, g, sizes):
+    fl, cots = make_inputs(h * g, 8, 40, h, 8, g, 8, jnp.float32, True, True)
+    fl = jax.tree.map(lambda a: a.astype(jnp.float64), fl)
+    cots = jax.tree.map(lambda a: a.astype(jnp.float64), cots)
+    seg = segments(8, 40, [[5, 30]] * 8)
+    scan = functools.partial(ssd, chunk_size=8, impl="chunked")
+    want, want_grads = _loss_and_grads(scan, fl, seg, cots)
+    with jax.set_mesh(make_mesh(**sizes)):
+        got, got_grads = _loss_and_grads(functools.partial(ssd_per_shard, scan), fl, seg, cots)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for name in fl:
+        np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
+
+
+def test_pallas_kernels_per_shard_interpret():
+    fl, cots = make_inputs(7, 4, 48, 4, 16, 2, 16, jnp.float32, True, True)
+    seg = segments(4, 48, [[3, 20]] * 4)
+    kernel = functools.partial(ssd_pallas, chunk_size=16, interpret=True)
+    want, want_grads = _loss_and_grads(functools.partial(ssd, chunk_size=16, impl="reference"),
+                                       fl, seg, cots)
+    with jax.set_mesh(make_mesh(data=2, tensor=2, fsdp=2)):
+        got, got_grads = _loss_and_grads(functools.partial(ssd_per_shard, kernel), fl, seg, cots)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name in fl:
+        np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
+
+
+def _triton_operand_shapes(text):
+    """The tensor shapes of every Triton custom call's operands and results."""
+    shapes = set()
+    for line in text.splitlines():
+        if "__gpu$xla.gpu.triton" in line:
+            shapes.update(re.findall(r"tensor<([0-9x]+)x(?:bf16|f32|i32)>", line))
+    return shapes
+
+
+def test_pallas_under_a_mesh_lowers_per_shard_for_cuda(monkeypatch):
+    # The support check refuses a CPU backend; lowering for CUDA needs no GPU.
+    monkeypatch.setattr(pallas_ssd, "pallas_unsupported_reason", lambda *a, **k: None)
+    b, l, h, p, g, n = 8, 512, 4, 64, 2, 64
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), None, "tensor"))
+    x = jax.device_put(jnp.zeros((b, l, h, p), jnp.bfloat16), rows)
+    dt = jax.device_put(jnp.full((b, l, h), 0.1), rows)
+    B = jax.device_put(jnp.zeros((b, l, g, n), jnp.bfloat16), rows)
+    A = -jnp.ones((h,))
+
+    def loss(x, dt, A, B, C):
+        return ssd(x, dt, A, B, C, chunk_size=64, impl="pallas").astype(jnp.float32).sum()
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(
+            x, dt, A, B, B).lower(lowering_platforms=("cuda",)).as_text()
+    shapes = _triton_operand_shapes(text)
+    assert text.count("__gpu$xla.gpu.triton") >= 4  # forward, state, dc and dx kernels
+    # every kernel sees its device's 2 rows (of 8) and 2 heads (of 4), never the whole batch
+    # (without the shard_map they would read 8x512x4x64: the operands gathered)
+    assert shapes and all(s.startswith("2x") for s in shapes), shapes
+    assert "2x512x2x64" in shapes and "2x512x1x64" in shapes  # x's and B's local blocks
