@@ -48,7 +48,7 @@ def all_reduce(values_per_device: int) -> tuple[bool, float, float]:
     mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
     x = jax.make_array_from_callback(
         (n, values_per_device), NamedSharding(mesh, P("d")),
-        lambda index: np.full((1, values_per_device), index[0].start + 1, np.float32))
+        lambda index: np.full((1, values_per_device), (index[0].start or 0) + 1, np.float32))
     psum = jax.jit(jax.shard_map(lambda block: jax.lax.psum(block, "d"), mesh=mesh,
                                  in_specs=P("d"), out_specs=P()))
     out = jax.block_until_ready(psum(x))  # compile and warm up
