@@ -1,9 +1,10 @@
-"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step."""
+"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step, mesh."""
 
 import importlib
 import sys
 
-BENCHMARKS = {"ssd": "hybridjax.bench.ssd", "step": "hybridjax.bench.step"}
+BENCHMARKS = {"ssd": "hybridjax.bench.ssd", "step": "hybridjax.bench.step",
+              "mesh": "hybridjax.bench.mesh"}
 
 
 def main(argv=None):

@@ -46,6 +46,15 @@ PRESETS = {
       param_dtype="float32", remat="full", mamba_heads=64, mamba_head_dim=64, ssm_state=128,
       n_groups=8, chunk_size=256, attn_heads=16, kv_heads=8, head_dim=128, ffn=10240),
       "batch": 4, "seq_len": 4096},
+  # A Nemotron-3-style MoE hybrid, 2.4B parameters: "MEMEM*ME" three times = 9 Mamba-2, 3
+  # attention and 12 MoE layers (64 relu2 experts of 768, top-6, sigmoid router, a shared expert
+  # of 1536).
+  "moe": {"config": HybridConfig(
+      vocab_size=32768, d_model=2048, pattern="MEMEM*ME" * 3, dtype="bfloat16",
+      param_dtype="float32", remat="full", mamba_heads=64, mamba_head_dim=64, ssm_state=128,
+      n_groups=8, chunk_size=256, attn_heads=16, kv_heads=8, head_dim=128, n_experts=64,
+      top_k=6, moe_ffn=768, shared_ffn=1536),
+      "batch": 4, "seq_len": 4096},
   # Each layer kind, scanned over two periods, at toy sizes: a CPU smoke test.
   "tiny": {"config": HybridConfig(
       vocab_size=256, d_model=64, pattern="M*-" * 2, dtype="bfloat16", param_dtype="float32",
