@@ -60,7 +60,7 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", *, capacity: int |
                 f"grouped_matmul: impl 'mgpu' needs lhs/rhs of one dtype in (bfloat16, float16) "
                 f"and K, N multiples of {MGPU_ALIGN}; got lhs {lhs.shape} {lhs.dtype}, rhs "
                 f"{rhs.shape} {rhs.dtype}")
-        return _mgpu(lhs, rhs, group_sizes)
+        return _mgpu(*_same_vma(lhs, rhs), group_sizes)
     raise ValueError(f"grouped_matmul: impl {impl!r} is not allowed; choose from "
                      + ", ".join(repr(i) for i in IMPLS))
 
@@ -122,6 +122,23 @@ def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
                                      **_MGPU_FWD)
     # The kernel leaves rows past sum(group_sizes) unwritten: zero them.
     return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, jnp.zeros((), out.dtype))
+
+
+def _same_vma(*xs):
+    """Under shard_map, give the operands the union of their varying mesh axes: a custom VJP's
+    cotangents must have their primals' types, and the weight gradient computed from local rows
+    varies with the rows. Outside, the cast's transpose sums it over those axes."""
+    vmas = [_varying_axes(x) for x in xs]
+    union = frozenset().union(*vmas)
+    return tuple(jax.lax.pcast(x, tuple(sorted(union - v)), to="varying") if union - v else x
+                 for x, v in zip(xs, vmas))
+
+
+def _varying_axes(x) -> frozenset:
+    """The mesh axes x varies over inside shard_map (jax 0.10: manual_axis_type; later: vma)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 @jax.custom_vjp

@@ -117,3 +117,47 @@ def test_mgpu_values_and_grads_match_ragged_dot():
     for a, b in [(y, y0), (da, da0), (db, db0)]:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
+
+
+def test_mgpu_vjp_types_under_shard_map(monkeypatch):
+    """Inside shard_map the weight gradient of local rows varies with the rows: the custom VJP
+    must still hand back cotangents of its primals' types, and the weight's gradient comes out
+    summed over the row axes. The Hopper kernels are replaced by XLA equivalents (CPU)."""
+    import hybridjax.ops.grouped_matmul as gm
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    from jax.sharding import PartitionSpec as P
+
+    from hybridjax.sharding import make_mesh
+
+    def fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
+        return jax.lax.ragged_dot(lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs,
+                                  group_sizes)
+
+    def wgrad(lhs, d_out, group_sizes, **_):
+        ids = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
+                         total_repeat_length=lhs.shape[0])
+        onehot = (ids[:, None] == jnp.arange(group_sizes.shape[0])).astype(lhs.dtype)
+        return jnp.einsum("me,mk,mn->ekn", onehot, lhs, d_out)
+
+    monkeypatch.setattr(gm, "mgpu_supported", lambda *a, **k: True)
+    monkeypatch.setattr(gm, "_mgpu_fwd_kernel", fwd_kernel)
+    monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", wgrad)
+    mesh = make_mesh(data=2, expert=2, devices=jax.devices()[:4])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
+    sizes = jnp.array([6, 4], jnp.int32)  # per device: 10 of its 16 rows, 2 local experts
+
+    def loss(x, w, impl):
+        def local(x, w):
+            return jax.lax.psum(jnp.sum(grouped_matmul(x, w, sizes, impl) ** 2),
+                                ("data", "expert"))
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(("data", "expert")), P("expert")),
+                             out_specs=P())(x, w)
+
+    with jax.set_mesh(mesh):
+        want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "ragged_dot")
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "mgpu")
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
