@@ -123,10 +123,10 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
     """Inside shard_map the weight gradient of local rows varies with the rows: the custom VJP
     must still hand back cotangents of its primals' types, and the weight's gradient comes out
     summed over the row axes. The Hopper kernels are replaced by XLA equivalents (CPU)."""
-    import hybridjax.ops.grouped_matmul as gm
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
     from jax.sharding import PartitionSpec as P
 
+    import hybridjax.ops.grouped_matmul as gm
     from hybridjax.sharding import make_mesh
 
     def fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
