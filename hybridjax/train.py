@@ -110,7 +110,8 @@ def build(run: RunConfig, run_dir: str) -> Setup:
     train_step = make_train_step(
         graphdef, tx, schedule, lb_coef=run.loss.lb_coef, z_coef=run.loss.z_coef,
         router_bias_rate=run.loss.router_bias_rate, grad_accum=t.grad_accum,
-        has_moe=run.model.has("E"), donate=jax.default_backend() != "cpu")
+        has_moe=run.model.has("E"), donate=jax.default_backend() != "cpu", mesh=mesh,
+        state=state)
     eval_step = make_eval_step(graphdef, max(len(bucket_names(run.data, t.seq_len)), 1))
     return Setup(run, run_dir, mesh, graphdef, state, train_step, eval_step, schedule)
 
