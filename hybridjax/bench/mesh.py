@@ -167,7 +167,7 @@ def main(argv=None):
             row = measure(args.layouts[0], args)
         except Exception as e:  # noqa: BLE001 - one failing layout must not end the table
             row = {"layout": args.layouts[0],
-                   "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+                   "error": f"{type(e).__name__}: {str(e).strip()[:1000]}"}
         with open(args.result, "w") as f:
             json.dump(row, f)
         return 0

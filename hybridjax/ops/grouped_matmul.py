@@ -125,13 +125,18 @@ def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
 
 
 def _same_vma(*xs):
-    """Under shard_map, give the operands the union of their varying mesh axes: a custom VJP's
-    cotangents must have their primals' types, and the weight gradient computed from local rows
-    varies with the rows. Outside, the cast's transpose sums it over those axes."""
-    vmas = [_varying_axes(x) for x in xs]
-    union = frozenset().union(*vmas)
-    return tuple(jax.lax.pcast(x, tuple(sorted(union - v)), to="varying") if union - v else x
-                 for x, v in zip(xs, vmas))
+    """Under shard_map, give the operands the union of their varying mesh axes: the weight
+    gradient computed from local rows varies with the rows, and a custom VJP's cotangents must
+    have their primals' types. Outside, the cast's transpose sums the gradient over those axes."""
+    union = frozenset().union(*map(_varying_axes, xs))
+    return tuple(_vary(x, union) for x in xs)
+
+
+def _vary(x, axes: frozenset):
+    """x typed as varying over `axes` too (values unchanged). Pallas calls may type their
+    outputs as varying over fewer axes than their inputs (jax 0.11)."""
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _varying_axes(x) -> frozenset:
@@ -141,13 +146,17 @@ def _varying_axes(x) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
+def _mgpu_out(lhs, rhs, group_sizes):
+    return _vary(_mgpu_fwd_kernel(lhs, rhs, group_sizes), _varying_axes(lhs))
+
+
 @jax.custom_vjp
 def _mgpu(lhs, rhs, group_sizes):
-    return _mgpu_fwd_kernel(lhs, rhs, group_sizes)
+    return _mgpu_out(lhs, rhs, group_sizes)
 
 
 def _mgpu_fwd(lhs, rhs, group_sizes):
-    return _mgpu_fwd_kernel(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+    return _mgpu_out(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
 
 
 def _mgpu_bwd(res, d_out):
@@ -160,7 +169,8 @@ def _mgpu_bwd(res, d_out):
     # d rhs[e] (K, N) = lhs[group e]^T x d_out[group e]; empty groups give zeros.
     d_rhs = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         lhs, d_out, group_sizes=group_sizes, **_MGPU_WGRAD)
-    return d_lhs, d_rhs.astype(rhs.dtype), None
+    return (_vary(d_lhs, _varying_axes(lhs)), _vary(d_rhs.astype(rhs.dtype), _varying_axes(rhs)),
+            None)
 
 
 _mgpu.defvjp(_mgpu_fwd, _mgpu_bwd)
