@@ -63,7 +63,10 @@ def parse_args(argv):
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a child's JSON row
     args = ap.parse_args(argv)
     for layout in args.layouts:
-        parse_layout(layout)
+        try:
+            parse_layout(layout)
+        except argparse.ArgumentTypeError as e:
+            ap.error(str(e))
     preset = PRESETS[args.preset]
     args.batch = args.batch or preset["batch"]
     args.seq_len = args.seq_len or preset["seq_len"]
@@ -102,6 +105,7 @@ def measure(layout: str, args) -> dict:
         t0 = time.perf_counter()
         compiled = step.lower(state, data).compile()
         row["compile_s"] = time.perf_counter() - t0
+        row["collectives"] = collective_counts(compiled.as_text())
         row["state_gib_per_device"] = sum(
             x.addressable_shards[0].data.nbytes
             for x in jax.tree.leaves((state.params, state.opt_state))) / GIB
@@ -120,6 +124,15 @@ def measure(layout: str, args) -> dict:
     print(f"[{layout}] step {row['step_ms']:.1f} ms, {row['tokens_per_s']:,.0f} tokens/s, "
           f"state {row['state_gib_per_device']:.2f} GiB/device, losses {losses}", flush=True)
     return row
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+
+
+def collective_counts(hlo: str) -> dict:
+    """How many of each collective the compiled step's HLO holds (async pairs count once)."""
+    return {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES}
 
 
 def run_child(args, layout):
@@ -156,6 +169,9 @@ def table(rows, args) -> str:
             f"{r['tokens_per_s']:,.0f} | {per_device:,.0f} | {scaling} | "
             f"{r['state_gib_per_device']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
             f"{r['loss_first']:.5f} | {r['loss_last']:.5f} |")
+    lines.append("\ncollectives in the compiled step: " + "; ".join(
+        f"{r['layout']}: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v)
+        for r in rows if "error" not in r))
     return "\n".join(lines)
 
 
