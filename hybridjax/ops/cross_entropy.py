@@ -1,0 +1,125 @@
+"""Cross-entropy and argmax predictions from hidden states and the output head, chunk by chunk.
+
+The logits of N tokens over a V-word vocabulary are N x V floats: 32 GiB in float32 at 256K tokens
+and V = 32K, more than the rest of a train step. These functions form the logits of about
+`chunk_size` tokens at a time inside a `lax.map`, and `jax.checkpoint` on each chunk makes the
+backward pass recompute a chunk's logits rather than keep them: memory is O(chunk_size x V) in
+both passes, not O(N x V).
+
+Training chunks are strided, not contiguous: of n chunks, chunk s holds tokens s, s + n, s + 2n,
+..., so a token axis split over devices (a mesh's batch axes split the rows) stays split inside
+every chunk and each device works on its own tokens at every step. The head's vocab dimension may
+be split too (over "tensor"): the target's logit is picked by a masked sum over the vocabulary
+rather than a gather, so XLA reduces it across shards as it does the logsumexp.
+
+The head is `(d, V)` (an lm_head kernel) or, with `vocab_major`, `(V, d)` (a tied embedding
+table), read in place either way. Logits are a matmul in the hidden states' dtype with float32 (or
+float64) accumulation and output: `head_logits`, which the model's own head also uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def head_logits(h, head, *, vocab_major: bool = False):
+    """h (..., d) through the head -> logits (..., V): the matmul in h's dtype, accumulated and
+    returned in >= float32, so bfloat16 logits are never rounded (nor is the rounding left to
+    whether XLA fuses a cast into the matmul)."""
+    d = h.shape[-1]
+    if head.ndim != 2 or head.shape[1 if vocab_major else 0] != d:
+        layout = "(V, d)" if vocab_major else "(d, V)"
+        raise ValueError(f"head: shape {head.shape} is not {layout} for hidden size d={d}")
+    dims = (((h.ndim - 1,), (1 if vocab_major else 0,)), ((), ()))
+    return lax.dot_general(h, head.astype(h.dtype), dims,
+                           preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+
+
+def _loss_and_prediction(h, head, targets, vocab_major):
+    """Cross-entropy and argmax of one chunk: h (..., d), targets (...)."""
+    logits = head_logits(h, head, vocab_major=vocab_major)
+    vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit, jnp.argmax(logits, axis=-1)
+
+
+def _split(total: int, chunk_size: int) -> tuple[int, int]:
+    """(chunks, items per chunk) covering `total` items with chunks of at most `chunk_size`,
+    as even as possible so that little or no padding is needed."""
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: must be a positive int, got {chunk_size!r}")
+    chunks = math.ceil(total / chunk_size)
+    return chunks, math.ceil(total / chunks)
+
+
+def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: bool = False):
+    """Per-token cross-entropy without the (N, V) logits: h (..., d), head (d, V) or (V, d),
+    targets (...) int -> losses (...) in >= float32 (float64 for float64 h).
+
+    Differentiable in h and head; the backward pass recomputes each chunk's logits.
+    """
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"targets: shape {targets.shape} does not match hidden states "
+                         f"{h.shape} (..., d)")
+    n = targets.size
+    chunks, per_chunk = _split(n, chunk_size)
+    pad = chunks * per_chunk - n
+    flat_h = jnp.pad(h.reshape(n, h.shape[-1]), ((0, pad), (0, 0)))
+    flat_t = jnp.pad(targets.reshape(n), (0, pad))
+    # Token i * chunks + s goes to chunk s: (per_chunk, chunks) -> chunks first.
+    xs = (flat_h.reshape(per_chunk, chunks, -1).swapaxes(0, 1),
+          flat_t.reshape(per_chunk, chunks).T)
+
+    @jax.checkpoint
+    def chunk_loss(xs):
+        return _loss_and_prediction(xs[0], head, xs[1], vocab_major)[0]
+
+    losses = lax.map(chunk_loss, xs)  # (chunks, per_chunk)
+    return losses.T.reshape(-1)[:n].reshape(targets.shape)
+
+
+def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
+                          vocab_major: bool = False):
+    """Cross-entropy and argmax prediction at the answer positions (loss_mask > 0) only, for
+    eval: h (B, L, d), targets and loss_mask (B, L) -> (losses, predictions) (B, L), with 0 and
+    -1 where loss_mask is 0.
+
+    Each row's answer positions are gathered to its front (stable order) and the chunks that hold
+    no row's answers are skipped, so the head runs on about B x (most answers in a row) tokens,
+    not B x L, when answers are sparse (recall tasks). Chunks take `chunk_size // B` (at least
+    one) positions of every row. Not meant for differentiation.
+    """
+    if h.ndim != 3 or h.shape[:2] != targets.shape or loss_mask.shape != targets.shape:
+        raise ValueError(f"chunked_answer_losses: expected h (B, L, d) and targets, loss_mask "
+                         f"(B, L); got {h.shape}, {targets.shape}, {loss_mask.shape}")
+    batch, length = targets.shape
+    answer = loss_mask > 0
+    chunks, per_row = _split(length, max(chunk_size // batch, 1))
+    order = jnp.argsort(~answer, axis=1, stable=True)  # answers first, in position order
+    order = jnp.pad(order, ((0, 0), (0, chunks * per_row - length)))
+    order = order.reshape(batch, chunks, per_row).swapaxes(0, 1)  # (chunks, B, per_row)
+    rows = jnp.arange(batch)[:, None]
+    most_answers = jnp.max(jnp.sum(answer, axis=1))
+
+    def chunk(args):
+        s, idx = args
+
+        def compute():
+            ce, pred = _loss_and_prediction(h[rows, idx], head, targets[rows, idx], vocab_major)
+            return ce, pred.astype(jnp.int32)
+
+        def skip():
+            return (jnp.zeros(idx.shape, jnp.promote_types(h.dtype, jnp.float32)),
+                    jnp.zeros(idx.shape, jnp.int32))
+
+        return lax.cond(s * per_row < most_answers, compute, skip)
+
+    ce, pred = lax.map(chunk, (jnp.arange(chunks), order))  # (chunks, B, per_row), sorted order
+    order = order.swapaxes(0, 1).reshape(batch, -1)[:, :length]
+    unsort = lambda x: jnp.zeros_like(x, shape=(batch, length)).at[rows, order].set(
+        x.swapaxes(0, 1).reshape(batch, -1)[:, :length])
+    return jnp.where(answer, unsort(ce), 0), jnp.where(answer, unsort(pred), -1)

@@ -1,0 +1,131 @@
+"""Chunked cross-entropy against full logits (float64 values and grads), memory, meshes, eval."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hybridjax.ops.cross_entropy import chunked_answer_losses, chunked_cross_entropy, head_logits
+from hybridjax.sharding import make_mesh
+
+
+def _data(seed, shape, d=16, vocab=37, dtype=jnp.float64):
+    kh, kw, kt = jax.random.split(jax.random.key(seed), 3)
+    h = jax.random.normal(kh, (*shape, d), dtype)
+    head = jax.random.normal(kw, (d, vocab), dtype)
+    return h, head, jax.random.randint(kt, shape, 0, vocab)
+
+
+def _full(h, head, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(h @ head, targets)
+
+
+@pytest.mark.parametrize("shape, chunk", [((2, 13), 5), ((2, 13), 26), ((2, 13), 100),
+                                          ((4, 16), 8), ((7,), 1)])
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_equals_full_logits_values_and_grads(shape, chunk, vocab_major):
+    h, head, targets = _data(0, shape)
+    weights = jax.random.uniform(jax.random.key(1), shape, jnp.float64)
+    w = head.T if vocab_major else head
+
+    def chunked(h, w):
+        ce = chunked_cross_entropy(h, w, targets, chunk_size=chunk, vocab_major=vocab_major)
+        return jnp.sum(ce * weights), ce
+
+    def full(h, w):
+        ce = _full(h, w.T if vocab_major else w, targets)
+        return jnp.sum(ce * weights), ce
+
+    (_, ce), grads = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(h, w)
+    (_, ref), ref_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(h, w)
+    assert ce.shape == shape and ce.dtype == jnp.float64
+    np.testing.assert_allclose(ce, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_matmul_with_float32_logits():
+    """A bfloat16 matmul accumulated in float32, never rounded to bfloat16 logits."""
+    h, head, targets = _data(2, (3, 10), dtype=jnp.bfloat16)
+    ce = chunked_cross_entropy(h, head, targets, chunk_size=4)
+    assert ce.dtype == jnp.float32 and head_logits(h, head).dtype == jnp.float32
+    exact = jnp.dot(h.astype(jnp.float64), head.astype(jnp.float64))
+    np.testing.assert_allclose(ce, _full(exact, jnp.eye(head.shape[1]), targets), rtol=1e-5)
+
+
+def test_backward_never_holds_the_logits():
+    """XLA's planned temporaries of value-and-grad are a few chunks of logits, far below the
+    (N, V) float32 logits that the full computation plans."""
+    n, d, vocab, chunk = 16384, 32, 8192, 512
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    head = jax.ShapeDtypeStruct((d, vocab), jnp.float32)
+    targets = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def temp(loss):
+        step = jax.jit(jax.value_and_grad(lambda h, w, t: jnp.sum(loss(h, w, t)), argnums=(0, 1)))
+        return step.lower(h, head, targets).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = temp(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=chunk))
+    full = temp(_full)
+    assert full >= n * vocab * 4  # the logits (512 MiB)
+    assert chunked < 6 * chunk * vocab * 4, (chunked, full)  # about 4 chunks' (16 MiB each)
+
+
+def _answer_data(seed, batch=3, length=29):
+    h, head, targets = _data(seed, (batch, length))
+    mask = jax.random.uniform(jax.random.key(seed + 1), (batch, length)) > 0.8
+    mask = mask.at[1].set(False).at[2, -3:].set(True)  # a row without answers, late answers
+    return h, head, targets, mask.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 40, 1000])
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_answer_losses_equal_full_logits_at_answers(chunk, vocab_major):
+    h, head, targets, mask = _answer_data(3)
+    w = head.T if vocab_major else head
+    ce, pred = jax.jit(lambda *a: chunked_answer_losses(
+        *a, chunk_size=chunk, vocab_major=vocab_major))(h, w, targets, mask)
+    answer = np.asarray(mask) > 0
+    np.testing.assert_allclose(ce, np.where(answer, _full(h, head, targets), 0), rtol=1e-12)
+    np.testing.assert_array_equal(pred, np.where(answer, jnp.argmax(h @ head, -1), -1))
+    assert pred.dtype == jnp.int32
+
+
+def test_on_a_mesh_tokens_and_vocab_split():
+    """Rows split over the batch axes, the head's vocab dimension over "tensor": the same values
+    and grads as on one device."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    h, head, targets, mask = _answer_data(4, batch=4, length=24)
+    head = jnp.concatenate([head, head[:, :3]], axis=1)  # vocab 40: divisible by tensor
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    vocab = NamedSharding(mesh, P(None, "tensor"))
+
+    def train(h, w, t):
+        return jax.value_and_grad(lambda h, w: jnp.sum(
+            chunked_cross_entropy(h, w, t, chunk_size=16) * mask), argnums=(0, 1))(h, w)
+
+    def answers(h, w, t, m):
+        return chunked_answer_losses(h, w, t, m, chunk_size=16)
+
+    args = (jax.device_put(h, rows), jax.device_put(head, vocab), jax.device_put(targets, rows))
+    with jax.set_mesh(mesh):
+        got = jax.jit(train)(*args), jax.jit(answers)(*args, jax.device_put(mask, rows))
+    want = jax.jit(train)(h, head, targets), jax.jit(answers)(h, head, targets, mask)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    assert got[0][1][1].sharding.spec == vocab.spec
+
+
+def test_errors_name_the_argument():
+    h, head, targets = _data(5, (2, 5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_cross_entropy(h, head, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="head"):
+        chunked_cross_entropy(h, head, targets, chunk_size=4, vocab_major=True)
+    with pytest.raises(ValueError, match="targets"):
+        chunked_cross_entropy(h, head, targets[:, :3], chunk_size=4)
+    with pytest.raises(ValueError, match="chunked_answer_losses"):
+        chunked_answer_losses(h[0], head, targets, targets, chunk_size=4)
