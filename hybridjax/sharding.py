@@ -3,8 +3,9 @@
 Mesh axes: `data` (pure data parallel: parameters replicated), `fsdp` (data parallel with every
 large matrix and its optimizer moments split over the devices, gathered for use), `expert` (MoE
 experts live on their owners; tokens are split over it outside the MoE layers, like a batch
-axis) and `tensor` (Megatron-style: heads, groups and ffn columns split, activations between
-blocks whole).
+axis), `context` (the sequence split: each device holds a contiguous stretch of every row; the
+SSM carries its state across devices, `hybridjax.ops.ssd_sharded`) and `tensor` (Megatron-style:
+heads, groups and ffn columns split, activations between blocks whole).
 
 Placement goes through logical axis names. `PARAM_AXES` names the axes of every parameter
 (matched against the end of its real path, e.g. `periods.blocks.0.mixer.zx_proj.kernel`, or
@@ -33,8 +34,9 @@ from hybridjax.pytree import dotted
 
 log = logging.getLogger(__name__)
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "context", "tensor")  # tensor innermost: the busiest links
 BATCH_AXES = ("data", "fsdp", "expert")  # rows of a batch are split over these
+SEQUENCE_AXIS = "context"  # and the sequence over this one
 
 # logical axis -> mesh axis
 LOGICAL_RULES = {
@@ -84,10 +86,10 @@ _COMPILED = tuple((re.compile(rf"(?:^|\.){pattern}$"), axes) for pattern, axes i
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
-              devices=None) -> jax.sharding.Mesh:
+              context: int = 1, devices=None) -> jax.sharding.Mesh:
     """A mesh over `devices` (default: all); one size may be -1 to take the remaining devices."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "context": context, "tensor": tensor}
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
@@ -162,8 +164,16 @@ def warn_placement(params, mesh: jax.sharding.Mesh) -> None:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Batches split over every data-like axis (rows), whole along the sequence."""
-    return NamedSharding(mesh, P(batch_axes(mesh)))
+    """Batches (rows, sequence, ...) split over every data-like axis (rows) and over `context`
+    (the sequence)."""
+    return NamedSharding(mesh, batch_spec(mesh))
+
+
+def batch_spec(mesh) -> P:
+    """The PartitionSpec of (rows, sequence, ...) arrays on `mesh` (concrete or abstract)."""
+    if SEQUENCE_AXIS in mesh.axis_names and mesh.shape[SEQUENCE_AXIS] > 1:
+        return P(batch_axes(mesh), SEQUENCE_AXIS)
+    return P(batch_axes(mesh))
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
@@ -179,14 +189,20 @@ def replicate(x):
     return jax.lax.with_sharding_constraint(x, P())
 
 
+def axis_size(mesh, axes) -> int:
+    """Devices along a PartitionSpec entry: None, one axis name, or a tuple of them."""
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def constrain_batch(x):
-    """Pin activations (B, ...) to the batch layout of the current mesh (no-op without one, or
-    when the rows do not divide over the batch axes, e.g. while decoding one sequence)."""
+    """Pin activations (B, L, ...) to the batch layout of the current mesh (no-op without one,
+    or when the rows or the sequence do not divide over their axes, e.g. while decoding)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    axes = batch_axes(mesh)
-    n = math.prod(mesh.shape[a] for a in axes)
-    if n == 1 or x.shape[0] % n:
+    spec = batch_spec(mesh)
+    sizes = [axis_size(mesh, axes) for axes in spec]
+    if all(n == 1 for n in sizes) or any(dim % n for dim, n in zip(x.shape, sizes)):
         return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -28,7 +28,7 @@ from tests.tiny import tiny
 
 def test_mesh_sizes_and_errors():
     mesh = make_mesh(data=-1, fsdp=2, tensor=2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "context": 1, "tensor": 2}
     with pytest.raises(ValueError, match="mesh sizes"):
         make_mesh(data=3, fsdp=2)
     with pytest.raises(ValueError, match="mesh sizes"):
@@ -177,7 +177,8 @@ def _run(cfg, tx, mesh, batches, steps, ckpt_dir=None):
     return np.array(losses), state
 
 
-@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "expert": 4}])
+@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "expert": 4},
+                                   {"data": 2, "context": 4}])
 def test_train_steps_on_a_mesh_equal_one_device(sizes, tmp_path):
     cfg = tiny(pattern="M*E-", dtype="float32", param_dtype="float32", ssd_impl="chunked")
     tx = optax.adamw(1e-2)

@@ -10,6 +10,8 @@ Implementations (`impl=`):
   "chunked"    the Mamba-2 SSD matmul form in plain XLA: the training path until Pallas lands.
   "pallas"     the GPU kernel in `hybridjax.kernels` (imported only when asked for); under a
                mesh it runs per shard (`hybridjax.ops.ssd_sharded`).
+Under a mesh with a "context" axis (the sequence split over devices) every implementation runs
+per shard with exact state passing between the shards (`hybridjax.ops.ssd_sharded`).
   "auto"       "pallas" on a GPU backend when the kernel supports the call, else "chunked".
 
 Packed sequences: wherever segment_ids[t] != segment_ids[t-1] the state is zeroed before step t.
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from hybridjax.ops.ssd_assoc import ssd_assoc
 from hybridjax.ops.ssd_chunked import ssd_chunked
 from hybridjax.ops.ssd_reference import ssd_reference
-from hybridjax.ops.ssd_sharded import ssd_per_shard
+from hybridjax.ops.ssd_sharded import splits_sequence, ssd_per_shard
 
 IMPLS = ("reference", "assoc", "chunked", "pallas", "auto")
 
@@ -91,14 +93,21 @@ def ssd(x, dt, A, B, C, *, D=None, chunk_size=256, initial_state=None, segment_i
   segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
   _check_shapes(x, dt, A, B, C, D, initial_state, segment_ids, chunk_size)
 
-  kw = dict(D=D, chunk_size=chunk_size, initial_state=initial_state, segment_ids=segment_ids,
-            return_final_state=return_final_state)
+  kw = {"D": D, "chunk_size": chunk_size, "initial_state": initial_state, "segment_ids": segment_ids,
+            "return_final_state": return_final_state}
   if impl == "auto":
     impl = "pallas" if _pallas_supported(x, dt, A, B, C, **kw) else "chunked"
   if impl == "pallas":  # a custom call XLA cannot partition: run it per shard
     from hybridjax.kernels import ssd_pallas
     return ssd_per_shard(ssd_pallas, x, dt, A, B, C, **kw)
+  xla = functools.partial(_ssd_xla_call, impl=impl)
+  if splits_sequence(x.shape, B.shape[2]):  # the state crosses devices: exact state passing
+    return ssd_per_shard(xla, x, dt, A, B, C, **kw)
+  return xla(x, dt, A, B, C, **kw)
 
+
+def _ssd_xla_call(x, dt, A, B, C, *, D, chunk_size, initial_state, segment_ids,
+                  return_final_state, impl):
   return _ssd_xla(x, dt, A, B, C, D, initial_state, segment_ids, chunk_size=chunk_size,
                   return_final_state=return_final_state, impl=impl)
 

@@ -1,7 +1,7 @@
 """SSD as `lax.associative_scan` over the full (b, l, h, p, n) state: a parallel-in-time oracle.
 
-Each step is the affine map h -> a_t * h + u_t with scalar a_t per (batch, head); composing two
-steps gives (a1 * a2, a2 * u1 + u2). Materialises every state, so it is memory-hungry and slow
+Each step is the affine map h -> a_t * h + u_t with scalar a_t per (batch, head), composed with
+`ssm_combine.combine`. Materialises every state, so it is memory-hungry and slow
 on long inputs: a cross-check for the reference, not a training path.
 """
 
@@ -9,17 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from hybridjax.ops.ssd_reference import heads_from_groups, segment_resets
-
-
-def _compose(earlier, later):
-  a1, u1 = earlier
-  a2, u2 = later
-  return a1 * a2, a2[..., None, None] * u1 + u2
+from hybridjax.ops.ssm_combine import combine
 
 
 def ssd_assoc(x, dt, A, B, C, initial_state, segment_ids, acc_dtype):
   """Returns (y (b, l, h, p) in acc_dtype without the D term, final state (b, h, p, n))."""
-  b, l, h, p = x.shape
+  b, l, h, _p = x.shape
   dt = dt.astype(acc_dtype)
   keep_BL = 1 - segment_resets(segment_ids, l, b).astype(acc_dtype)
   decay_BLH = jnp.exp(dt * A.astype(acc_dtype)) * keep_BL[:, :, None]
@@ -29,6 +24,6 @@ def ssd_assoc(x, dt, A, B, C, initial_state, segment_ids, acc_dtype):
   if initial_state is not None:  # fold h_{-1} into the first step's input
     u_BLHPN = u_BLHPN.at[:, 0].add(
         decay_BLH[:, 0, :, None, None] * initial_state.astype(acc_dtype))
-  _, states_BLHPN = jax.lax.associative_scan(_compose, (decay_BLH, u_BLHPN), axis=1)
+  _, states_BLHPN = jax.lax.associative_scan(combine, (decay_BLH, u_BLHPN), axis=1)
   y_BLHP = jnp.einsum("blhpn,blhn->blhp", states_BLHPN, C_BLHN)
   return y_BLHP, states_BLHPN[:, -1]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridjax.ops.ssd_reference import segment_resets
+from hybridjax.ops.ssm_combine import carry
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Chunks per block of the across-chunk recurrence (quadratic within a block, scan over blocks).
@@ -69,7 +70,7 @@ def _masked_exp(log_decay, mask):
 def _intra_chunk(x_BCLGRP, dt_BCHL, cs_BCHL, B_BCLGN, C_BCLGN, same_doc_BCLS, mm_dtype,
                  acc_dtype):
   """y_diag (b, c, L, g, r, p) in acc_dtype: the within-chunk, query-by-key part."""
-  b, c, L, g, r, p = x_BCLGRP.shape
+  b, c, L, g, r, _p = x_BCLGRP.shape
   CB_BCGLS = _mm("bclgn,bcsgn->bcgls", C_BCLGN, B_BCLGN, mm_dtype, acc_dtype)
   cs_BCGRL = cs_BCHL.reshape(b, c, g, r, L)
   causal_LS = jnp.tril(jnp.ones((L, L), bool))
@@ -129,7 +130,7 @@ def _across_chunks(log_a_BHC, alive_BHC, states_BCHPN, init_BHPN, precision):
 
   def carry_step(S_BHPN, inp):
     local_end_BHPN, through_BH = inp
-    return through_BH[..., None, None] * S_BHPN + local_end_BHPN, S_BHPN
+    return carry(through_BH, S_BHPN, local_end_BHPN), S_BHPN
 
   S0 = jnp.zeros((b, h, p, n), states.dtype) if init_BHPN is None else init_BHPN
   final, into_NBHPN = jax.lax.scan(

@@ -1,9 +1,21 @@
-"""Run an SSD implementation per shard of the current mesh.
+"""Run an SSD implementation per shard of the current mesh, the sequence included.
 
-XLA cannot partition a custom kernel (the Pallas SSD is one opaque call per launch): left to
-itself under a sharded batch it gathers the kernel's operands onto every device. Here the scan
-runs under `jax.shard_map` instead: rows split over the mesh's batch axes and heads over
-"tensor", so each device scans only its own rows and heads, and nothing moves.
+XLA cannot partition a custom kernel (the Pallas SSD is one opaque call per launch), nor a scan
+whose state runs along a split sequence: left to itself it gathers the operands onto every
+device. Here the scan runs under `jax.shard_map` instead: rows split over the mesh's batch
+axes, heads over "tensor" and the sequence over "context", so each device scans only its own
+stretch of its own rows and heads.
+
+Context parallelism is exact state passing, for any number of shards:
+  1. each shard scans its stretch from a zero state: its outputs and end state h_k;
+  2. its total decay a_k = exp(sum dt A), or 0 when a document starts inside the stretch or at
+     its first position (the id differs from the previous shard's last one);
+  3. the (a_k, h_k) of all shards are gathered and combined with the SSM's associative operator
+     (`ssm_combine.combine`, the one that carries states between chunks), which gives the state
+     entering each shard, the caller's initial state folded into the first;
+  4. each shard adds what that entering state contributes to its outputs, up to its first
+     document start: y_t += exp(cs_t) C_t . h_in.
+The gathered states are (shards, b, h, p, n): small next to the activations.
 
 B and C (per group) split over "tensor" with the heads when the tensor size divides the groups;
 otherwise they stay whole on every device and each device picks the groups its heads read.
@@ -11,60 +23,109 @@ otherwise they stay whole on every device and each device picks the groups its h
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.sharding import batch_axes
+from hybridjax.ops.ssm_combine import combine
+from hybridjax.sharding import SEQUENCE_AXIS, axis_size, batch_axes
 
 
 def mesh_split(x_shape, g: int):
-    """(mesh, row axes, head axis, group axis) for x (b, l, h, p) with g groups on the current
-    mesh; None when nothing is split."""
+    """(mesh, row axes, sequence axis, head axis, group axis) for x (b, l, h, p) with g groups on
+    the current mesh; None when nothing is split."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
-    b, _, h, _ = x_shape
+    b, l, h, _ = x_shape
     rows = tuple(a for a in batch_axes(mesh) if mesh.shape[a] > 1)
-    if b % math.prod(mesh.shape[a] for a in rows):
+    if b % axis_size(mesh, rows):
         rows = ()
+    n_seq = mesh.shape.get(SEQUENCE_AXIS, 1)
+    seq = SEQUENCE_AXIS if n_seq > 1 and l % n_seq == 0 else None
     n_tensor = mesh.shape.get("tensor", 1)
     heads = "tensor" if n_tensor > 1 and h % n_tensor == 0 else None
     groups = heads if heads and g % n_tensor == 0 else None
-    if not rows and heads is None:
+    if not rows and seq is None and heads is None:
         return None
-    return mesh, rows or None, heads, groups
+    return mesh, rows or None, seq, heads, groups
+
+
+def splits_sequence(x_shape, g: int) -> bool:
+    """Whether the current mesh splits the sequence of x (b, l, h, p)."""
+    split = mesh_split(x_shape, g)
+    return split is not None and split[2] is not None
 
 
 def ssd_per_shard(scan, x, dt, A, B, C, *, D=None, initial_state=None, segment_ids=None,
                   return_final_state=False, **kw):
     """`scan(x, dt, A, B, C, D=, initial_state=, segment_ids=, return_final_state=, **kw)` on each
-    device's rows and heads of the current mesh (or on the whole arrays without a mesh)."""
+    device's rows, stretch and heads of the current mesh (on the whole arrays without one)."""
     split = mesh_split(x.shape, B.shape[2])
     if split is None:
         return scan(x, dt, A, B, C, D=D, initial_state=initial_state, segment_ids=segment_ids,
                     return_final_state=return_final_state, **kw)
-    mesh, rows, heads, groups = split
+    mesh, rows, seq, heads, groups = split
     h, g = x.shape[2], B.shape[2]
     n_tensor = mesh.shape.get("tensor", 1)
 
     def local(x, dt, A, B, C, D, initial_state, segment_ids):
         if heads is not None and groups is None:  # B, C whole: take the groups of our heads
             B, C = (_local_groups(v, h // n_tensor, h // g) for v in (B, C))
-        return scan(x, dt, A, B, C, D=D, initial_state=initial_state, segment_ids=segment_ids,
+        args = (scan, x, dt, A, B, C, D, initial_state, segment_ids, return_final_state)
+        if seq is not None:
+            return _context_scan(*args, **kw)
+        return scan(*args[1:6], D=D, initial_state=initial_state, segment_ids=segment_ids,
                     return_final_state=return_final_state, **kw)
 
-    bc = P(rows, None, groups, None)
-    in_specs = (P(rows, None, heads, None), P(rows, None, heads), P(heads), bc, bc,
+    bc = P(rows, seq, groups, None)
+    in_specs = (P(rows, seq, heads, None), P(rows, seq, heads), P(heads), bc, bc,
                 None if D is None else P(heads),
                 None if initial_state is None else P(rows, heads, None, None),
-                None if segment_ids is None else P(rows, None))
-    y_spec = P(rows, None, heads, None)
+                None if segment_ids is None else P(rows, seq))
+    y_spec = P(rows, seq, heads, None)
     out_specs = (y_spec, P(rows, heads, None, None)) if return_final_state else y_spec
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(x, dt, A, B, C, D, initial_state, segment_ids)
+
+
+def _context_scan(scan, x, dt, A, B, C, D, initial_state, segment_ids, return_final_state,
+                  **kw):
+    """This shard's stretch of the scan, with the state carried in from the shards before it
+    (steps 1-4 of the module doc). Inside shard_map over SEQUENCE_AXIS."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    y, h_own = scan(x, dt, A, B, C, D=D, initial_state=None, segment_ids=segment_ids,
+                    return_final_state=True, **kw)
+    shard = jax.lax.axis_index(SEQUENCE_AXIS)
+    n_shards = jax.lax.axis_size(SEQUENCE_AXIS)
+
+    # positions the entering state still reaches: before the stretch's first document start
+    if segment_ids is None:
+        alive = jnp.ones((b, l), bool)
+    else:
+        before = jax.lax.ppermute(segment_ids[:, -1], SEQUENCE_AXIS,
+                                  [(k, k + 1) for k in range(n_shards - 1)])
+        first = (segment_ids[:, 0] != before) & (shard > 0)  # shard 0 starts at position 0
+        starts = jnp.concatenate([first[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        alive = jnp.cumsum(starts, axis=1) == 0
+    cs = jnp.cumsum(dt.astype(acc) * A.astype(acc), axis=1)  # (b, l, h), <= 0
+    reach = jnp.where(alive[..., None], jnp.exp(cs), 0)  # decay from the stretch's start to t
+
+    # every shard's (decay, end state), combined in order; the initial state enters shard 0
+    a_all = jax.lax.all_gather(reach[:, -1], SEQUENCE_AXIS)  # (shards, b, h)
+    h_all = jax.lax.all_gather(h_own.astype(acc), SEQUENCE_AXIS)  # (shards, b, h, p, n)
+    init = (jnp.zeros_like(h_all[0]) if initial_state is None
+            else initial_state.astype(acc))
+    h_all = h_all.at[0].add(a_all[0][..., None, None] * init)
+    _, h_after = jax.lax.associative_scan(combine, (a_all, h_all), axis=0)
+    h_in = jnp.concatenate([init[None], h_after[:-1]])[shard]  # the state entering this shard
+
+    r = h // g
+    y_in = jnp.einsum("blgn,bgrpn->blgrp", C.astype(acc), h_in.reshape(b, g, r, p, n))
+    y = (y.astype(acc) + y_in.reshape(b, l, h, p) * reach[..., None]).astype(x.dtype)
+    return (y, h_after[-1]) if return_final_state else y
 
 
 def _local_groups(v, local_heads: int, heads_per_group: int):

@@ -1,6 +1,7 @@
 """The SSD scan per shard of a mesh (8 forced CPU devices): equal to the whole-array scan (values
-and gradients, every way heads can read groups across tensor shards), and the Pallas kernels
-lower for CUDA on each device's rows and heads only (no gathered operand)."""
+and gradients, every way heads can read groups across tensor shards, the sequence split over
+"context" with documents starting inside shards and exactly at their edges), and the Pallas
+kernels lower for CUDA on each device's rows and heads only (no gathered operand)."""
 
 import functools
 import re
@@ -47,6 +48,53 @@ def test_per_shard_equals_whole_scan(h, g, sizes):
     for name in fl:
         np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12,
                                    err_msg=name)
+
+
+CONTEXT_CASES = {
+    "context8": (4, 2, {"data": 1, "context": 8}),
+    "data2_context4": (4, 2, {"data": 2, "context": 4}),
+    "context2_tensor2": (4, 2, {"data": 2, "context": 2, "tensor": 2}),
+    "context4_tensor2_one_group": (4, 1, {"data": 1, "context": 4, "tensor": 2}),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTEXT_CASES))
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_context_parallel_equals_one_device(case, impl):
+    """Rows of 48 positions over up to 8 shards of 6: documents start inside shards (7, 20),
+    exactly at shard edges (12, 24 with 8 shards; 24 with 2 or 4), ids are reused (cycling
+    through 0..2), one row has a single document, and an initial state feeds the first."""
+    h, g, sizes = CONTEXT_CASES[case]
+    b, l = 4, 48
+    fl, cots = make_inputs(len(case), b, l, h, 8, g, 8, jnp.float32, True, True)
+    fl, cots = jax.tree.map(lambda a: a.astype(jnp.float64), (fl, cots))
+    seg = segments(b, l, [[7, 12, 20, 24, 36], [24], [], [1, 47]])
+    scan = functools.partial(ssd, chunk_size=8, impl=impl)
+    want, want_grads = _loss_and_grads(scan, fl, seg, cots)
+    with jax.set_mesh(make_mesh(**sizes)):
+        got, got_grads = _loss_and_grads(scan, fl, seg, cots)
+        got_nodocs, _ = _loss_and_grads(scan, fl, None, cots)
+    np.testing.assert_allclose(got, want, rtol=1e-11)
+    for name in fl:
+        np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-11,
+                                   err_msg=name)
+    np.testing.assert_allclose(got_nodocs, _loss_and_grads(scan, fl, None, cots)[0], rtol=1e-11)
+
+
+def test_combine_is_the_sequential_state_pass():
+    """The associative operator over stretches equals stepping the recurrence (float64)."""
+    from hybridjax.ops.ssm_combine import carry, combine
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.uniform(0, 1, (9, 2, 3)))
+    u = jnp.asarray(rng.standard_normal((9, 2, 3, 4, 5)))
+    state, states = jnp.zeros((2, 3, 4, 5)), []
+    for t in range(9):
+        state = carry(a[t], state, u[t])
+        states.append(state)
+    a_all, h_all = jax.lax.associative_scan(combine, (a, u), axis=0)
+    np.testing.assert_allclose(h_all, np.stack(states), rtol=1e-13)
+    np.testing.assert_allclose(a_all, np.cumprod(a, axis=0), rtol=1e-13)
 
 
 def test_pallas_kernels_per_shard_interpret():
