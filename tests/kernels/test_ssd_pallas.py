@@ -166,3 +166,29 @@ def test_auto_on_cpu_is_chunked():
   y_c, final_c = ssd(**fl, chunk_size=16, return_final_state=True, impl="chunked")
   np.testing.assert_array_equal(y, y_c)
   np.testing.assert_array_equal(final, final_c)
+
+
+def test_initial_state_gradient_against_finite_differences():
+  """The kernels' gradient with respect to the initial state (what context parallelism and
+  state passing between chunks differentiate through) against central differences of the
+  float64 reference, along random directions."""
+  fl, cots = make_inputs(11, 2, 70, 4, 16, 2, 16, F32, True, True)
+  seg = segments(2, 70, [[30], [5, 64]])
+
+  def loss(fn, fl):
+    y, final = fn(**fl, segment_ids=seg, return_final_state=True)
+    return (jnp.sum(y.astype(F64) * cots[0].astype(F64))
+            + jnp.sum(final.astype(F64) * cots[1].astype(F64)))
+
+  kernel = lambda **kw: ssd_pallas(**kw, chunk_size=16, interpret=True, superchunks=2)
+  grad = jax.grad(lambda s: loss(kernel, {**fl, "initial_state": s}))(fl["initial_state"])
+  ref64 = {k: v.astype(F64) for k, v in fl.items()}
+  reference = lambda **kw: ssd(**kw, chunk_size=16, impl="reference")
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    v = jnp.asarray(rng.standard_normal(fl["initial_state"].shape))
+    eps = 1e-3
+    plus = loss(reference, {**ref64, "initial_state": ref64["initial_state"] + eps * v})
+    minus = loss(reference, {**ref64, "initial_state": ref64["initial_state"] - eps * v})
+    fd = (plus - minus) / (2 * eps)
+    np.testing.assert_allclose(jnp.sum(grad.astype(F64) * v), fd, rtol=1e-4)
