@@ -12,6 +12,7 @@ Forward+backward is one vjp with a random cotangent, gradients for x, dt, A, B, 
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -91,7 +92,8 @@ def load_mamba():
     return "no CUDA device for torch"
   spec = importlib.util.find_spec("mamba_ssm")
   if spec is None or not spec.submodule_search_locations:
-    return "mamba_ssm is not installed (bash ../shared/device/wheels.sh --peers)"
+    return ("mamba_ssm is not installed (the peer is the Triton SSD of the mamba-ssm package: "
+            "pip install mamba-ssm)")
   if "mamba_ssm" not in sys.modules:  # its __init__ imports a CUDA extension the wheel lacks
     pkg = types.ModuleType("mamba_ssm")
     pkg.__path__ = list(spec.submodule_search_locations)
@@ -155,6 +157,7 @@ def main(argv=None):
   ap.add_argument("--no-backward", action="store_true", help="forward only")
   ap.add_argument("--dump-hlo", default=None, metavar="DIR",
                   help="write each JAX fwd+bwd program's optimized HLO to DIR")
+  ap.add_argument("--out", default=None, metavar="DIR", help="also write the table to DIR/ssd.md")
   args = ap.parse_args(argv)
 
   shapes = [parse_shape(s) for s in args.shapes]
@@ -207,7 +210,6 @@ def main(argv=None):
             jax.block_until_ready(fwd_bwd(inputs, dy))
             fb_ms = median_ms(lambda: fwd_bwd(inputs, dy), jax.block_until_ready, *timing)
             if args.dump_hlo:
-              import os
               os.makedirs(args.dump_hlo, exist_ok=True)
               text = fwd_bwd.lower(inputs, dy).compile().as_text()
               path = os.path.join(args.dump_hlo, f"{impl}_c{cs}_" + name.replace(" ", "_")
@@ -228,14 +230,19 @@ def main(argv=None):
     peers = {r[0]: r for r in rows if r[1] == "mamba_ssm"}
     del inputs, dy
 
-  print("\n| shape | impl | chunk | fwd ms | fwd+bwd ms | fwd / mamba | fwd+bwd / mamba | note |")
-  print("|---|---|---|---|---|---|---|---|")
+  lines = ["| shape | impl | chunk | fwd ms | fwd+bwd ms | fwd / mamba | fwd+bwd / mamba | note |",
+           "|---|---|---|---|---|---|---|---|"]
   fmt = lambda v: "-" if v is None else f"{v:.3f}"
   for name, impl, cs, f_ms, fb_ms, note in rows:
     p = peers.get(name)
     rf = f"{f_ms / p[3]:.2f}x" if p else "-"
     rfb = f"{fb_ms / p[4]:.2f}x" if p and fb_ms is not None and p[4] else "-"
-    print(f"| {name} | {impl} | {cs} | {fmt(f_ms)} | {fmt(fb_ms)} | {rf} | {rfb} | {note} |")
+    lines.append(f"| {name} | {impl} | {cs} | {fmt(f_ms)} | {fmt(fb_ms)} | {rf} | {rfb} | {note} |")
+  print("\n" + "\n".join(lines))
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ssd.md"), "w") as f:
+      f.write("\n".join(lines) + "\n")
   return 0
 
 

@@ -59,6 +59,7 @@ MAPPED_FIELDS = frozenset({
 RUNTIME_FIELDS = frozenset({
     "dtype", "param_dtype", "scan_layers", "remat", "ssd_impl", "attn_impl", "moe_dispatch",
     "capacity_factor", "grouped_matmul", "rope_scaling", "rope_factor", "ep_capacity_factor",
+    "loss_chunk_size",
 })
 
 
@@ -347,7 +348,9 @@ def _mixer_tensors(cfg: HybridConfig, letter: str) -> list[tuple]:
     raise ValueError(f"pattern letter {letter!r} has no NemotronH layer")
 
 
-FP32_TENSORS = ("e_score_correction_bias",)  # transformers keeps these in float32 at any dtype
+# transformers keeps the router in float32 at any dtype: its correction bias and its gate weight
+# (a bf16 gate could flip which experts win a close top-k after export)
+FP32_TENSORS = ("e_score_correction_bias", "mixer.gate.weight")
 
 
 def to_hf_tensors(cfg: HybridConfig, flat: dict[str, np.ndarray],

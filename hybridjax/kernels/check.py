@@ -3,8 +3,8 @@
 One program per device call: environment, correctness with poisoned outputs against
 the oracles (values and gradients, float32 and bfloat16, every feature), then medians of the
 forward and forward+backward times at the benchmark shapes for the default plan and variants,
-and optionally the mamba_ssm Triton peer (--peer). Prints a short table last; the whole log goes
-to $OUT/check.log when OUT is set.
+and optionally the Triton SSD of the mamba-ssm package as the peer (--peer). Prints a short table
+last; with --out DIR the whole log also goes to DIR/check.log.
 
 Options: --quick (fewer variants), --peer, --budget SECONDS (no new timing variant after that),
 --variants NAME,... (subset of the variant names below), --skip-correct, --cpu-dry (the same
@@ -48,10 +48,13 @@ def log(*a):
   _LOG.append(s)
 
 
+_OUT = None  # --out DIR
+
+
 def save_log():
-  out = os.environ.get("OUT")
-  if out:
-    with open(os.path.join(out, "check.log"), "w") as f:
+  if _OUT:
+    os.makedirs(_OUT, exist_ok=True)
+    with open(os.path.join(_OUT, "check.log"), "w") as f:
       f.write("\n".join(_LOG) + "\n")
 
 
@@ -236,9 +239,10 @@ def stage_times(shape, pallas_kw):
 
 
 def peer_times(shape):
-  import types
-  import torch
   import importlib.util
+  import types
+
+  import torch
   if "mamba_ssm" not in sys.modules:
     spec = importlib.util.find_spec("mamba_ssm")
     path = spec.submodule_search_locations[0] if spec else None
@@ -295,9 +299,11 @@ def main():
   ap.add_argument("--stages", action="store_true",
                   help="time each kernel of the default plan (and --variants) at each shape")
   ap.add_argument("--cpu-dry", action="store_true", help="interpret mode at tiny shapes")
+  ap.add_argument("--out", default=None, metavar="DIR", help="write the whole log to DIR/check.log")
   a = ap.parse_args()
+  global _INTERPRET, _OUT
+  _OUT = a.out
   if a.cpu_dry:
-    global _INTERPRET
     _INTERPRET = True
     for k in SHAPES:
       SHAPES[k] = (1, 128, 2, 16, 1, 16)
