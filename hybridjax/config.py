@@ -12,7 +12,7 @@ import dataclasses
 LAYER_LETTERS = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SSD_IMPLS = ("auto", "reference", "assoc", "chunked", "pallas")
-ATTN_IMPLS = ("xla", "cudnn")
+ATTN_IMPLS = ("auto", "blockwise", "pallas", "cudnn", "xla")  # hybridjax.ops.attention
 ROUTERS = ("sigmoid", "softmax")
 ACTIVATIONS = ("relu2", "swiglu", "silu", "gelu")
 ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
@@ -56,7 +56,7 @@ class HybridConfig:
     rope_scaling: str | None = None  # context extension: linear | ntk | yarn
     rope_factor: float = 1.0
     rope_original_max_len: int = 4096
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"  # pallas on a GPU, else blockwise: O(L) memory, packed documents
 
     # --- MoE ----------------------------------------------------------------------------------
     n_experts: int = 8

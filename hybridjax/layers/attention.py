@@ -11,13 +11,14 @@ Parameters keep the heads as an axis (tensor parallelism splits them whole): q_p
 (d, Hq, hd), k_proj.kernel / v_proj.kernel (d, Hk, hd), o_proj.kernel (Hq, hd, d); flattened,
 (in, out) = torch weight transposed; init normal(0, initializer_range).
 
-Implementations (config.attn_impl):
-  "xla"    einsum scores in float32 (float64 for a float64 model), causal + segment mask, float32
-           softmax, probabilities cast to the value dtype. Runs anywhere.
-  "cudnn"  `jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")`: flash
-           attention on NVIDIA GPUs, bf16/fp16 only. Its public arguments (query/key_value
-           seq_lengths) express padding, not packing, so `segment_ids` raise a ValueError here:
-           use attn_impl="xla" for packed batches.
+Implementations (config.attn_impl; `hybridjax.ops.attention` has the details):
+  "auto"       the default: "pallas" on a GPU when the kernel supports the call, else "blockwise".
+  "blockwise"  flash attention in XLA loops: O(L) memory forward and backward, packed documents.
+  "pallas"     jax's Pallas Triton flash attention (GPU), packed documents included.
+  "cudnn"      `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`: NVIDIA
+               GPUs, bf16/fp16, unpacked batches only (segment_ids raise a ValueError).
+  "xla"        dense (B, H, L, L) scores in float32 (float64 for a float64 model): the oracle of
+               the tests; quadratic memory.
 
 Decoding: `init_cache(batch, max_len, dtype)` -> `KVCache(k, v (B, max_len, Hk, hd), pos, start)`.
 `prefill(x, cache)` starts a new sequence: it writes the prompt's K/V at slots [0, L) and sets
@@ -25,7 +26,7 @@ pos = L; with segment_ids, `start` (B,) marks where each row's last document beg
 continues that document only. `decode(x (B, 1, d), cache)` writes slot `pos` and attends to slots
 [start, pos]. RoPE positions default to positions within the document (0 at each document start,
 as `hybridjax.model.segment_positions`), i.e. pos - start while decoding. Prefill and decode always
-use the xla formula for the decode step; prefill uses config.attn_impl.
+use the dense formula for the decode step (one query); prefill uses config.attn_impl.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.layers.mlp import Dense
+from hybridjax.ops.attention import attention, dense_attention
 from hybridjax.ops.rope import apply_rope
 
 
@@ -58,30 +60,6 @@ def document_positions(segment_ids, batch: int, length: int):
     return positions - jax.lax.cummax(jnp.where(starts, positions, 0), axis=1)
 
 
-def attention_xla(q, k, v, mask, *, scale: float):
-    """q (B, L, Hq, hd), k/v (B, S, Hk, hd), mask (B, L, S) bool (True = attend) -> (B, L, Hq, hd).
-
-    Scores and softmax in float32 (float64 if q is float64); probabilities cast to v.dtype.
-    """
-    b, l, hq, hd = q.shape
-    hk = k.shape[2]
-    acc = jnp.result_type(jnp.float32, q.dtype)
-    qg = q.reshape(b, l, hk, hq // hk, hd)
-    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=acc) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=acc)
-    return out.reshape(b, l, hq, hd).astype(q.dtype)
-
-
-def causal_mask(segment_ids, batch: int, length: int):
-    """(B, L, L) bool: key s <= query t and, with segment_ids, the same document."""
-    mask = jnp.tril(jnp.ones((length, length), bool))[None]
-    if segment_ids is None:
-        return jnp.broadcast_to(mask, (batch, length, length))
-    return mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-
 class Attention(nnx.Module):
     """`Attention(config, *, rngs)(x, segment_ids=None, positions=None) -> (B, L, d_model)`."""
 
@@ -90,9 +68,6 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv, self.head_dim = config.attn_heads, config.kv_heads, config.head_dim
         if self.n_heads % self.n_kv:
             raise ValueError(f"kv_heads: {self.n_kv} must divide attn_heads ({self.n_heads})")
-        if config.attn_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attn_impl: {config.attn_impl!r} is not allowed; choose from "
-                             "'xla', 'cudnn'")
         self.impl = config.attn_impl
         self.scale = self.head_dim ** -0.5
         self.dtype = jnp.dtype(config.dtype)
@@ -126,17 +101,7 @@ class Attention(nnx.Module):
                 raise ValueError(f"Attention: {name} has shape {t.shape}, expected {x.shape[:2]}")
 
     def _attend(self, q, k, v, segment_ids):
-        b, l = q.shape[:2]
-        if self.impl == "cudnn":
-            if segment_ids is not None:
-                raise ValueError(
-                    "Attention: attn_impl='cudnn' cannot mask packed documents (segment_ids): "
-                    "jax.nn.dot_product_attention's cuDNN path only expresses padding. "
-                    "Use attn_impl='xla' for packed batches, or pass segment_ids=None.")
-            out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, is_causal=True,
-                                               implementation="cudnn")
-        else:
-            out = attention_xla(q, k, v, causal_mask(segment_ids, b, l), scale=self.scale)
+        out = attention(q, k, v, segment_ids=segment_ids, scale=self.scale, impl=self.impl)
         return self.o_proj(out)
 
     def __call__(self, x, *, segment_ids=None, positions=None):
@@ -190,7 +155,7 @@ class Attention(nnx.Module):
         new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
         slots = jnp.arange(cache.k.shape[1])
         mask = (slots[None] <= pos) & (slots[None] >= cache.start[:, None])  # (B, S)
-        out = attention_xla(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask[:, None],
-                            scale=self.scale)
+        out = dense_attention(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask[:, None],
+                              scale=self.scale)
         y = self.o_proj(out)
         return y, KVCache(new_k, new_v, pos + 1, cache.start)

@@ -1,16 +1,17 @@
 """Attention: against transformers' NemotronHAttention (eager, float64), RoPE against a numpy
-reference, packed documents, prefill + decode against the full forward, the cuDNN call."""
+reference, packed documents, the blockwise path against the dense one, prefill + decode against
+the full forward, the cuDNN call."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _layer_calls import decode_each, prefill, random_x
 from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.layers.attention import Attention, KVCache, document_positions
 from hybridjax.ops.rope import rope_frequencies
-from _layer_calls import decode_each, prefill, random_x
 
 CFG = HybridConfig(d_model=40, attn_heads=6, kv_heads=2, head_dim=10, dtype="float64",
                    param_dtype="float64", pattern="*-")
@@ -152,11 +153,47 @@ def test_document_positions():
                                   [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
 
 
+# --- implementations -----------------------------------------------------------------------------
+def test_default_impl_is_auto():
+    assert HybridConfig().attn_impl == "auto"
+
+
+@pytest.mark.parametrize("rope", [None, 100.0])
+def test_blockwise_equals_xla(rope):
+    cfg = CFG.replace(rope_theta=rope, attn_impl="xla")
+    dense = _attn(cfg)
+    blockwise = _attn(cfg.replace(attn_impl="blockwise"))
+    nnx.update(blockwise, nnx.state(dense))
+    x = random_x((2, 29, CFG.d_model))
+    seg = jnp.array([[0] * 6 + [1] * 9 + [0] * 4 + [2] * 10,  # id 0 comes back
+                     [4] * 29])
+
+    def loss(m, x):
+        return jnp.sum(jnp.sin(m(x, segment_ids=seg)))
+
+    grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+    (want, (want_params, want_x)) = grad(dense, x)
+    (got, (got_params, got_x)) = grad(blockwise, x)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-10, atol=1e-12)
+    for path, ref in nnx.to_flat_state(want_params):
+        np.testing.assert_allclose(dict(nnx.to_flat_state(got_params))[path][...], ref[...],
+                                   rtol=1e-10, atol=1e-12, err_msg=str(path))
+
+
+def test_pallas_needs_a_gpu():
+    attn = _attn(CFG.replace(attn_impl="pallas", dtype="float32", param_dtype="float32",
+                             head_dim=16))
+    with pytest.raises(ValueError, match="pallas.*GPU.*blockwise"):
+        attn(random_x((1, 4, CFG.d_model), dtype=jnp.float32))
+
+
 # --- decoding ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
 @pytest.mark.parametrize("rope", [None, 1000.0])
 @pytest.mark.parametrize("prompt", [1, 6])
-def test_prefill_then_decode_equals_forward(rope, prompt):
-    attn = _attn(CFG.replace(rope_theta=rope))
+def test_prefill_then_decode_equals_forward(impl, rope, prompt):
+    attn = _attn(CFG.replace(rope_theta=rope, attn_impl=impl))
     b, l = 2, 15
     x = random_x((b, l, CFG.d_model))
     full = fwd(attn, x)
@@ -208,7 +245,7 @@ def test_cudnn_builds_causal_call(monkeypatch):
     assert qs == (2, 11, 6, 10) and ks == vs == (2, 11, 2, 10)
     assert bias is None and mask is None
     assert kw == {"scale": 10 ** -0.5, "is_causal": True, "implementation": "cudnn"}
-    xla = Attention(CFG, rngs=nnx.Rngs(0))
+    xla = Attention(CFG.replace(attn_impl="xla"), rngs=nnx.Rngs(0))
     nnx.update(xla, nnx.state(attn))
     # jax's own xla attention softmaxes in float32 even for float64 inputs
     np.testing.assert_allclose(got, xla(x), rtol=1e-4, atol=1e-7)
