@@ -11,6 +11,7 @@ rounding when their global batches are equal: use `--same-batch`).
 
   python -m hybridjax.bench mesh --layouts 1 data=2 fsdp=2                 # 1B preset, 2 GPUs
   python -m hybridjax.bench mesh --preset moe --layouts data=2 expert=2 --same-batch
+  python -m hybridjax.bench mesh --layouts 1 context=2 --same-batch --seq-len 65536 --batch 1
   python -m hybridjax.bench mesh --preset tiny --layouts 1 data=2 --steps 2 --warmup 1  # CPU
 """
 
@@ -25,8 +26,9 @@ import sys
 import tempfile
 import time
 
+from hybridjax.sharding import AXES, BATCH_AXES
+
 GIB = 2**30
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def parse_layout(text: str) -> dict:
@@ -36,9 +38,9 @@ def parse_layout(text: str) -> dict:
     sizes = {}
     for part in text.split(","):
         axis, _, size = part.partition("=")
-        if axis not in ("data", "fsdp", "expert", "tensor") or not size.isdigit():
+        if axis not in AXES or not size.isdigit():
             raise argparse.ArgumentTypeError(
-                f"layout {text!r}: give '1' or axis=size pairs over data, fsdp, expert, tensor "
+                f"layout {text!r}: give '1' or axis=size pairs over {', '.join(AXES)} "
                 f"joined by commas, e.g. 'fsdp=2,tensor=2'")
         sizes[axis] = int(size)
     return sizes

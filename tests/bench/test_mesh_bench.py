@@ -24,4 +24,4 @@ def test_tiny_layouts_print_rows_with_equal_first_losses(capsys, tmp_path):
 def test_bad_layout_names_the_allowed_axes(capsys):
     with pytest.raises(SystemExit):
         bench_main(["mesh", "--layouts", "pipeline=2"])
-    assert "axis=size pairs over data, fsdp, expert, tensor" in capsys.readouterr().err
+    assert "axis=size pairs over data, fsdp, expert, context, tensor" in capsys.readouterr().err
