@@ -10,6 +10,9 @@ In a multi-process run every process calls `save` and `restore` with the same st
 each process's shards of the arrays, and the data states of all processes (each reads its own
 shard of the data) travel as one JSON list, which orbax writes from process 0.
 
+`find_checkpoint` and `read_model` serve `trainer.init_from`: they read the parameters and model
+state of another run's checkpoint (nothing else of it, and write nothing there).
+
 `StopSignal` turns SIGTERM (and SIGINT) into a flag the training loop polls, so a pre-empted run
 saves and exits cleanly instead of dying mid-step.
 """
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from hybridjax.distributed import allgather_str
+from hybridjax.pytree import dotted
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,61 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def find_checkpoint(path: str | os.PathLike) -> str:
+    """The step directory `path` names: a run directory or its `checkpoints/` (their latest step),
+    or one step directory `checkpoints/<step>`."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    checkpoints = os.path.join(path, "checkpoints")
+    checkpoints = checkpoints if os.path.isdir(checkpoints) else path
+    steps = [int(name) for name in os.listdir(checkpoints)  # unfinished saves are not digits
+             if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name, "state"))]
+    if not steps:
+        raise FileNotFoundError(f"{checkpoints}: holds no checkpoint")
+    return os.path.join(checkpoints, str(max(steps)))
+
+
+def read_model(step_dir: str, params, model_state):
+    """(params, model_state) of the train state saved in `step_dir`, restored straight into the
+    layout of the given trees (shardings, dtypes): the rest of the state (optimizer, step, RNG)
+    is not read, and nothing is written. Raises ValueError listing every leaf whose path or shape
+    differs from the saved one."""
+    from etils import epath
+
+    directory = epath.Path(step_dir) / "state"
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = handler.metadata(directory).tree
+        like = {"params": params, "model_state": model_state}
+        problems = shape_mismatches({k: saved[k] for k in like}, like)
+        if problems:
+            shown = problems[:20] + ([f"... and {len(problems) - 20} more"]
+                                     if len(problems) > 20 else [])
+            raise ValueError("; ".join(shown))
+        abstract = jax.tree.map(_abstract, like)
+        restored = handler.restore(directory, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+    finally:
+        handler.close()
+    return restored["params"], restored["model_state"]
+
+
+def shape_mismatches(saved, like) -> list[str]:
+    """"path: saved (shape), this model (shape)" for every leaf of either tree that the other
+    lacks or holds in another shape."""
+    def shapes(tree):
+        return {dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    a, b = shapes(saved), shapes(like)
+    return [f"{k}: {f'saved {a[k]}' if k in a else 'not saved'}, "
+            f"{f'this model {b[k]}' if k in b else 'not in this model'}"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def _abstract(x):

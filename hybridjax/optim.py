@@ -59,7 +59,9 @@ class OptimConfig:
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine to `min_lr`, or stable then linear decay (WSD)."""
+    """Linear warmup to `lr`, then cosine to `min_lr`, stable then linear decay (WSD), or `lr`
+    throughout (constant: for continuing a trained model, e.g. a long-context extension, whose
+    first step must not restart from a warmup; with warmup_steps=0 step 0 already has `lr`)."""
     peak, floor = config.lr, config.lr * config.min_lr_ratio
     warmup = min(config.warmup_steps, total_steps)
     rest = max(total_steps - warmup, 1)

@@ -13,6 +13,11 @@ runs the loop in Hydra's output directory (`hydra.run.dir`):
 Rerunning with the same `hydra.run.dir` resumes from its latest checkpoint (`trainer.resume=auto`)
 and continues exactly as if never stopped: same data order, same RNG, same parameters.
 
+`trainer.init_from` starts a new run (step 0, fresh optimizer and schedule) from another run's
+parameters, e.g. to extend a model trained short to longer contexts; `trainer.seq_len_schedule`
+then mixes batches of several lengths, step by step (one data stream and one compiled step per
+length).
+
 Several processes (hosts, or GPUs of one host) run one job when `hybridjax.distributed` finds
 them (SLURM, Open MPI, `trainer.distributed.*`, JAX_* variables; `launch/`): every process runs
 this same loop on its rows of each batch, they stop and save together, and process 0 alone writes
@@ -21,8 +26,10 @@ metrics.jsonl, summary.json and wandb. The run directory must be on storage ever
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax import distributed
-from hybridjax.checkpoint import Checkpointer, StopSignal, all_finite
+from hybridjax.checkpoint import Checkpointer, StopSignal, all_finite, find_checkpoint, read_model
 from hybridjax.data import bucket_names, make_dataset
 from hybridjax.metrics_log import MetricsLog
 from hybridjax.optim import make_optimizer
@@ -98,6 +105,12 @@ def train(run: RunConfig, run_dir: str, *, config_dict: dict | None = None) -> d
         return Loop(setup, config_dict).run()
 
 
+def eval_bucket_names(run: RunConfig) -> list[str]:
+    """The eval split's bucket labels: its rows are trainer.eval_seq_len long, and its buckets
+    may differ from training's (NIAH's eval_context_lens)."""
+    return bucket_names(run.data, run.trainer.eval_seq_len or run.trainer.seq_len, split="eval")
+
+
 def build(run: RunConfig, run_dir: str) -> Setup:
     t = run.trainer
     mesh = None
@@ -112,7 +125,7 @@ def build(run: RunConfig, run_dir: str) -> Setup:
         router_bias_rate=run.loss.router_bias_rate, grad_accum=t.grad_accum,
         has_moe=run.model.has("E"), donate=jax.default_backend() != "cpu", mesh=mesh,
         state=state)
-    eval_step = make_eval_step(graphdef, max(len(bucket_names(run.data, t.seq_len)), 1))
+    eval_step = make_eval_step(graphdef, max(len(eval_bucket_names(run)), 1))
     return Setup(run, run_dir, mesh, graphdef, state, train_step, eval_step, schedule)
 
 
@@ -123,14 +136,18 @@ class Loop:
         self.s = setup
         self.t = setup.run.trainer
         self.config_dict = config_dict
-        self.tokens_per_step = self.t.batch_size * self.t.seq_len
+        self.lengths = LengthSchedule(self.t)
         self.pending = []  # (step, device metrics) not yet checked and logged
         self.last_metrics = {}
         self.last_eval = {}
-        self.bucket_names = bucket_names(setup.run.data, self.t.seq_len)
+        self.bucket_names = eval_bucket_names(setup.run)
+        self.clock = None  # when throughput timing (re)started; None until a step compiled
+        self.trained = collections.Counter()  # seq_len -> tokens trained since the clock
+        self.compiled = set()  # seq_lens whose train step has compiled
+        self.step_memory = None
 
     # --- data --------------------------------------------------------------------------------
-    def dataset(self, split: str, seed: int, batch_size: int):
+    def dataset(self, split: str, seed: int, batch_size: int, seq_len: int):
         """This process's rows of every batch (see `process_rows`); the eval split's batches
         come in the same number on every process."""
         index, count = process_rows(self.s.mesh)
@@ -138,7 +155,7 @@ class Loop:
             raise ValueError(f"trainer.batch_size: {batch_size} must divide evenly over the "
                              f"{count} processes that read distinct rows")
         batches = make_dataset(self.s.run.data, split=split, seed=seed,
-                               batch_size=batch_size // count, seq_len=self.t.seq_len,
+                               batch_size=batch_size // count, seq_len=seq_len,
                                shard_index=index, shard_count=count)
         if split == "eval" and jax.process_count() > 1:
             return agreed_batches(batches)
@@ -163,7 +180,7 @@ class Loop:
         ckpt = Checkpointer(os.path.join(s.run_dir, "checkpoints"), keep=t.keep_checkpoints,
                             async_save=t.async_checkpoint)
         try:
-            train_iter = iter(self.dataset("train", t.seed, t.batch_size))
+            train_iter = TrainBatches(self)
             state, start = self.restore(ckpt, s.state, train_iter)
             s.state = None  # the loop owns the state from here (it may be donated)
             self.metrics = (MetricsLog(s.run_dir, total_steps=t.steps, start_step=start,
@@ -181,6 +198,8 @@ class Loop:
     def restore(self, ckpt: Checkpointer, state, train_iter):
         latest = ckpt.latest_step()
         if latest is None:
+            if self.t.init_from:
+                state = init_from(self.s.run, state)
             return state, 0
         if self.t.resume == "never":
             raise RuntimeError(
@@ -200,14 +219,19 @@ class Loop:
         multi_process = jax.process_count() > 1
         with StopSignal() as stop:
             for step in range(start, t.steps):
-                batch = self.to_device(model_batch(next(train_iter)))
+                seq_len, batch_size = self.lengths.at(step)
+                batch = self.to_device(model_batch(train_iter.next(step)))
                 state, metrics = self.s.train_step(state, batch)
                 done = step + 1
                 self.pending.append((done, metrics))
-                if done == start + 1:  # the first step compiled: time from here
+                self.trained[seq_len] += batch_size * seq_len
+                if seq_len not in self.compiled:  # this length's step compiled: time from here
                     jax.block_until_ready(metrics)
-                    self.step_memory = step_memory_bytes(self.s.train_step, state, batch)
-                    self.clock = (time.perf_counter(), done)
+                    self.compiled.add(seq_len)
+                    memory = step_memory_bytes(self.s.train_step, state, batch)
+                    if memory is not None:
+                        self.step_memory = max(memory, self.step_memory or 0)
+                    self.restart_clock()
                 if done == t.stop_at and not stop.requested:
                     stop.requested = f"trainer.stop_at={t.stop_at}"
                 stopping = stop.requested  # read once: a signal may arrive at any moment
@@ -247,7 +271,12 @@ class Loop:
         m = self.s.run.model
         return (f"training {m.pattern!r} d_model={m.d_model} ({total:,} params, {active:,} "
                 f"active) for {self.t.steps} steps from step {start}; "
-                f"batch {self.t.batch_size} x {self.t.seq_len}; run dir {self.s.run_dir}")
+                f"batch {self.lengths.describe()}; run dir {self.s.run_dir}")
+
+    def restart_clock(self) -> None:
+        """Throughput counts from now: compiles and evals are not training time."""
+        self.clock = time.perf_counter()
+        self.trained.clear()
 
     def flush(self, ckpt: Checkpointer) -> dict:
         """Fetch the pending metrics and stop on a non-finite loss; the latest step's record."""
@@ -263,30 +292,29 @@ class Loop:
                                         f"{kept}")
         done, m = fetched[-1]
         record = {k: float(v) for k, v in m.items() if k != "tokens"}
-        now = time.perf_counter()
-        t0, s0 = getattr(self, "clock", (None, None))
+        if self.lengths.scheduled:
+            record["seq_len"] = self.lengths.at(done - 1)[0]
         record["tokens_per_sec"] = record["mfu"] = None  # unknown until a step after compile
-        if t0 is not None and done > s0:
-            tps = (done - s0) * self.tokens_per_step / (now - t0)
-            record["tokens_per_sec"] = tps
-            record["mfu"] = self.mfu(tps)
-            self.clock = (now, done)
+        if self.clock is not None and self.trained:
+            seconds = time.perf_counter() - self.clock
+            record["tokens_per_sec"] = sum(self.trained.values()) / seconds
+            record["mfu"] = self.mfu(seconds)
+            self.restart_clock()
         self.last_metrics = record
         return record
 
-    def mfu(self, tokens_per_sec: float) -> float | None:
+    def mfu(self, seconds: float) -> float | None:
+        """Model FLOPs of the tokens trained in the last `seconds` over the devices' peak."""
         peak = self.t.peak_tflops
         if peak is None:
             kind = jax.devices()[0].device_kind
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
         if peak is None:
             return None
-        from hybridjax.model import flops_per_token
-
-        if not hasattr(self, "_flops"):
-            self._flops = flops_per_token(self.s.run.model, self.t.seq_len)
+        flops = sum(n * flops_per_token(self.s.run.model, seq_len)
+                    for seq_len, n in self.trained.items())
         n_devices = 1 if self.s.mesh is None else self.s.mesh.size
-        return self._flops * tokens_per_sec / (peak * 1e12 * n_devices)
+        return flops / seconds / (peak * 1e12 * n_devices)
 
     def evaluate(self, done: int, state) -> dict:
         """Held-out loss, perplexity and answer accuracy (overall and per difficulty bucket)."""
@@ -294,7 +322,8 @@ class Loop:
 
         t = self.t
         sums = None
-        batches = self.dataset("eval", t.eval_seed, t.eval_batch_size or t.batch_size)
+        batches = self.dataset("eval", t.eval_seed, t.eval_batch_size or t.batch_size,
+                               t.eval_seq_len or t.seq_len)
         for i, batch in enumerate(batches):
             if t.eval_batches is not None and i >= t.eval_batches:
                 break
@@ -313,8 +342,8 @@ class Loop:
         self.last_eval = record
         self.metrics.message(f"step {done}: " + ", ".join(
             f"{k} {v:.4g}" for k, v in record.items()))
-        if hasattr(self, "clock"):
-            self.clock = (time.perf_counter(), done)  # eval time is not training throughput
+        if self.clock is not None:
+            self.restart_clock()
         return record
 
     def save(self, ckpt: Checkpointer, done: int, state, train_iter) -> None:
@@ -329,12 +358,121 @@ class Loop:
         total, active = getattr(self, "param_counts", (None, None))
         out = {"step": int(jax.device_get(state.step)), "params_total": total,
                "params_active": active, **self.last_metrics, **self.last_eval,
-               "step_memory_bytes": getattr(self, "step_memory", None),
+               "step_memory_bytes": self.step_memory,
                "peak_memory_bytes": peak_memory_bytes()}
         if distributed.is_primary():
             with open(os.path.join(self.s.run_dir, "summary.json"), "w") as f:
                 json.dump(out, f, indent=1)
         return out
+
+
+class LengthSchedule:
+    """The (seq_len, batch_size) of every step: trainer.seq_len_schedule's entries in turn, each
+    for its `steps` consecutive steps, repeated from step 0 (without a schedule, trainer.seq_len
+    and batch_size throughout). A function of the step alone, so a resumed run continues the
+    sequence where it stopped."""
+
+    def __init__(self, t):
+        phases = t.seq_len_schedule
+        self.scheduled = bool(phases)
+        self.shapes = [(p.seq_len, p.batch_size) for p in phases] or [(t.seq_len, t.batch_size)]
+        self.steps = [p.steps for p in phases] or [1]
+        self.cycle = [shape for shape, n in zip(self.shapes, self.steps) for _ in range(n)]
+
+    def at(self, step: int) -> tuple[int, int]:
+        return self.cycle[step % len(self.cycle)]
+
+    def describe(self) -> str:
+        if not self.scheduled:
+            return "{1} x {0}".format(*self.shapes[0])
+        return ", then ".join(f"{n} x ({b} x {length})"
+                              for (length, b), n in zip(self.shapes, self.steps)) + ", repeated"
+
+
+class TrainBatches:
+    """The training batches of `loop`, step by step: one data stream per scheduled length, each
+    seeded from trainer.seed and its length (without a schedule: trainer.seed, as always), and
+    their positions together as one JSON-able state for the checkpoint."""
+
+    def __init__(self, loop: Loop):
+        self.lengths = loop.lengths
+        seed = loop.t.seed
+        self.iters = {
+            length: iter(loop.dataset("train", stream_seed(seed, length) if self.lengths.scheduled
+                                      else seed, batch_size, length))
+            for length, batch_size in self.lengths.shapes}
+
+    def next(self, step: int) -> dict:
+        return next(self.iters[self.lengths.at(step)[0]])
+
+    def get_state(self) -> dict:
+        """One stream's state as it is (checkpoints of unscheduled runs keep their form), or
+        {"seq_len=<L>": state} for several."""
+        if not self.lengths.scheduled:
+            return next(iter(self.iters.values())).get_state()
+        return {f"seq_len={length}": it.get_state() for length, it in self.iters.items()}
+
+    def set_state(self, state: dict) -> None:
+        if not self.lengths.scheduled:
+            next(iter(self.iters.values())).set_state(state)
+            return
+        names = {f"seq_len={length}": it for length, it in self.iters.items()}
+        if set(state) != set(names):
+            raise ValueError(f"trainer.seq_len_schedule: the checkpoint holds data streams "
+                             f"{sorted(state)} but the schedule has {sorted(names)}; resume with "
+                             f"the lengths it was saved with")
+        for name, it in names.items():
+            it.set_state(state[name])
+
+
+def stream_seed(seed: int, seq_len: int) -> int:
+    """The data seed of one scheduled length's stream: distinct per length, fixed per seed."""
+    return int(np.random.SeedSequence([seed, seq_len]).generate_state(1)[0])
+
+
+def init_from(run: RunConfig, state):
+    """`state` with the parameters and model state of the checkpoint trainer.init_from names,
+    restored into `state`'s layout (a mesh's shardings included). Its step, RNG and optimizer
+    state stay fresh: AdamW's initial moments and count do not depend on parameter values."""
+    try:
+        step_dir = find_checkpoint(run.trainer.init_from)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"trainer.init_from: {err}") from None
+    try:
+        params, model_state = read_model(step_dir, state.params, state.model_state)
+    except ValueError as err:
+        raise ValueError(f"trainer.init_from: the model does not fit the parameters saved in "
+                         f"{step_dir}: {err}.{model_differences(run.model, step_dir)} Only "
+                         f"runtime fields (dtype, remat, ssd_impl, attn_impl, ...) may "
+                         f"differ") from None
+    log.info("step 0 from the parameters of %s (fresh optimizer state)", step_dir)
+    return state._replace(params=params, model_state=model_state)
+
+
+def model_differences(model, step_dir: str) -> str:
+    """" Model fields that differ from the source run's config.yaml: ..." (empty without one)."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.yaml")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        saved = (yaml.safe_load(f) or {}).get("model", {})
+    ours = dataclasses.asdict(model)
+    changed = [f"{k} {saved[k]!r} -> {_listed(ours[k])!r}" for k in ours
+               if k in saved and saved[k] != _listed(ours[k])]
+    return f" Model fields that differ from {path}: {', '.join(changed)}." if changed else ""
+
+
+def _listed(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@functools.cache
+def flops_per_token(model, seq_len: int) -> float:
+    from hybridjax.model import flops_per_token
+
+    return flops_per_token(model, seq_len)
 
 
 class OtherProcessMetrics:

@@ -74,10 +74,32 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass
+class LengthPhase:
+    """One entry of trainer.seq_len_schedule: `steps` consecutive steps of `batch_size` rows of
+    `seq_len` tokens."""
+
+    seq_len: int
+    batch_size: int | None = None  # None = trainer.batch_size
+    steps: int = 1
+
+    def __post_init__(self):
+        _check("seq_len", self.seq_len > 0, "must be > 0")
+        _check("steps", self.steps > 0, "must be > 0")
+        _check("batch_size", self.batch_size is None or self.batch_size > 0,
+               "must be > 0 or null (= trainer.batch_size)")
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
     batch_size: int = 32  # sequences per optimizer step (global, over all devices)
-    seq_len: int = 128
+    seq_len: int = 128  # training rows (without a seq_len_schedule) and eval rows by default
+    seq_len_schedule: list[LengthPhase] = dataclasses.field(default_factory=list)
+    #   [{seq_len, batch_size, steps}, ...]: training cycles through the entries from step 0,
+    #   each for its `steps` consecutive steps (e.g. 3 long batches, then 1 short); [] = seq_len
+    eval_seq_len: int | None = None  # eval rows; None = seq_len
+    init_from: str | None = None  # start at step 0 from this run's (latest) or this checkpoint's
+    #   parameters and model state, with a fresh optimizer; the run's own checkpoints win (resume)
     seed: int = 0  # model init, data order and the step RNG all derive from it
     grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
     log_every: int = 10  # steps between metrics.jsonl lines (and NaN checks)
@@ -102,7 +124,7 @@ class TrainerConfig:
             _check(name, getattr(self, name) > 0, "must be > 0")
         for name in ("eval_every", "checkpoint_every"):
             _check(name, getattr(self, name) >= 0, "must be >= 0 (0 = only at the end)")
-        for name in ("eval_batches", "eval_batch_size", "stop_at"):
+        for name in ("eval_batches", "eval_batch_size", "eval_seq_len", "stop_at"):
             value = getattr(self, name)
             _check(name, value is None or value > 0, "must be > 0 or null")
         _check("grad_accum", self.batch_size % self.grad_accum == 0,
@@ -110,6 +132,10 @@ class TrainerConfig:
         _check("peak_tflops", self.peak_tflops is None or self.peak_tflops > 0,
                "must be > 0 or null")
         _choice("resume", self.resume, RESUME)
+        self.seq_len_schedule = [_phase(i, p, self) for i, p in enumerate(self.seq_len_schedule)]
+        lengths = [p.seq_len for p in self.seq_len_schedule]
+        _check("seq_len_schedule", len(set(lengths)) == len(lengths),
+               f"each seq_len may appear once (its `steps` give its share), got {lengths}")
         if isinstance(self.mesh, dict):
             self.mesh = MeshConfig(**self.mesh)
         if isinstance(self.distributed, dict):
@@ -117,6 +143,20 @@ class TrainerConfig:
                 self.distributed = DistributedConfig(**self.distributed)
             except ValueError as err:
                 raise ValueError(f"distributed.{err}") from None
+
+
+def _phase(index: int, phase, trainer: TrainerConfig) -> LengthPhase:
+    """Entry `index` of seq_len_schedule as a LengthPhase whose batch_size is set and divisible
+    by grad_accum; errors name the entry."""
+    name = f"seq_len_schedule[{index}]"
+    try:
+        phase = LengthPhase(**phase) if isinstance(phase, dict) else phase
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}.{err}") from None
+    phase = dataclasses.replace(phase, batch_size=phase.batch_size or trainer.batch_size)
+    _check(f"{name}.batch_size", phase.batch_size % trainer.grad_accum == 0,
+           f"must be divisible by grad_accum ({trainer.grad_accum}), got {phase.batch_size}")
+    return phase
 
 
 @dataclasses.dataclass

@@ -10,7 +10,8 @@ An example of length L (its context length):
   query     positions L-2, L-1: QUERY key
 
 The answer is due at the last position (the query key): target = the needle's value, the only
-position with loss_mask 1. Buckets are the grid context_lens x depths.
+position with loss_mask 1. Buckets are the grid context_lens x depths; the eval split may have a
+grid of its own (`eval_context_lens` x `eval_depths`: train short, test recall at length).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ NEEDLE_LEN, QUERY_LEN = 3, 2
 
 @dataclasses.dataclass(frozen=True)
 class NIAHConfig:
-    """NIAH task; `context_lens=None` means the row length given to make_dataset."""
+    """NIAH task; `context_lens=None` means the row length given to make_dataset. The eval
+    split's grid is eval_context_lens x eval_depths (None = as in training)."""
 
     vocab_size: int = 256
     context_lens: tuple[int, ...] | None = None
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    eval_context_lens: tuple[int, ...] | None = None
+    eval_depths: tuple[float, ...] | None = None
     num_distractors: int = 0
     num_eval_examples: int = 1000
 
@@ -42,6 +46,10 @@ class NIAHConfig:
         set_(self, "context_lens",
              as_tuple("NIAHConfig.context_lens", self.context_lens, int, allow_none=True))
         set_(self, "depths", as_tuple("NIAHConfig.depths", self.depths, float))
+        set_(self, "eval_context_lens", as_tuple("NIAHConfig.eval_context_lens",
+                                                 self.eval_context_lens, int, allow_none=True))
+        set_(self, "eval_depths", as_tuple("NIAHConfig.eval_depths", self.eval_depths, float,
+                                           allow_none=True))
         check_positive("NIAHConfig.num_eval_examples", self.num_eval_examples)
         if self.vocab_size < FIRST_ORDINARY + 1 + self.num_distractors:
             raise ValueError(f"NIAHConfig.vocab_size: must be >= {FIRST_ORDINARY + 1} + "
@@ -50,27 +58,33 @@ class NIAHConfig:
         if self.num_distractors < 0:
             raise ValueError(f"NIAHConfig.num_distractors: must be >= 0, got "
                              f"{self.num_distractors}")
-        for depth in self.depths:
-            check_fraction("NIAHConfig.depths", depth)
-        if self.context_lens is not None:
-            for length in self.context_lens:
-                self._check_length(length)
+        for field in ("depths", "eval_depths"):
+            for depth in getattr(self, field) or ():
+                check_fraction(f"NIAHConfig.{field}", depth)
+        for field in ("context_lens", "eval_context_lens"):
+            for length in getattr(self, field) or ():
+                self._check_length(length, field)
 
-    def _check_length(self, length: int):
+    def _check_length(self, length: int, field: str = "context_lens"):
         # Distractors sit on the needle's phase modulo NEEDLE_LEN; the worst phase leaves
         # (length - 7) // 3 places besides the needle's own.
         need = NEEDLE_LEN * self.num_distractors + 7 if self.num_distractors else 5
         if length < need:
-            raise ValueError(f"NIAHConfig.context_lens: {length} is too short for a needle, "
+            raise ValueError(f"NIAHConfig.{field}: {length} is too short for a needle, "
                              f"{self.num_distractors} distractors and the query (needs >= {need})")
 
-    def buckets(self, seq_len: int | None = None) -> tuple[tuple[int, float], ...]:
-        """(context length, depth) per bucket. `seq_len` is the row length: it stands in for
-        `context_lens=None` and must hold every example."""
-        if self.context_lens is None and seq_len is not None:
+    def buckets(self, seq_len: int | None = None, split: str = "train"
+                ) -> tuple[tuple[int, float], ...]:
+        """(context length, depth) per bucket of `split`. `seq_len` is the row length: it stands
+        in for lengths of None and must hold every example."""
+        evaluating = split == "eval" and self.eval_context_lens is not None
+        field = "eval_context_lens" if evaluating else "context_lens"
+        lengths = getattr(self, field)
+        if lengths is None and seq_len is not None:
             self._check_length(seq_len)
-        lengths = bucket_lengths(self.context_lens, seq_len, "NIAHConfig.context_lens", "NIAH")
-        return tuple(itertools.product(lengths, self.depths))
+        lengths = bucket_lengths(lengths, seq_len, f"NIAHConfig.{field}", "NIAH")
+        depths = self.eval_depths if split == "eval" and self.eval_depths is not None else self.depths
+        return tuple(itertools.product(lengths, depths))
 
     @staticmethod
     def bucket_name(bucket: tuple[int, float]) -> str:

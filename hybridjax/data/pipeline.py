@@ -5,7 +5,8 @@ A batch is a dict of numpy arrays, B = batch_size, L = seq_len:
   "segment_ids" (B, L) int32 (0 = padding), and for MQAR / NIAH "bucket" (B,) int32.
 
 split="train" is infinite and shuffled; split="eval" is one finite pass whose last batch is
-padded to B with rows of loss_mask 0 (shapes never change). The two draw from different streams
+padded to B with rows of loss_mask 0 (shapes never change). NIAH's eval split may have a grid
+of its own (`eval_context_lens`). The two draw from different streams
 (synthetic: different seeds; text: disjoint documents; memmap: disjoint spans). Everything is
 deterministic for a seed, and `iter(ds).get_state()` / `.set_state()` resume exactly (the states
 are JSON-able, as grain's orbax `CheckpointSave` / `CheckpointRestore` store them).
@@ -58,7 +59,7 @@ def make_dataset(config: DataConfig, *, split: str, seed: int, batch_size: int, 
     stream_seed = int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
 
     if isinstance(config, (MQARConfig, NIAHConfig)):
-        buckets = config.buckets(seq_len)
+        buckets = _buckets(config, seq_len, split)
         count = sys.maxsize if split == "train" else config.num_eval_examples
         examples = grain.MapDataset.range(count).seed(stream_seed).random_map(
             functools.partial(_synthetic_example, config=config, buckets=buckets,
@@ -87,11 +88,12 @@ def make_dataset(config: DataConfig, *, split: str, seed: int, batch_size: int, 
                      f"got {type(config).__name__}")
 
 
-def bucket_names(config: DataConfig, seq_len: int | None = None) -> list[str]:
-    """Labels of the "bucket" ids, e.g. "pairs=16,len=128"; [] for text / memmap data.
+def bucket_names(config: DataConfig, seq_len: int | None = None, split: str = "train"
+                 ) -> list[str]:
+    """Labels of `split`'s "bucket" ids, e.g. "pairs=16,len=128"; [] for text / memmap data.
     `seq_len` (the row length) is needed when the config leaves example lengths to it."""
     if isinstance(config, (MQARConfig, NIAHConfig)):
-        return [config.bucket_name(b) for b in config.buckets(seq_len)]
+        return [config.bucket_name(b) for b in _buckets(config, seq_len, split)]
     return []
 
 
@@ -127,6 +129,14 @@ def encode_document(text: str, tokenizer) -> np.ndarray:
 
 
 # --- internals -----------------------------------------------------------------------------------
+
+def _buckets(config: MQARConfig | NIAHConfig, seq_len: int | None, split: str) -> tuple:
+    """A synthetic task's buckets in `split`: NIAH's eval grid may differ from its training one."""
+    check_choice("split", split, SPLITS)
+    if isinstance(config, NIAHConfig):
+        return config.buckets(seq_len, split)
+    return config.buckets(seq_len)
+
 
 def _synthetic_example(index: int, rng: np.random.Generator, *, config, buckets, row_len: int):
     """Example `index` of a synthetic task: bucket index % len(buckets), padded to the row."""

@@ -61,3 +61,30 @@ def test_grid_buckets_padded_to_row():
 
 def test_context_lens_default_to_the_row():
     assert NIAHConfig(depths=0.5).buckets(4096) == ((4096, 0.5),)
+
+
+def test_eval_grid_reaches_other_lengths():
+    """Train at the row length, evaluate a grid of longer contexts x the same depths."""
+    config = NIAHConfig(vocab_size=64, depths=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+                        eval_context_lens=(16, 64), eval_depths=(0.0, 0.5, 1.0))
+    assert config.buckets(16) == tuple((16, d) for d in config.depths)
+    assert bucket_names(config, 64, split="eval") == [
+        "len=16,depth=0.00", "len=16,depth=0.50", "len=16,depth=1.00",
+        "len=64,depth=0.00", "len=64,depth=0.50", "len=64,depth=1.00"]
+    train = next(iter(make_dataset(config, split="train", seed=0, batch_size=4, seq_len=16)))
+    assert train["tokens"].shape == (4, 16) and set(train["bucket"]) <= set(range(6))
+    batch = next(iter(make_dataset(config, split="eval", seed=0, batch_size=12, seq_len=64)))
+    for row in range(12):
+        length, depth = config.buckets(64, split="eval")[batch["bucket"][row]]
+        assert batch["tokens"][row][needle_position(length, depth)] == NEEDLE
+        assert np.flatnonzero(batch["loss_mask"][row]).tolist() == [length - 1]
+    assert {int(b) for b in batch["bucket"]} == set(range(6))
+    with pytest.raises(ValueError, match=r"seq_len: 32 is shorter than "
+                                         r"NIAHConfig.eval_context_lens \(64\)"):
+        make_dataset(config, split="eval", seed=0, batch_size=4, seq_len=32)
+    with pytest.raises(ValueError, match="NIAHConfig.eval_context_lens: 4 is too short"):
+        NIAHConfig(eval_context_lens=(4, 64))
+    with pytest.raises(ValueError, match=r"NIAHConfig.eval_depths: must be in \[0, 1\]"):
+        NIAHConfig(eval_depths=(0.5, 2.0))
+    assert NIAHConfig(depths=0.5, eval_depths=(0.0, 1.0)).buckets(32, "eval") == (
+        (32, 0.0), (32, 1.0))
