@@ -1,10 +1,10 @@
-"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step, mesh."""
+"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step, mesh, attention."""
 
 import importlib
 import sys
 
 BENCHMARKS = {"ssd": "hybridjax.bench.ssd", "step": "hybridjax.bench.step",
-              "mesh": "hybridjax.bench.mesh"}
+              "mesh": "hybridjax.bench.mesh", "attention": "hybridjax.bench.attention"}
 
 
 def main(argv=None):

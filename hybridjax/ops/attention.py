@@ -23,18 +23,18 @@ Implementations (`impl=`):
 by their own rows' documents.
 
 Blockwise: queries in blocks of at most `block_q` positions, keys of at most `block_k` (the
-length is split into equal blocks and padded by less than one position per block). For each
-query block a loop runs over the key blocks it can see, carrying the online-softmax state
-(running max, sum and output in float32, float64 for float64 inputs). The loops' bounds are
-arrays: causal, a query block reads key blocks up to the diagonal only, and with segment_ids
-only from the block that holds the first key of its queries' documents, so packed rows skip the
-blocks between documents too (bounds are taken over the batch rows). The loops have data-
-dependent trip counts; on a GPU XLA reads each step's condition back to the host, so the default
-blocks there are large (512), while on the CPU 128 keeps a step's scores in cache (2 cores,
-fwd+bwd at b1 l4096 h4 d32: 0.5 s against 0.9 s with 512, and 4.2 s dense). The backward (a jax.custom_vjp) recomputes the scores from
-(q, k, v, out, logsumexp): one scan over key blocks, each looping over the query blocks that
-read it, accumulating dK, dV in registers of the loop and dQ into one (L, D) buffer. Autodiff
-through the loops would store every block's probabilities, O(L^2 / block) memory.
+length is split into equal blocks, padded by less than one position per block). For each query
+block a loop runs over the key blocks it can see, carrying the online-softmax state (running
+max, sum and output in float32, float64 for float64 inputs). The loops' bounds are arrays:
+causal, a query block reads key blocks up to the diagonal only, and with segment_ids only from
+the block holding the first key of its queries' documents, so packed rows skip the blocks
+between documents too (bounds taken over the batch rows). Trip counts are data-dependent: on a
+GPU XLA reads each step's condition back to the host, so blocks default to 512 there; on the CPU
+128 keeps a step's scores in cache (2 cores, fwd+bwd at b1 l4096 h4 d32: 0.5 s, 0.9 s with
+512, 4.2 s dense). The backward (a jax.custom_vjp) recomputes the scores from (q, k, v, out,
+logsumexp): one scan over key blocks, each looping over the query blocks that read it, with dK
+and dV in the loop's carry and dQ added into one (L, D) buffer. Autodiff through the loops would
+store every block's probabilities: O(L^2 / block) memory.
 """
 
 from __future__ import annotations
@@ -386,8 +386,8 @@ def _triton_mha(q, k, v, segment_ids, scale, block_sizes, interpret):
 
 
 def _triton_mha_fwd(q, k, v, segment_ids, scale, block_sizes, interpret):
-    kernel = functools.partial(_triton_attention().mha, sm_scale=scale, causal=True, block_sizes=block_sizes,
-                               interpret=interpret)
+    kernel = functools.partial(_triton_attention().mha, sm_scale=scale, causal=True,
+                               block_sizes=block_sizes, interpret=interpret)
     with jax.enable_x64(False):
         return jax.vjp(kernel, q, k, v, segment_ids)  # the vjp function is a pytree
 
