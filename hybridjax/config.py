@@ -18,7 +18,7 @@ ACTIVATIONS = ("relu2", "swiglu", "silu", "gelu")
 ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
 MOE_DISPATCH = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "ragged_dot", "mgpu", "padded")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "block", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,11 @@ class HybridConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master parameter dtype
     scan_layers: bool = True  # nnx.scan over repeats of the pattern's period
-    remat: str = "none"  # activation checkpointing policy per period
+    # activation checkpointing: "full"/"dots"/"dots_no_batch" per period; "block" keeps only each
+    # block's input (one block's internals live at a time in the backward), "offload" keeps
+    # those inputs in pinned host memory
+    remat: str = "none"
+    loss_chunk_size: int = 4096  # tokens whose logits the loss forms at a time
 
     # --- Mamba-2 (d_inner = mamba_heads * mamba_head_dim) -----------------------------------
     mamba_heads: int = 8
@@ -94,7 +98,7 @@ class HybridConfig:
         _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCH)
         _check_choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
-        for name in ("vocab_size", "d_model", "norm_eps", "initializer_range"):
+        for name in ("vocab_size", "d_model", "norm_eps", "initializer_range", "loss_chunk_size"):
             _check_positive(name, getattr(self, name))
         if self.has("M"):
             for name in ("mamba_heads", "mamba_head_dim", "ssm_state", "n_groups",

@@ -5,17 +5,25 @@ E MoE, - dense MLP), then a final `norm_f` and an untied (or tied) `lm_head` —
 
 A pattern that repeats a shorter period (e.g. "M-M*" * 6) is built once per period and its
 parameters are stacked over the repeats, so `nnx.scan` runs the stack and compile time does not
-grow with depth; `remat` checkpoints each period.
+grow with depth. `remat` checkpoints each period ("full", "dots", "dots_no_batch") or each block
+("block", "offload"): per block, the backward pass holds one block's internals at a time besides
+the block inputs, which is what long sequences need.
+
+Losses do not need the (B, L, vocab) logits: `hidden` gives the final normed hidden states and
+`head` the output projection, for the chunked losses of `hybridjax.ops.cross_entropy`.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hybridjax.config import HybridConfig
 from hybridjax.layers.attention import Attention
@@ -23,16 +31,21 @@ from hybridjax.layers.mamba2 import Mamba2Mixer
 from hybridjax.layers.mlp import MLP
 from hybridjax.layers.moe import MoE, update_router_bias
 from hybridjax.layers.norm import RMSNorm
+from hybridjax.ops.cross_entropy import head_logits
 from hybridjax.sharding import constrain_batch, replicate
+
+log = logging.getLogger(__name__)
 
 MIXERS = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
 CACHED = ("M", "*")  # letters whose mixers carry decode state
 
+# `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies.
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+BLOCK_INPUT = "block_input"  # checkpoint_name of every block's input
 
 
 class ModelAux(NamedTuple):
@@ -93,6 +106,7 @@ class Block(nnx.Module):
         self.mixer = MIXERS[letter](config, rngs=rngs)
 
     def __call__(self, x, segment_ids, positions):
+        x = checkpoint_name(x, BLOCK_INPUT)  # what remat="offload" moves to host memory
         y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
         y, aux = y if self.letter == "E" else (y, None)
         return x + y, aux
@@ -116,10 +130,13 @@ class Period(nnx.Module):
     def __init__(self, letters: str, config: HybridConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(c, config, rngs=rngs) for c in letters])
 
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, run_block=None):
+        """`run_block(block, x, segment_ids, positions)` replaces `Block.__call__` (per-block
+        remat); a default of None, not a function, as nnx.remat passes defaults to jax."""
+        run_block = run_block or Block.__call__
         auxs = []
         for block in self.blocks:
-            x, aux = block(x, segment_ids, positions)
+            x, aux = run_block(block, x, segment_ids, positions)
             if aux is not None:
                 auxs.append(aux)
         return x, tuple(auxs)
@@ -136,6 +153,7 @@ class HybridLM(nnx.Module):
     """The hybrid language model: `model(tokens, segment_ids=None) -> logits (B, L, vocab)`.
 
     `model(tokens, return_aux=True)` also returns a `ModelAux` (MoE losses and load statistics).
+    Training and eval use `hidden` and `head` instead, never forming the logits.
     """
 
     def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
@@ -161,12 +179,17 @@ class HybridLM(nnx.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def __call__(self, tokens, segment_ids=None, *, return_aux: bool = False):
+        h, aux = self.hidden(tokens, segment_ids)
+        logits = self.logits(h)
+        return (logits, aux) if return_aux else logits
+
+    def hidden(self, tokens, segment_ids=None):
+        """(final normed hidden states (B, L, d_model) in the compute dtype, ModelAux): the
+        forward pass short of the output head."""
         positions = segment_positions(tokens.shape, segment_ids)
         table = replicate(self.embeddings.embedding[...].astype(dtype_of(self.config.dtype)))
         x = constrain_batch(jnp.take(table, tokens, axis=0))
-        run_period = Period.__call__
-        if self.config.remat != "none":
-            run_period = nnx.remat(run_period, policy=REMAT_POLICIES[self.config.remat])
+        run_period = _remat_period(self.config.remat)
 
         @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
         def run_stack(period, x, segment_ids, positions):
@@ -174,13 +197,21 @@ class HybridLM(nnx.Module):
             return constrain_batch(x), aux
 
         x, auxs = run_stack(self.periods, x, segment_ids, positions)
-        logits = self._logits(x)
-        return (logits, self._collect_aux(auxs)) if return_aux else logits
+        return self.norm_f(x), self._collect_aux(auxs)
 
-    def _logits(self, x):
-        x = self.norm_f(x)
-        logits = self.embeddings.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # loss precision
+    def head(self) -> tuple[jax.Array, bool]:
+        """(weight, vocab_major): the output projection in the compute dtype, read in place by
+        `head_logits` and the chunked losses: the lm_head kernel (d_model, vocab), or with tied
+        embeddings the embedding table (vocab, d_model)."""
+        dtype = dtype_of(self.config.dtype)
+        if self.lm_head is None:
+            return self.embeddings.embedding[...].astype(dtype), True
+        return self.lm_head.kernel[...].astype(dtype), False
+
+    def logits(self, h):
+        """Final hidden states (..., d_model) -> logits (..., vocab) in >= float32."""
+        weight, vocab_major = self.head()
+        return head_logits(h, weight, vocab_major=vocab_major)
 
     def _collect_aux(self, auxs) -> ModelAux:
         """Per-period MoE aux (stacked over repeats) -> model totals in layer order."""
@@ -223,7 +254,30 @@ class HybridLM(nnx.Module):
             return period.step(x, caches, prefill)
 
         x, cache = run_stack(self.periods, x, cache)
-        return self._logits(x), cache
+        return self.logits(self.norm_f(x)), cache
+
+
+def _remat_period(remat: str):
+    """`Period.__call__` under the rematerialisation `remat` (a HybridConfig.remat value)."""
+    if remat == "none":
+        return Period.__call__
+    if remat in REMAT_POLICIES:
+        return nnx.remat(Period.__call__, policy=REMAT_POLICIES[remat])
+    policy = None  # "block": nothing inside a block is saved; its input is the residual
+    if remat == "offload":
+        if host_offload_supported():
+            policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+                names_which_can_be_saved=(), names_which_can_be_offloaded=(BLOCK_INPUT,),
+                offload_src="device", offload_dst="pinned_host")
+        else:
+            log.warning('remat="offload": the %s backend has no pinned_host memory; block '
+                        'inputs stay on the device (as remat="block")', jax.default_backend())
+    return functools.partial(Period.__call__, run_block=nnx.remat(Block.__call__, policy=policy))
+
+
+def host_offload_supported() -> bool:
+    """Whether the default device can offload to pinned host memory (jax memory kinds)."""
+    return any(m.kind == "pinned_host" for m in jax.devices()[0].addressable_memories())
 
 
 def segment_positions(shape, segment_ids):

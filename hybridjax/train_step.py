@@ -5,8 +5,12 @@ key), so orbax saves and restores it exactly and `nnx.merge` rebuilds the model 
 Only `nnx.Param` leaves are optimised; other model variables (the MoE routers' correction biases)
 are carried in `model_state` and changed only by the aux-loss-free bias update.
 
-Loss = masked cross-entropy (float32 logits) + lb_coef * load-balancing loss + z_coef * router
-z-loss. With `grad_accum` > 1 the batch is split into micro-batches that a `lax.scan` runs one after
+Loss = masked cross-entropy + lb_coef * load-balancing loss + z_coef * router z-loss. The
+cross-entropy never forms the (B, L, vocab) logits: `hybridjax.ops.cross_entropy` takes the final
+hidden states through the head `config.loss_chunk_size` tokens at a time (logits in float32, or
+float64 for a float64 model), and the eval step computes only the answer positions.
+
+With `grad_accum` > 1 the batch is split into micro-batches that a `lax.scan` runs one after
 another, summing gradients; each micro-batch's cross-entropy is divided by the whole batch's
 token count, so the summed gradient equals the whole batch's.
 """
@@ -22,6 +26,7 @@ from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.model import HybridLM
+from hybridjax.ops.cross_entropy import chunked_answer_losses, chunked_cross_entropy
 
 MODEL_INPUTS = ("tokens", "targets", "loss_mask", "segment_ids")
 
@@ -69,12 +74,13 @@ def model_batch(batch: dict) -> dict:
 
 
 def token_losses(graphdef, params, model_state, batch):
-    """(per-token cross-entropy (B, L) float32, ModelAux, the model after the forward)."""
+    """(per-token cross-entropy (B, L) in >= float32, ModelAux), chunk by chunk over tokens."""
     model = nnx.merge(graphdef, params, model_state)
-    logits, aux = model(batch["tokens"], segment_ids=batch.get("segment_ids"), return_aux=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch["targets"])
-    return ce, aux, logits
+    h, aux = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"))
+    head, vocab_major = model.head()
+    ce = chunked_cross_entropy(h, head, batch["targets"], vocab_major=vocab_major,
+                               chunk_size=model.config.loss_chunk_size)
+    return ce, aux
 
 
 def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
@@ -87,7 +93,7 @@ def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
     """
 
     def micro_loss(params, model_state, micro, total_tokens):
-        ce, aux, _ = token_losses(graphdef, params, model_state, micro)
+        ce, aux = token_losses(graphdef, params, model_state, micro)
         mask = micro["loss_mask"].astype(jnp.float32)
         ce_sum = jnp.sum(ce * mask)
         loss = ce_sum / total_tokens + (lb_coef * aux.lb_loss + z_coef * aux.z_loss) / grad_accum
@@ -163,15 +169,20 @@ def moe_stats(aux) -> dict:
 def make_eval_step(graphdef, num_buckets: int = 1):
     """A jitted `eval_step(params, model_state, batch) -> sums` over answer positions (loss_mask):
     {"loss_sum", "weight_sum"} (cross-entropy) and {"correct", "total"} (num_buckets,) per
-    difficulty bucket (argmax prediction == target), the inputs of hybridjax.eval's metrics."""
-    from hybridjax.eval import cross_entropy_sums, recall_counts
+    difficulty bucket (argmax prediction == target), the inputs of hybridjax.eval's metrics.
+    Only the answer positions go through the head, chunk by chunk."""
+    from hybridjax.eval import loss_sums, recall_counts
 
     @jax.jit
     def eval_step(params, model_state, batch):
         model = nnx.merge(graphdef, params, model_state)
-        logits = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
-        loss_sum, weight_sum = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-        correct, total = recall_counts(logits, batch, num_buckets)
+        h, _ = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"))
+        head, vocab_major = model.head()
+        ce, predictions = chunked_answer_losses(
+            h, head, batch["targets"], batch["loss_mask"], vocab_major=vocab_major,
+            chunk_size=model.config.loss_chunk_size)
+        loss_sum, weight_sum = loss_sums(ce, batch["loss_mask"])
+        correct, total = recall_counts(predictions, batch, num_buckets)
         return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
                 "total": total}
 

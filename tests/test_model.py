@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hybridjax.model import (HybridLM, flat_params, load_flat_params, make_pattern,
-                             param_counts, pattern_period, segment_positions)
+import hybridjax.model
+from hybridjax.model import (
+    HybridLM,
+    flat_params,
+    load_flat_params,
+    make_pattern,
+    param_counts,
+    pattern_period,
+    segment_positions,
+)
 from tests.tiny import tiny, tokens
+
 
 def test_pattern_period():
     assert pattern_period("M-M*M-M*") == "M-M*"
@@ -78,18 +87,56 @@ def test_packed_documents_equal_separate_runs():
     np.testing.assert_allclose(out[:, 13:], model(doc_b), rtol=1e-6, atol=1e-8)
 
 
-def test_remat_keeps_gradients():
+@pytest.mark.parametrize("remat", ["full", "dots", "block", "offload"])
+def test_remat_keeps_values_and_gradients(remat):
     cfg = tiny(pattern="M*E-M*E-")
     plain = HybridLM(cfg, rngs=nnx.Rngs(0))
-    remat = HybridLM(cfg.replace(remat="full"), rngs=nnx.Rngs(0))
+    rematted = HybridLM(cfg.replace(remat=remat), rngs=nnx.Rngs(0))
     x = tokens(3, 2, 9)
 
     def loss(model):
-        return jnp.mean(model(x) ** 2)
+        logits, aux = model(x, return_aux=True)
+        return jnp.mean(logits ** 2) + aux.lb_loss, logits
 
-    ga, gb = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
+    (ga, a), (gb, b) = (nnx.grad(loss, has_aux=True)(m) for m in (plain, rematted))
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _grad_jaxpr(model, x):
+    graphdef, state = nnx.split(model)
+    return str(jax.make_jaxpr(jax.grad(
+        lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(x)[0])))(state))
+
+
+def test_offload_keeps_block_inputs_on_the_host():
+    """remat="offload" saves one (B, L, d) input per block, stacked over the repeats, in host
+    memory; remat="block" keeps them on the device."""
+    x = tokens(4, 2, 9)
+    models = {r: HybridLM(tiny(pattern="M*M*", remat=r), rngs=nnx.Rngs(0))
+              for r in ("block", "offload")}
+    assert "f64<host>[2,2,9,32]" in _grad_jaxpr(models["offload"], x)
+    assert "<host>" not in _grad_jaxpr(models["block"], x)
+
+
+def test_offload_without_pinned_host_memory_stays_on_the_device(monkeypatch, caplog):
+    monkeypatch.setattr(hybridjax.model, "host_offload_supported", lambda: False)
+    model = HybridLM(tiny(pattern="M-", remat="offload"), rngs=nnx.Rngs(0))
+    assert "<host>" not in _grad_jaxpr(model, tokens(5, 1, 8))
+    assert "no pinned_host memory" in caplog.text
+
+
+def test_logits_from_hidden_and_head_equal_the_flax_head():
+    """`head` and `logits` read the lm_head kernel, or the tied embedding table, as flax does."""
+    x = tokens(6, 2, 11)
+    for tie in (False, True):
+        model = HybridLM(tiny(pattern="M*", tie_embeddings=tie), rngs=nnx.Rngs(0))
+        h, _ = model.hidden(x)
+        _, vocab_major = model.head()
+        assert vocab_major == tie and h.shape == (2, 11, 32)
+        flax_head = model.embeddings.attend(h) if tie else model.lm_head(h)
+        np.testing.assert_allclose(model(x), flax_head, rtol=1e-13, atol=1e-13)
 
 
 def test_router_bias_update_favours_underloaded_experts():
@@ -111,9 +158,10 @@ def test_param_counts_match_hand_count():
 
 
 @pytest.mark.parametrize("bad, field", [
-    (dict(pattern="MX"), "pattern"), (dict(n_groups=3), "n_groups"),
-    (dict(kv_heads=3), "kv_heads"), (dict(pattern="E", top_k=9), "top_k"),
-    (dict(dtype="int8"), "dtype"), (dict(rope_scaling="linear"), "rope_scaling"),
+    ({"pattern": "MX"}, "pattern"), ({"n_groups": 3}, "n_groups"),
+    ({"kv_heads": 3}, "kv_heads"), ({"pattern": "E", "top_k": 9}, "top_k"),
+    ({"dtype": "int8"}, "dtype"), ({"rope_scaling": "linear"}, "rope_scaling"),
+    ({"remat": "offlaod"}, "remat"), ({"loss_chunk_size": 0}, "loss_chunk_size"),
 ])
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

@@ -6,6 +6,7 @@ Pure numpy/jax functions over batches of the data contract (hybridjax.data); no 
 from hybridjax.eval.lm import (
     cross_entropy_sums,
     lm_metrics,
+    loss_sums,
     masked_mean_cross_entropy,
     perplexity,
     token_cross_entropy,
@@ -13,6 +14,6 @@ from hybridjax.eval.lm import (
 from hybridjax.eval.recall import recall_accuracy, recall_counts, recall_metrics
 
 __all__ = [
-    "cross_entropy_sums", "lm_metrics", "masked_mean_cross_entropy", "perplexity",
+    "cross_entropy_sums", "lm_metrics", "loss_sums", "masked_mean_cross_entropy", "perplexity",
     "recall_accuracy", "recall_counts", "recall_metrics", "token_cross_entropy",
 ]

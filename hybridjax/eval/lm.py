@@ -21,13 +21,19 @@ def token_cross_entropy(logits, targets):
 
 def cross_entropy_sums(logits, targets, loss_mask):
     """-> (sum of loss_mask * cross-entropy, sum of loss_mask), both scalars."""
-    ce = token_cross_entropy(logits, targets)
-    weights = jnp.asarray(loss_mask, ce.dtype)
-    return (ce * weights).sum(), weights.sum()
+    return loss_sums(token_cross_entropy(logits, targets), loss_mask)
+
+
+def loss_sums(losses, loss_mask):
+    """Per-token losses (e.g. from hybridjax.ops.cross_entropy, without logits) -> (sum of
+    loss_mask * losses, sum of loss_mask), both scalars in the losses' dtype."""
+    weights = jnp.asarray(loss_mask, losses.dtype)
+    return (losses * weights).sum(), weights.sum()
 
 
 def masked_mean_cross_entropy(logits, targets, loss_mask):
-    """Mean cross-entropy over positions with loss_mask > 0 (weighted by it); 0 if there are none."""
+    """Mean cross-entropy over positions with loss_mask > 0 (weighted by it); 0 if there are
+    none."""
     loss_sum, weight_sum = cross_entropy_sums(logits, targets, loss_mask)
     return loss_sum / jnp.maximum(weight_sum, 1e-8)
 

@@ -9,8 +9,8 @@ both passes, not O(N x V).
 Training chunks are strided, not contiguous: of n chunks, chunk s holds tokens s, s + n, s + 2n,
 ..., so a token axis split over devices (a mesh's batch axes split the rows) stays split inside
 every chunk and each device works on its own tokens at every step. The head's vocab dimension may
-be split too (over "tensor"): the target's logit is picked by a masked sum over the vocabulary
-rather than a gather, so XLA reduces it across shards as it does the logsumexp.
+be split too (over "tensor"); XLA's partitioner reduces the logsumexp, the target's logit (a
+gather) and the argmax across the shards.
 
 The head is `(d, V)` (an lm_head kernel) or, with `vocab_major`, `(V, d)` (a tied embedding
 table), read in place either way. Logits are a matmul in the hidden states' dtype with float32 (or
@@ -42,8 +42,9 @@ def head_logits(h, head, *, vocab_major: bool = False):
 def _loss_and_prediction(h, head, targets, vocab_major):
     """Cross-entropy and argmax of one chunk: h (..., d), targets (...)."""
     logits = head_logits(h, head, vocab_major=vocab_major)
-    vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0), axis=-1)
+    # A gather, not a one-hot select: XLA hoists a select's (chunk, V) iota and zeros out of
+    # the loop as two more chunk-sized buffers.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - target_logit, jnp.argmax(logits, axis=-1)
 
 
@@ -120,6 +121,9 @@ def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
 
     ce, pred = lax.map(chunk, (jnp.arange(chunks), order))  # (chunks, B, per_row), sorted order
     order = order.swapaxes(0, 1).reshape(batch, -1)[:, :length]
-    unsort = lambda x: jnp.zeros_like(x, shape=(batch, length)).at[rows, order].set(
-        x.swapaxes(0, 1).reshape(batch, -1)[:, :length])
+
+    def unsort(x):  # (chunks, B, per_row) in sorted order -> (B, L) at the original positions
+        x = x.swapaxes(0, 1).reshape(batch, -1)[:, :length]
+        return jnp.zeros_like(x).at[rows, order].set(x)
+
     return jnp.where(answer, unsort(ce), 0), jnp.where(answer, unsort(pred), -1)
