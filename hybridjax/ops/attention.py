@@ -11,10 +11,12 @@ give every document its own id.
 
 Implementations (`impl=`):
   "xla"        dense: (B, Hq, L, L) scores and a (B, L, L) mask, softmax in float32 (float64 for
-               float64 inputs). The oracle of the tests; out of memory at 32K tokens on an H200.
+               float64 inputs). The oracle of the tests; a 1B hybrid's step ran out of memory
+               at 32K tokens on an H200.
   "blockwise"  flash attention in XLA loops, forward and backward in O(L) memory. Runs anywhere.
   "pallas"     jax's Pallas Triton flash attention (`jax.experimental.pallas.ops.gpu.attention`,
-               forward and backward kernels, packed documents included). GPU only.
+               forward and backward kernels, packed documents included; kv heads repeated to
+               the query heads). GPU only; bf16, fp16 or fp32 (Triton's default dot precision).
   "cudnn"      `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`. Its
                arguments express padding, not packing: segment_ids raise a ValueError.
   "auto"       "pallas" on a GPU when the kernel supports the call, else "blockwise".
@@ -28,8 +30,8 @@ block a loop runs over the key blocks it can see, carrying the online-softmax st
 max, sum and output in float32, float64 for float64 inputs). The loops' bounds are arrays:
 causal, a query block reads key blocks up to the diagonal only, and with segment_ids only from
 the block holding the first key of its queries' documents, so packed rows skip the blocks
-between documents too (bounds taken over the batch rows). Trip counts are data-dependent: on a
-GPU XLA reads each step's condition back to the host, so blocks default to 512 there; on the CPU
+between documents too (bounds taken over the batch rows). Trip counts are data-dependent (a GPU
+may read each step's loop condition back to the host), so blocks default to 512 there; on the CPU
 128 keeps a step's scores in cache (2 cores, fwd+bwd at b1 l4096 h4 d32: 0.5 s, 0.9 s with
 512, 4.2 s dense). The backward (a jax.custom_vjp) recomputes the scores from (q, k, v, out,
 logsumexp): one scan over key blocks, each looping over the query blocks that read it, with dK
@@ -94,9 +96,6 @@ def attention(q, k, v, *, segment_ids=None, scale=None, impl="auto"):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                             implementation="cudnn")
     if impl == "pallas":
-        reason = pallas_unsupported_reason(q, k, v)
-        if reason is not None:
-            raise ValueError(f"attn_impl='pallas': {reason}")
         k, v = (_repeat_kv(t, q.shape[2]) for t in (k, v))  # the kernel wants equal heads
         fn = functools.partial(pallas_attention, scale=scale)
     else:
@@ -106,13 +105,16 @@ def attention(q, k, v, *, segment_ids=None, scale=None, impl="auto"):
 
 def attention_per_shard(fn, q, k, v, segment_ids):
     """`fn(q, k, v, segment_ids)` on each device's rows and heads of the current mesh (the whole
-    arrays without one). Heads split over "tensor" only when it divides the kv heads."""
+    arrays without one). When "tensor" divides the query heads but not the kv heads, the kv
+    heads are repeated to one per query head first, so that both split."""
     split = mesh_split(q.shape, k.shape[2])
     if split is None:
         return fn(q, k, v, segment_ids)
-    mesh, rows, *_, heads = split  # heads: the axis that splits the kv heads (with the queries')
+    mesh, rows, *_, heads, kv_heads = split  # the axes over rows, query heads, kv heads
     if rows is None and heads is None:
         return fn(q, k, v, segment_ids)
+    if heads is not None and kv_heads is None:
+        k, v = (_repeat_kv(t, q.shape[2]) for t in (k, v))
     spec = P(rows, None, heads, None)
     seg_spec = None if segment_ids is None else P(rows, None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec),

@@ -44,10 +44,18 @@ PACKED = docs([(0, 5), (1, 10), (0, 7), (2, 15)],  # id 0 comes back after anoth
 ONE_DOC = docs([(7, L)], [(0, L)])
 
 
-@pytest.mark.parametrize("segment_ids", [None, PACKED, ONE_DOC], ids=["none", "packed", "one"])
-@pytest.mark.parametrize("hq,hk", [(6, 2), (4, 4), (3, 1)])
-@pytest.mark.parametrize("block_q,block_k", [(8, 8), (16, 5), (64, 64), (7, 13)])
-def test_equals_dense_in_float64(segment_ids, hq, hk, block_q, block_k):
+@pytest.mark.parametrize("mask,hq,hk,block_q,block_k", [
+    ("none", 6, 2, 8, 8),
+    ("none", 4, 4, 7, 13),
+    ("packed", 6, 2, 8, 8),
+    ("packed", 6, 2, 16, 5),
+    ("packed", 4, 4, 7, 13),
+    ("packed", 3, 1, 64, 64),  # one block
+    ("one", 3, 1, 16, 5),
+    ("one", 6, 2, 13, 7),
+])
+def test_equals_dense_in_float64(mask, hq, hk, block_q, block_k):
+    segment_ids = {"none": None, "packed": PACKED, "one": ONE_DOC}[mask]
     q, k, v, ct = qkv(2, L, hq, hk, 8)
     fn = functools.partial(blockwise_attention, segment_ids=segment_ids, block_q=block_q,
                            block_k=block_k)
@@ -165,7 +173,7 @@ def test_dispatch_errors():
 
 # --- per shard -------------------------------------------------------------------------------
 @pytest.mark.parametrize("sizes,hk", [({"data": 2, "fsdp": 2, "tensor": 2}, 2),  # rows, heads
-                                      ({"data": 2, "tensor": 4}, 2)])  # kv heads stay whole
+                                      ({"data": 2, "tensor": 4}, 2)])  # kv heads repeated
 def test_per_shard_equals_whole(sizes, hk):
     q, k, v, ct = qkv(4, L, 4, hk, 8)
     seg = jnp.concatenate([PACKED, ONE_DOC])
