@@ -9,6 +9,7 @@ forward 4 * B * Hq * D * pairs, forward+backward 3.5 times that (FlashAttention'
 "temp GiB" is XLA's planned temporary memory of the compiled forward+backward.
 
   python -m hybridjax.bench attention --out DIR                     # b1 l16384/65536 h16 kv8 d128
+  python -m hybridjax.bench attention --blocks 512 1024 2048 --pallas-bwd-blocks 32 64 128
   python -m hybridjax.bench attention --shapes b1,l1024,h4,k2,d32 --dtype float32   # CPU smoke
 """
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.bench.ssd import median_ms, rel_err
-from hybridjax.ops.attention import attention, blockwise_attention
+from hybridjax.ops.attention import attention, blockwise_attention, pallas_attention
 
 DEFAULT_SHAPES = ["b1,l16384,h16,k8,d128", "b1,l65536,h16,k8,d128"]
 ALL_IMPLS = ("cudnn", "pallas", "blockwise", "xla")
@@ -53,19 +54,33 @@ def allowed_pairs(length, doc_len):
     return sum(n * (n + 1) // 2 for n in sizes)
 
 
-def jax_fns(impl, seg, block):
-    if impl == "blockwise" and block:
-        def f(q, k, v):
-            return blockwise_attention(q, k, v, seg, block_q=block, block_k=block)
-    else:
-        def f(q, k, v):
-            return attention(q, k, v, segment_ids=seg, impl=impl)
+def variants(impls, blocks, pallas_bwd_blocks):
+    """(label, impl, keyword arguments of its function) per row."""
+    rows = []
+    for impl in impls:
+        if impl == "blockwise" and blocks:
+            rows += [(f"blockwise {n}", impl, {"block_q": n, "block_k": n}) for n in blocks]
+        elif impl == "pallas" and pallas_bwd_blocks:
+            rows += [(f"pallas bwd {n}", impl, {"block_bwd": n}) for n in pallas_bwd_blocks]
+        else:
+            rows.append((impl, impl, {}))
+    return rows
+
+
+def jax_fns(impl, kw, seg):
+    def f(q, k, v):
+        if impl == "blockwise" and kw:
+            return blockwise_attention(q, k, v, seg, **kw)
+        if impl == "pallas" and kw:
+            k, v = (jnp.repeat(t, q.shape[2] // t.shape[2], axis=2) for t in (k, v))
+            return pallas_attention(q, k, v, seg, **kw)
+        return attention(q, k, v, segment_ids=seg, impl=impl)
 
     return jax.jit(f), jax.jit(lambda args, dy: jax.vjp(f, *args)[1](dy))
 
 
-def measure(impl, inputs, dy, seg, timing, block, with_backward):
-    fwd, fwd_bwd = jax_fns(impl, seg, block)
+def measure(impl, kw, inputs, dy, seg, timing, with_backward):
+    fwd, fwd_bwd = jax_fns(impl, kw, seg)
     t0 = time.perf_counter()
     out = jax.block_until_ready(fwd(*inputs))
     row = {"first_call_s": time.perf_counter() - t0,
@@ -105,8 +120,10 @@ def main(argv=None):
                     help="default: cudnn and pallas on a GPU, blockwise")
     ap.add_argument("--doc-len", type=int, default=4096,
                     help="tokens per packed document (default: %(default)s)")
-    ap.add_argument("--block", type=int, default=None,
-                    help="blockwise: positions per query and key block (default: its own)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=None,
+                    help="blockwise: a row per block size (default: one row, its own)")
+    ap.add_argument("--pallas-bwd-blocks", type=int, nargs="+", default=None,
+                    help="pallas: a row per backward block size (default: one row, its own)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=15, help="timed batches (median taken)")
@@ -132,28 +149,28 @@ def main(argv=None):
         for mask, seg, doc in (("one doc", None, s["l"]),
                                ("packed", segment_ids(s, args.doc_len), args.doc_len)):
             first = None  # the first impl's output under this mask: the others' reference
-            for impl in impls:
+            for label, impl, kw in variants(impls, args.blocks, args.pallas_bwd_blocks):
                 if impl == "cudnn" and seg is not None:
                     continue
-                row = {"shape": name, "mask": mask, "impl": impl, "note": "",
+                row = {"shape": name, "mask": mask, "impl": label, "note": "",
                        "flops": 4 * s["b"] * s["h"] * s["d"] * allowed_pairs(s["l"], doc)}
                 try:
-                    result, out = measure(impl, inputs, dy, seg, timing, args.block,
+                    result, out = measure(impl, kw, inputs, dy, seg, timing,
                                           not args.no_backward)
                 except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
                     row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-                    print(f"{name}  {mask}  {impl}: {row['error']}", flush=True)
+                    print(f"{name}  {mask}  {label}: {row['error']}", flush=True)
                     rows.append(row)
                     continue
                 row.update(result)
                 if first is None:
-                    first = (impl, np.asarray(out.astype(jnp.float32)))
+                    first = (label, np.asarray(out.astype(jnp.float32)))
                 else:
                     err = rel_err(out.astype(jnp.float32), first[1])
                     row["note"] = f"rel.err vs {first[0]} {err:.1e}"
                 rows.append(row)
                 fb = row.get("fwd_bwd_ms")
-                print(f"{name}  {mask}  {impl}: fwd {row['fwd_ms']:.3f} ms  fwd+bwd "
+                print(f"{name}  {mask}  {label}: fwd {row['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{'-' if fb is None else f'{fb:.3f} ms'}  (first call "
                       f"{row['first_call_s']:.1f} s) {row['note']}", flush=True)
         del inputs, dy

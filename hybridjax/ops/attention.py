@@ -30,13 +30,13 @@ block a loop runs over the key blocks it can see, carrying the online-softmax st
 max, sum and output in float32, float64 for float64 inputs). The loops' bounds are arrays:
 causal, a query block reads key blocks up to the diagonal only, and with segment_ids only from
 the block holding the first key of its queries' documents, so packed rows skip the blocks
-between documents too (bounds taken over the batch rows). Trip counts are data-dependent (a GPU
-may read each step's loop condition back to the host), so blocks default to 512 there; on the CPU
-128 keeps a step's scores in cache (2 cores, fwd+bwd at b1 l4096 h4 d32: 0.5 s, 0.9 s with
-512, 4.2 s dense). The backward (a jax.custom_vjp) recomputes the scores from (q, k, v, out,
-logsumexp): one scan over key blocks, each looping over the query blocks that read it, with dK
-and dV in the loop's carry and dQ added into one (L, D) buffer. Autodiff through the loops would
-store every block's probabilities: O(L^2 / block) memory.
+between documents too (bounds taken over the batch rows). Each step has a fixed cost beyond its
+matmuls (a handful of kernels, a data-dependent loop condition), so off the CPU the blocks are
+large (`default_block`); on the CPU 128 keeps a step's scores in cache (2 cores, fwd+bwd at b1
+l4096 h4 d32: 0.5 s, 0.9 s with 512, 4.2 s dense). The backward (a jax.custom_vjp) recomputes
+the scores from (q, k, v, out, logsumexp): one scan over key blocks, each looping over the query
+blocks that read it, with dK and dV in the loop's carry and dQ added into one (L, D) buffer.
+Autodiff through the loops would store every block's probabilities: O(L^2 / block) memory.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ from hybridjax.ops.ssd_sharded import mesh_split
 
 IMPLS = ("auto", "blockwise", "pallas", "cudnn", "xla")
 PALLAS_DTYPES = ("bfloat16", "float16", "float32")
+SCORE_BYTES = 256 * 2**20  # one blockwise step's float32 scores, off the CPU
+# jax's own blocks for its Pallas attention (forward, backward); on an H200 the backward is 4x
+# the forward at d128 (cuDNN's: 2.7x): `python -m hybridjax.bench attention --pallas-bwd-blocks
+# 32 64 128` compares others
+PALLAS_BLOCK_FWD, PALLAS_BLOCK_BWD = 128, 32
 
 
 def _check(q, k, v, segment_ids):
@@ -162,13 +167,25 @@ def _split(length: int, block: int):
     return n, -(-length // n)
 
 
+def default_block(batch: int, heads: int) -> int:
+    """Positions per block: 128 on the CPU (a step's scores stay in cache); elsewhere the largest
+    power of two in 128..2048 whose float32 scores (batch, heads, block, block) fit in 256 MiB.
+    On an H200 a step costs ~50 us beyond its matmuls (b1 l65536 h16 d128 bf16, blocks of 512:
+    8256 steps, fwd 452 ms where the matmuls alone take ~30), so blocks are made large."""
+    if jax.default_backend() == "cpu":
+        return 128
+    block = 2048
+    while block > 128 and batch * heads * block * block * 4 > SCORE_BYTES:
+        block //= 2
+    return block
+
+
 def blockwise_attention(q, k, v, segment_ids=None, *, scale=None, block_q: int | None = None,
                         block_k: int | None = None):
     """Causal GQA flash attention in XLA loops, O(L) memory forward and backward (see the module
-    docstring); same arguments and result as `attention`. Blocks default to 128 positions on the
-    CPU, 512 elsewhere."""
+    docstring); same arguments and result as `attention`. Blocks default to `default_block`."""
     _check(q, k, v, segment_ids)
-    default = 128 if jax.default_backend() == "cpu" else 512
+    default = default_block(q.shape[0], q.shape[2])
     block_q = default if block_q is None else block_q
     block_k = default if block_k is None else block_k
     for name, value in (("block_q", block_q), ("block_k", block_k)):
@@ -356,20 +373,19 @@ def _repeat_kv(x, heads: int):
     return jnp.repeat(x, heads // x.shape[2], axis=2)
 
 
-def pallas_attention(q, k, v, segment_ids=None, *, scale=None, block_sizes=None,
-                     interpret: bool = False):
+def pallas_attention(q, k, v, segment_ids=None, *, scale=None, block_fwd: int = PALLAS_BLOCK_FWD,
+                     block_bwd: int = PALLAS_BLOCK_BWD, interpret: bool = False):
     """jax's Pallas Triton flash attention, causal, with segment_ids: q, k, v (B, L, H, D) with
-    equal heads (`attention` repeats GQA's kv heads first). The length is padded to a multiple of
-    the largest block; the padded keys lie after every real query, so the causal mask hides
-    them. `block_sizes`: a `BlockSizes` of that module (default: its own)."""
+    equal heads (`attention` repeats GQA's kv heads first). Query and key blocks of `block_fwd`
+    positions in the forward, `block_bwd` in the backward's kernel. The length is padded to a
+    multiple of the larger; the padded keys lie after every real query, so the causal mask
+    hides them."""
     reason = pallas_unsupported_reason(q, k, v, interpret=interpret)
     if reason is not None:
         raise ValueError(f"attn_impl='pallas': {reason}")
-    if block_sizes is None:
-        block_sizes = _triton_attention().BlockSizes.get_default()
+    block_sizes = _triton_attention().BlockSizes(block_fwd, block_fwd, *[block_bwd] * 4)
     l = q.shape[1]
-    block = max(x for x in dataclasses.astuple(block_sizes) if x is not None)
-    pad = -l % block
+    pad = -l % max(block_fwd, block_bwd)
     if pad:
         q, k, v = (jnp.pad(t, [(0, 0), (0, pad), (0, 0), (0, 0)]) for t in (q, k, v))
         if segment_ids is not None:

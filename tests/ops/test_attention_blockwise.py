@@ -113,6 +113,14 @@ def test_block_ranges_skip_other_documents():
     assert ranges(None, 30, 10, 7) == [[0, 0, 0], [2, 4, 5], [0, 0, 1, 1, 2], [3] * 5]
 
 
+def test_default_block(monkeypatch):
+    assert attn_ops.default_block(1, 16) == 128  # the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # float32 scores (batch, heads, block, block) within 256 MiB, 128..2048
+    assert [attn_ops.default_block(b, h) for b, h in ((1, 16), (4, 32), (64, 64))] == [
+        2048, 512, 128]
+
+
 def _temp_bytes(l, heads=2, kv_heads=1, d=16):
     """XLA's planned temporaries for the blockwise forward + backward at length l (packed)."""
     q = jax.ShapeDtypeStruct((1, l, heads, d), jnp.float32)
