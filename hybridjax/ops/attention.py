@@ -19,7 +19,12 @@ Implementations (`impl=`):
                the query heads). GPU only; bf16, fp16 or fp32 (Triton's default dot precision).
   "cudnn"      `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`. Its
                arguments express padding, not packing: segment_ids raise a ValueError.
-  "auto"       "pallas" on a GPU when the kernel supports the call, else "blockwise".
+  "auto"       on a GPU, "cudnn" for one document per row in bf16/fp16 and "blockwise" for
+               packed rows; "blockwise" elsewhere. Measured on an H200 (b1 h16 kv8 d128, bf16,
+               fwd+bwd; docs/measurements/h200_bench_attention.log): one document, cuDNN 7.0 /
+               112.9 ms at 16K / 64K against pallas 26.0 / 395; packed 4K documents, blockwise
+               25.0 / 99.5 ms against pallas 26.9 / 409 (jax's kernel walks the whole causal
+               band; the blockwise loops skip other documents' blocks).
 "blockwise" and "pallas" run per shard of the current mesh (rows over the batch axes, heads over
 "tensor"): XLA cannot partition the Pallas call, and per shard the blockwise loops skip blocks
 by their own rows' documents.
@@ -87,8 +92,8 @@ def attention(q, k, v, *, segment_ids=None, scale=None, impl="auto"):
     _check(q, k, v, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
-        impl = ("pallas" if jax.default_backend() == "gpu"
-                and pallas_unsupported_reason(q, k, v) is None else "blockwise")
+        flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if flash and segment_ids is None else "blockwise"
     if impl == "xla":
         b, l = q.shape[:2]
         return dense_attention(q, k, v, causal_mask(segment_ids, b, l), scale=scale)
