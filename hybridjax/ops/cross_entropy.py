@@ -2,9 +2,11 @@
 
 The logits of N tokens over a V-word vocabulary are N x V floats: 32 GiB in float32 at 256K tokens
 and V = 32K, more than the rest of a train step. These functions form the logits of about
-`chunk_size` tokens at a time inside a `lax.map`, and `jax.checkpoint` on each chunk makes the
-backward pass recompute a chunk's logits rather than keep them: memory is O(chunk_size x V) in
-both passes, not O(N x V).
+`chunk_size` tokens at a time inside a `lax.map`, and the backward pass recomputes a chunk's
+logits rather than keeping them: memory is O(chunk_size x V) in both passes, not O(N x V). The
+backward is written out (a custom VJP: softmax minus one-hot, computed in place of the recomputed
+logits, then the two matmuls) rather than left to `jax.checkpoint`, whose autodiff of the same
+chunk plans about twice the chunk-sized buffers.
 
 Training chunks are strided, not contiguous: of n chunks, chunk s holds tokens s, s + n, s + 2n,
 ..., so a token axis split over devices (a mesh's batch axes split the rows) stays split inside
@@ -19,6 +21,7 @@ float64) accumulation and output: `head_logits`, which the model's own head also
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -39,13 +42,43 @@ def head_logits(h, head, *, vocab_major: bool = False):
                            preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
 
 
-def _loss_and_prediction(h, head, targets, vocab_major):
-    """Cross-entropy and argmax of one chunk: h (..., d), targets (...)."""
+def _chunk_forward(h, head, targets, vocab_major):
+    """(cross-entropy, logsumexp, logits) of one chunk: h (..., d), targets (...)."""
     logits = head_logits(h, head, vocab_major=vocab_major)
-    # A gather, not a one-hot select: XLA hoists a select's (chunk, V) iota and zeros out of
-    # the loop as two more chunk-sized buffers.
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    # A gather, not a one-hot select: XLA hoists a select's (m, V) iota and zeros out of the
+    # loop as two more chunk-sized buffers.
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit, jnp.argmax(logits, axis=-1)
+    return lse - target_logit, lse, logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunk_loss(h, head, targets, vocab_major):
+    return _chunk_forward(h, head, targets, vocab_major)[0]
+
+
+def _chunk_loss_fwd(h, head, targets, vocab_major):
+    loss, lse, _ = _chunk_forward(h, head, targets, vocab_major)
+    return loss, (h, head, targets, lse)
+
+
+def _chunk_loss_bwd(vocab_major, residuals, g):
+    """d loss / d logits = g (softmax - one-hot) from the recomputed logits (h is (m, d) here);
+    the matmuls take it in h's dtype with >= float32 accumulation, as the forward's."""
+    h, head, targets, lse = residuals
+    logits = head_logits(h, head, vocab_major=vocab_major)
+    vocab = jnp.arange(logits.shape[-1])  # 1-D, so no (m, V) iota is hoisted out of the loop
+    dlogits = ((jnp.exp(logits - lse[:, None]) - (vocab == targets[:, None])) * g[:, None])
+    dlogits = dlogits.astype(h.dtype)
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    dh = lax.dot_general(dlogits, head.astype(h.dtype), (((1,), (0 if vocab_major else 1,)),
+                                                         ((), ())), preferred_element_type=acc)
+    pair = (dlogits, h) if vocab_major else (h, dlogits)
+    dhead = lax.dot_general(*pair, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    return dh.astype(h.dtype), dhead.astype(head.dtype), None
+
+
+_chunk_loss.defvjp(_chunk_loss_fwd, _chunk_loss_bwd)
 
 
 def _split(total: int, chunk_size: int) -> tuple[int, int]:
@@ -74,12 +107,7 @@ def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: boo
     # Token i * chunks + s goes to chunk s: (per_chunk, chunks) -> chunks first.
     xs = (flat_h.reshape(per_chunk, chunks, -1).swapaxes(0, 1),
           flat_t.reshape(per_chunk, chunks).T)
-
-    @jax.checkpoint
-    def chunk_loss(xs):
-        return _loss_and_prediction(xs[0], head, xs[1], vocab_major)[0]
-
-    losses = lax.map(chunk_loss, xs)  # (chunks, per_chunk)
+    losses = lax.map(lambda x: _chunk_loss(x[0], head, x[1], vocab_major), xs)  # (chunks, per)
     return losses.T.reshape(-1)[:n].reshape(targets.shape)
 
 
@@ -110,8 +138,8 @@ def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
         s, idx = args
 
         def compute():
-            ce, pred = _loss_and_prediction(h[rows, idx], head, targets[rows, idx], vocab_major)
-            return ce, pred.astype(jnp.int32)
+            ce, _, logits = _chunk_forward(h[rows, idx], head, targets[rows, idx], vocab_major)
+            return ce, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
         def skip():
             return (jnp.zeros(idx.shape, jnp.promote_types(h.dtype, jnp.float32)),

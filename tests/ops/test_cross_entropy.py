@@ -48,12 +48,18 @@ def test_equals_full_logits_values_and_grads(shape, chunk, vocab_major):
 
 
 def test_bfloat16_matmul_with_float32_logits():
-    """A bfloat16 matmul accumulated in float32, never rounded to bfloat16 logits."""
+    """A bfloat16 matmul accumulated in float32, never rounded to bfloat16 logits; bfloat16
+    gradients close to the float64 ones."""
     h, head, targets = _data(2, (3, 10), dtype=jnp.bfloat16)
     ce = chunked_cross_entropy(h, head, targets, chunk_size=4)
     assert ce.dtype == jnp.float32 and head_logits(h, head).dtype == jnp.float32
-    exact = jnp.dot(h.astype(jnp.float64), head.astype(jnp.float64))
-    np.testing.assert_allclose(ce, _full(exact, jnp.eye(head.shape[1]), targets), rtol=1e-5)
+    wide = h.astype(jnp.float64), head.astype(jnp.float64)
+    np.testing.assert_allclose(ce, _full(*wide, targets), rtol=1e-5)
+    grads = jax.grad(lambda h, w: jnp.sum(chunked_cross_entropy(h, w, targets, chunk_size=4)),
+                     argnums=(0, 1))
+    for g, r in zip(grads(h, head), grads(*wide)):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-2, atol=2e-2)
 
 
 def test_backward_never_holds_the_logits():
@@ -71,7 +77,7 @@ def test_backward_never_holds_the_logits():
     chunked = temp(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=chunk))
     full = temp(_full)
     assert full >= n * vocab * 4  # the logits (512 MiB)
-    assert chunked < 3 * chunk * vocab * 4, (chunked, full)  # about 2 chunks (16 MiB each)
+    assert chunked < 2 * chunk * vocab * 4, (chunked, full)  # about one chunk (16 MiB)
 
 
 def _answer_data(seed, batch=3, length=29):
