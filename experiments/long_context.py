@@ -48,7 +48,10 @@ def run_job(cfg) -> float | None:
 
     hydra = HydraConfig.get()
     short = os.path.join(hydra.runtime.output_dir, "short")
-    run_from_config(cfg, short)
+    done = run_from_config(cfg, short)["step"]
+    if done < cfg.trainer.steps:  # stopped early (a signal, stop_at): extend the whole run only
+        raise RuntimeError(f"{short} stopped at step {done} of {cfg.trainer.steps}; run the "
+                           f"experiment again in its sweep directory to continue")
     extension = compose(config_name="config", overrides=[
         *hydra.overrides.task, f"+experiment/extension={cfg.name}",
         f"trainer.init_from={short}"])
