@@ -51,7 +51,8 @@ def test_cli_exports_latest_and_chosen_step(tmp_path, capsys):
         assert not info["missing_keys"] and not info["unexpected_keys"]
         imported = flat_params(from_hf(tmp_path / out))
         for name, value in saved[step].items():
-            if out == "bf16" and not name.endswith("e_score_correction_bias"):
+            router = name.endswith(("e_score_correction_bias", "mixer.gate.weight"))
+            if out == "bf16" and not router:  # the router stays float32, as in transformers
                 value = value.astype(ml_dtypes.bfloat16).astype(value.dtype)
             np.testing.assert_array_equal(imported[name], value, err_msg=name)
 
