@@ -8,11 +8,14 @@ backward is written out (a custom VJP: softmax minus one-hot, computed in place 
 logits, then the two matmuls) rather than left to `jax.checkpoint`, whose autodiff of the same
 chunk plans about twice the chunk-sized buffers.
 
-Training chunks are strided, not contiguous: of n chunks, chunk s holds tokens s, s + n, s + 2n,
-..., so a token axis split over devices (a mesh's batch axes split the rows) stays split inside
-every chunk and each device works on its own tokens at every step. The head's vocab dimension may
-be split too (over "tensor"); XLA's partitioner reduces the logsumexp, the target's logit (a
-gather) and the argmax across the shards.
+Training chunks are strided along the sequence, not contiguous: of n chunks, chunk s holds
+positions s, s + n, s + 2n, ... of every row. Rows split over a mesh's batch axes stay split
+inside every chunk, and each device works on its own tokens at every step. So does a sequence
+split over "context" when a device holds one row (the long-context layout); with several rows
+per device XLA gathers the sequence first, as a chunk's (rows, positions) are flattened to one
+token axis (on that axis XLA computes the softmax gradient in place of the logits, one chunk-sized
+buffer fewer). The head's vocab dimension may be split too (over "tensor"); XLA's partitioner
+reduces the logsumexp, the target's logit (a gather) and the argmax across the shards.
 
 The head is `(d, V)` (an lm_head kernel) or, with `vocab_major`, `(V, d)` (a tied embedding
 table), read in place either way. Logits are a matmul in the hidden states' dtype with float32 (or
@@ -63,52 +66,64 @@ def _chunk_loss_fwd(h, head, targets, vocab_major):
 
 
 def _chunk_loss_bwd(vocab_major, residuals, g):
-    """d loss / d logits = g (softmax - one-hot) from the recomputed logits (h is (m, d) here);
-    the matmuls take it in h's dtype with >= float32 accumulation, as the forward's."""
+    """d loss / d logits = g (softmax - one-hot) from the recomputed logits; the matmuls take it
+    in h's dtype with >= float32 accumulation, as the forward's."""
     h, head, targets, lse = residuals
     logits = head_logits(h, head, vocab_major=vocab_major)
     vocab = jnp.arange(logits.shape[-1])  # 1-D, so no (m, V) iota is hoisted out of the loop
-    dlogits = ((jnp.exp(logits - lse[:, None]) - (vocab == targets[:, None])) * g[:, None])
+    dlogits = (jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None])) * g[..., None]
     dlogits = dlogits.astype(h.dtype)
     acc = jnp.promote_types(h.dtype, jnp.float32)
-    dh = lax.dot_general(dlogits, head.astype(h.dtype), (((1,), (0 if vocab_major else 1,)),
-                                                         ((), ())), preferred_element_type=acc)
+    dh = lax.dot_general(dlogits, head.astype(h.dtype),
+                         (((h.ndim - 1,), (0 if vocab_major else 1,)), ((), ())),
+                         preferred_element_type=acc)
+    tokens = tuple(range(h.ndim - 1))
     pair = (dlogits, h) if vocab_major else (h, dlogits)
-    dhead = lax.dot_general(*pair, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    dhead = lax.dot_general(*pair, ((tokens, tokens), ((), ())), preferred_element_type=acc)
     return dh.astype(h.dtype), dhead.astype(head.dtype), None
 
 
 _chunk_loss.defvjp(_chunk_loss_fwd, _chunk_loss_bwd)
 
 
-def _split(total: int, chunk_size: int) -> tuple[int, int]:
-    """(chunks, items per chunk) covering `total` items with chunks of at most `chunk_size`,
-    as even as possible so that little or no padding is needed."""
+def _split(length: int, rows: int, chunk_size: int) -> tuple[int, int]:
+    """(chunks, positions per row in a chunk) covering `length` positions of `rows` rows with
+    chunks of at most `chunk_size` tokens (but at least one position per row), as even as
+    possible so that little or no padding is needed."""
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size: must be a positive int, got {chunk_size!r}")
-    chunks = math.ceil(total / chunk_size)
-    return chunks, math.ceil(total / chunks)
+    chunks = math.ceil(length / max(chunk_size // rows, 1))
+    return chunks, math.ceil(length / chunks)
 
 
 def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: bool = False):
-    """Per-token cross-entropy without the (N, V) logits: h (..., d), head (d, V) or (V, d),
-    targets (...) int -> losses (...) in >= float32 (float64 for float64 h).
+    """Per-token cross-entropy without the (N, V) logits: h (..., L, d), head (d, V) or (V, d),
+    targets (..., L) int -> losses (..., L) in >= float32 (float64 for float64 h).
 
-    Differentiable in h and head; the backward pass recomputes each chunk's logits.
+    A chunk takes about `chunk_size` tokens: `chunk_size // rows` positions (at least one) of
+    every row. Differentiable in h and head; the backward pass recomputes each chunk's logits.
     """
-    if h.shape[:-1] != targets.shape:
+    if h.shape[:-1] != targets.shape or targets.ndim == 0:
         raise ValueError(f"targets: shape {targets.shape} does not match hidden states "
-                         f"{h.shape} (..., d)")
-    n = targets.size
-    chunks, per_chunk = _split(n, chunk_size)
-    pad = chunks * per_chunk - n
-    flat_h = jnp.pad(h.reshape(n, h.shape[-1]), ((0, pad), (0, 0)))
-    flat_t = jnp.pad(targets.reshape(n), (0, pad))
-    # Token i * chunks + s goes to chunk s: (per_chunk, chunks) -> chunks first.
-    xs = (flat_h.reshape(per_chunk, chunks, -1).swapaxes(0, 1),
-          flat_t.reshape(per_chunk, chunks).T)
-    losses = lax.map(lambda x: _chunk_loss(x[0], head, x[1], vocab_major), xs)  # (chunks, per)
-    return losses.T.reshape(-1)[:n].reshape(targets.shape)
+                         f"{h.shape} (..., L, d)")
+    length, d = h.shape[-2:]
+    h, t = h.reshape(-1, length, d), targets.reshape(-1, length)  # (rows, L): as laid out
+    rows = t.shape[0]
+    chunks, per_row = _split(length, rows, chunk_size)
+    pad = chunks * per_row - length
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(rows, per_row, chunks, d)
+    t = jnp.pad(t, ((0, 0), (0, pad))).reshape(rows, per_row, chunks)
+    # Position i * chunks + s of a row goes to chunk s: chunks first for the map.
+    xs = jnp.moveaxis(h, 2, 0), jnp.moveaxis(t, 2, 0)
+
+    def chunk(x):  # (rows, per_row, d) and (rows, per_row), flattened to one token axis
+        h_s, t_s = x
+        return _chunk_loss(h_s.reshape(-1, d), head, t_s.reshape(-1), vocab_major).reshape(
+            t_s.shape)
+
+    losses = lax.map(chunk, xs)
+    losses = jnp.moveaxis(losses, 0, 2).reshape(rows, -1)[:, :length]
+    return losses.reshape(targets.shape)
 
 
 def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
@@ -127,7 +142,7 @@ def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
                          f"(B, L); got {h.shape}, {targets.shape}, {loss_mask.shape}")
     batch, length = targets.shape
     answer = loss_mask > 0
-    chunks, per_row = _split(length, max(chunk_size // batch, 1))
+    chunks, per_row = _split(length, batch, chunk_size)
     order = jnp.argsort(~answer, axis=1, stable=True)  # answers first, in position order
     order = jnp.pad(order, ((0, 0), (0, chunks * per_row - length)))
     order = order.reshape(batch, chunks, per_row).swapaxes(0, 1)  # (chunks, B, per_row)

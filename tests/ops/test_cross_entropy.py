@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hybridjax.ops.cross_entropy import chunked_answer_losses, chunked_cross_entropy, head_logits
-from hybridjax.sharding import make_mesh
+from hybridjax.sharding import batch_sharding, make_mesh
 
 
 def _data(seed, shape, d=16, vocab=37, dtype=jnp.float64):
@@ -100,14 +100,15 @@ def test_answer_losses_equal_full_logits_at_answers(chunk, vocab_major):
     assert pred.dtype == jnp.int32
 
 
-def test_on_a_mesh_tokens_and_vocab_split():
-    """Rows split over the batch axes, the head's vocab dimension over "tensor": the same values
-    and grads as on one device."""
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2},
+                                   {"data": 2, "context": 2, "tensor": 2}])
+def test_on_a_mesh_tokens_and_vocab_split(sizes):
+    """Tokens laid out as batches are (rows over the batch axes, the sequence over "context"),
+    the head's vocab dimension over "tensor": the same values and grads as on one device."""
+    mesh = make_mesh(**sizes)
     h, head, targets, mask = _answer_data(4, batch=4, length=24)
     head = jnp.concatenate([head, head[:, :3]], axis=1)  # vocab 40: divisible by tensor
-    rows = NamedSharding(mesh, P(("data", "fsdp")))
-    vocab = NamedSharding(mesh, P(None, "tensor"))
+    tokens, vocab = batch_sharding(mesh), NamedSharding(mesh, P(None, "tensor"))
 
     def train(h, w, t):
         return jax.value_and_grad(lambda h, w: jnp.sum(
@@ -116,9 +117,10 @@ def test_on_a_mesh_tokens_and_vocab_split():
     def answers(h, w, t, m):
         return chunked_answer_losses(h, w, t, m, chunk_size=16)
 
-    args = (jax.device_put(h, rows), jax.device_put(head, vocab), jax.device_put(targets, rows))
+    args = (jax.device_put(h, tokens), jax.device_put(head, vocab),
+            jax.device_put(targets, tokens))
     with jax.set_mesh(mesh):
-        got = jax.jit(train)(*args), jax.jit(answers)(*args, jax.device_put(mask, rows))
+        got = jax.jit(train)(*args), jax.jit(answers)(*args, jax.device_put(mask, tokens))
     want = jax.jit(train)(h, head, targets), jax.jit(answers)(h, head, targets, mask)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
