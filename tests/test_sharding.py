@@ -187,4 +187,4 @@ def test_train_steps_on_a_mesh_equal_one_device(sizes, tmp_path):
     got, got_state = _run(cfg, tx, make_mesh(**sizes), batches, 4, ckpt_dir=tmp_path / "ckpt")
     np.testing.assert_allclose(got, want, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # lr 1e-2: a step
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # float32 after 4 steps of lr 1e-2
