@@ -31,7 +31,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 
-from experiments.report import BUCKET_PREFIX, _pyplot, find_run_dirs, load_run
+from experiments.report import BUCKET_PREFIX, _pyplot, find_run_dirs, load_run, print_report
 
 STAGES = ("short", "extend")
 STAGE_NAMES = {"short": "before", "extend": "after"}
@@ -206,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    with open(result["files"]["report.md"]) as f:
-        print(f.read())
-    print("wrote " + ", ".join(result["files"].values()))
+    print_report(result)
     return 0
 
 

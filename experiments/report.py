@@ -534,6 +534,13 @@ def _natural_key(text: str):
             for p in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if p]
 
 
+def print_report(result: dict) -> None:
+    """Print a report's report.md and the files it wrote."""
+    with open(result["files"]["report.md"]) as f:
+        print(f.read())
+    print("wrote " + ", ".join(result["files"].values()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.report",
@@ -550,9 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    with open(result["files"]["report.md"]) as f:
-        print(f.read())
-    print("wrote " + ", ".join(result["files"].values()))
+    print_report(result)
     return 0
 
 

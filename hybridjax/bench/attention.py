@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybridjax.bench.ssd import median_ms, rel_err
+from hybridjax.bench.ssd import add_timing_args, median_ms, rel_err
 from hybridjax.ops.attention import attention, blockwise_attention, pallas_attention
 
 DEFAULT_SHAPES = ["b1,l16384,h16,k8,d128", "b1,l65536,h16,k8,d128"]
@@ -124,11 +124,7 @@ def main(argv=None):
                     help="blockwise: a row per block size (default: one row, its own)")
     ap.add_argument("--pallas-bwd-blocks", type=int, nargs="+", default=None,
                     help="pallas: a row per backward block size (default: one row, its own)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=15, help="timed batches (median taken)")
-    ap.add_argument("--batch", type=int, default=10, help="back-to-back calls per timed batch")
-    ap.add_argument("--no-backward", action="store_true", help="forward only")
+    add_timing_args(ap)
     ap.add_argument("--out", default=None, help="directory for the table (attention.md) and rows")
     args = ap.parse_args(argv)
 

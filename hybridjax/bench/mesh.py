@@ -79,7 +79,7 @@ def measure(layout: str, args) -> dict:
     """One layout's row (in this process)."""
     import jax
 
-    from hybridjax.bench.step import PRESETS, make_batch
+    from hybridjax.bench.step import PRESETS, make_batch, run_steps
     from hybridjax.optim import OptimConfig, make_optimizer
     from hybridjax.sharding import batch_sharding, make_mesh
     from hybridjax.train_config import LossConfig
@@ -111,13 +111,7 @@ def measure(layout: str, args) -> dict:
         row["state_gib_per_device"] = sum(
             x.addressable_shards[0].data.nbytes
             for x in jax.tree.leaves((state.params, state.opt_state))) / GIB
-        times, losses = [], []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            state, metrics = jax.block_until_ready(compiled(state, data))
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-            losses.append(float(metrics["loss"]))
+        times, losses = run_steps(compiled, state, data, args.warmup, args.steps)
     step_s = statistics.median(times)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()[:n]]
     row.update(step_ms=1e3 * step_s, tokens_per_s=batch * args.seq_len / step_s,

@@ -140,6 +140,15 @@ def rel_err(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def add_timing_args(ap):
+  """The options every kernel benchmark shares: dtype, and the timing of `median_ms`."""
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=15, help="timed batches (median taken)")
+  ap.add_argument("--batch", type=int, default=10, help="back-to-back calls per timed batch")
+  ap.add_argument("--no-backward", action="store_true", help="forward only")
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m hybridjax.bench ssd", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,13 +157,9 @@ def main(argv=None):
   ap.add_argument("--impls", nargs="+", choices=ALL_IMPLS, default=None,
                   help="default: chunked, pallas on GPU, mamba_ssm when importable, and "
                        f"reference/assoc when b*l*h*p*n <= {SLOW_LIMIT}")
-  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[256],
                   help="chunk sizes for chunked/pallas (mamba_ssm always uses 256)")
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--repeats", type=int, default=15, help="timed batches (median taken)")
-  ap.add_argument("--batch", type=int, default=10, help="back-to-back calls per timed batch")
-  ap.add_argument("--no-backward", action="store_true", help="forward only")
+  add_timing_args(ap)
   ap.add_argument("--dump-hlo", default=None, metavar="DIR",
                   help="write each JAX fwd+bwd program's optimized HLO to DIR")
   ap.add_argument("--out", default=None, metavar="DIR", help="also write the table to DIR/ssd.md")

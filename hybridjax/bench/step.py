@@ -152,13 +152,7 @@ def measure(impl, args):
     compiled = step.lower(state, batch).compile()
     row["compile_s"] = time.perf_counter() - t0
     print(f"[{impl}] compiled in {row['compile_s']:.1f} s", flush=True)
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-      t0 = time.perf_counter()
-      state, metrics = jax.block_until_ready(compiled(state, batch))
-      if i >= args.warmup:
-        times.append(time.perf_counter() - t0)
-      losses.append(float(metrics["loss"]))
+    times, losses = run_steps(compiled, state, batch, args.warmup, args.steps)
   except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
     msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     print(f"[{impl}] failed ({msg})", flush=True)
@@ -174,6 +168,19 @@ def measure(impl, args):
   print(f"[{impl}] step {row['step_ms']:.1f} ms (median of {len(times)}), "
         f"{tokens_per_s:,.0f} tokens/s, loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
   return row
+
+
+def run_steps(compiled, state, batch, warmup, steps):
+  """(times of the `steps` timed calls in s, every call's loss): `warmup` untimed calls first.
+  The state is donated to each call and replaced by its output."""
+  times, losses = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled(state, batch))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    losses.append(float(metrics["loss"]))
+  return times, losses
 
 
 def run_child(argv, impl):
