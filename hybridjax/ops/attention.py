@@ -23,8 +23,9 @@ Implementations (`impl=`):
                packed rows; "blockwise" elsewhere. Measured on an H200 (b1 h16 kv8 d128, bf16,
                fwd+bwd; docs/measurements/h200_bench_attention.log): one document, cuDNN 7.0 /
                112.9 ms at 16K / 64K against pallas 26.0 / 395; packed 4K documents, blockwise
-               25.0 / 99.5 ms against pallas 26.9 / 409 (jax's kernel walks the whole causal
-               band; the blockwise loops skip other documents' blocks).
+               25.0 / 99.5 ms (blocks of 512; today's larger default blocks are unmeasured)
+               against pallas 26.9 / 409 (jax's kernel walks the whole causal band; the
+               blockwise loops skip other documents' blocks).
 "blockwise" and "pallas" run per shard of the current mesh (rows over the batch axes, heads over
 "tensor"): XLA cannot partition the Pallas call, and per shard the blockwise loops skip blocks
 by their own rows' documents.
