@@ -50,9 +50,10 @@ from jax.sharding import PartitionSpec as P
 
 from hybridjax.ops import moe_dispatch
 from hybridjax.ops.grouped_matmul import grouped_matmul
+from hybridjax.sharding import BATCH_AXES, SEQUENCE_AXIS
 
 # Mesh axes that split tokens: tokens are independent, so any data-like or sequence axis does.
-TOKEN_AXES = ("data", "fsdp", "expert", "context")
+TOKEN_AXES = (*BATCH_AXES, SEQUENCE_AXIS)
 
 
 # ---------------------------------------------------------------------------------- expert MLP
