@@ -11,6 +11,8 @@ Forward+backward is one vjp with a random cotangent, gradients for x, dt, A, B, 
 """
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import os
 import statistics
@@ -107,10 +109,8 @@ def load_mamba():
 
 def to_torch(a):
   import torch
-  try:
+  with contextlib.suppress(Exception):  # else fall back to a host round trip
     return torch.from_dlpack(a).clone()
-  except Exception:  # noqa: BLE001 - fall back to a host round trip
-    pass
   t = torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda()
   return t.to(torch.bfloat16 if a.dtype == jnp.bfloat16 else
               torch.float16 if a.dtype == jnp.float16 else torch.float32)
@@ -209,11 +209,12 @@ def main(argv=None):
           t0 = time.perf_counter()
           y = jax.block_until_ready(fwd(*inputs))
           compile_s = time.perf_counter() - t0
-          f_ms = median_ms(lambda: fwd(*inputs), jax.block_until_ready, *timing)
+          f_ms = median_ms(functools.partial(fwd, *inputs), jax.block_until_ready, *timing)
           fb_ms = None
           if not args.no_backward:
             jax.block_until_ready(fwd_bwd(inputs, dy))
-            fb_ms = median_ms(lambda: fwd_bwd(inputs, dy), jax.block_until_ready, *timing)
+            fb_ms = median_ms(functools.partial(fwd_bwd, inputs, dy), jax.block_until_ready,
+                              *timing)
             if args.dump_hlo:
               os.makedirs(args.dump_hlo, exist_ok=True)
               text = fwd_bwd.lower(inputs, dy).compile().as_text()

@@ -6,8 +6,8 @@ AdamW update, state donated on accelerators), on a fixed packed batch of random 
 documents per row, so segment ids reset the SSD state and mask attention as packed text does).
 Every implementation starts from the same initial parameters and sees the same batch, so the
 losses agree up to rounding. Per implementation: compile time, median step time after warm-up,
-tokens/s, model TFLOP/s and MFU (`flops_per_token`, the trainer's peak table), peak device memory
-and XLA's temporary buffer size. With several implementations each runs in its own process, so
+tokens/s, model TFLOP/s and MFU (`flops_per_token` at one document's length, the trainer's peak
+table), peak device memory and XLA's temporary buffer size. With several implementations each runs in its own process, so
 peak memory is its own and a crash (e.g. out of memory) costs only its row.
 
   python -m hybridjax.bench step                       # ~1B hybrid, b4 x l4096, chunked vs pallas
@@ -121,18 +121,24 @@ def peak_tflops(args):
   return args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
+def packed_flops_per_token(config, seq_len):
+  """Model FLOPs per token of a `make_batch` row: attention spans one document (seq_len over
+  DOCS_PER_ROW tokens), not the row."""
+  return flops_per_token(config, max(seq_len // DOCS_PER_ROW, 1))
+
+
 def measure(impl, args):
   """One row of the table: {"impl", ...measurements} or {"impl", "error"}."""
   config = PRESETS[args.preset]["config"].replace(ssd_impl=impl, dtype=args.dtype,
                                                   remat=args.remat)
   total, active = param_counts(config)
-  flops = flops_per_token(config, args.seq_len)
+  flops = packed_flops_per_token(config, args.seq_len)
   peak = peak_tflops(args)
   period = pattern_period(config.pattern)
   print(f"[{impl}] jax {jax.__version__} on {jax.default_backend()}: "
         f"{jax.devices()[0].device_kind}; preset {args.preset}: {config.n_layers} layers "
         f"{period!r} x {config.n_layers // len(period)}, d_model {config.d_model}, "
-        f"{total:,} params ({active:,} active), {flops / 1e9:.3g} GFLOP/token at l={args.seq_len}; "
+        f"{total:,} params ({active:,} active), {flops / 1e9:.3g} GFLOP/token ({DOCS_PER_ROW} documents per row); "
         f"batch {args.batch} x {args.seq_len}, {config.dtype} compute / {config.param_dtype} "
         f"params, remat {config.remat}", flush=True)
   row = {"impl": impl, "peak_tflops": peak}

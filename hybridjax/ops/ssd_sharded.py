@@ -10,12 +10,13 @@ Context parallelism is exact state passing, for any number of shards:
   1. each shard scans its stretch from a zero state: its outputs and end state h_k;
   2. its total decay a_k = exp(sum dt A), or 0 when a document starts inside the stretch or at
      its first position (the id differs from the previous shard's last one);
-  3. the (a_k, h_k) of all shards are gathered and combined with the SSM's associative operator
-     (`ssm_combine.combine`, the one that carries states between chunks), which gives the state
-     entering each shard, the caller's initial state folded into the first;
+  3. the (a_k, h_k) of all shards are combined in order with the SSM's associative operator
+     (`ssm_combine.combine`, the one that carries states between chunks) by a parallel prefix
+     over the shards: log2(shards) rounds of neighbour sends, which gives the state entering
+     each shard, the caller's initial state folded into the first;
   4. each shard adds what that entering state contributes to its outputs, up to its first
      document start: y_t += exp(cs_t) C_t . h_in.
-The gathered states are (shards, b, h, p, n): small next to the activations.
+Each send is one (b, h, p, n) state: small next to the activations.
 
 B and C (per group) split over "tensor" with the heads when the tensor size divides the groups;
 otherwise they stay whole on every device and each device picks the groups its heads read.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.ops.ssm_combine import combine
+from hybridjax.ops.ssm_combine import carry, combine
 from hybridjax.sharding import SEQUENCE_AXIS, axis_size, batch_axes
 
 
@@ -105,27 +106,52 @@ def _context_scan(scan, x, dt, A, B, C, D, initial_state, segment_ids, return_fi
     if segment_ids is None:
         alive = jnp.ones((b, l), bool)
     else:
-        before = jax.lax.ppermute(segment_ids[:, -1], SEQUENCE_AXIS,
-                                  [(k, k + 1) for k in range(n_shards - 1)])
+        before = _shift_one_shard(segment_ids[:, -1], n_shards)
         first = (segment_ids[:, 0] != before) & (shard > 0)  # shard 0 starts at position 0
         starts = jnp.concatenate([first[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
         alive = jnp.cumsum(starts, axis=1) == 0
     cs = jnp.cumsum(dt.astype(acc) * A.astype(acc), axis=1)  # (b, l, h), <= 0
     reach = jnp.where(alive[..., None], jnp.exp(cs), 0)  # decay from the stretch's start to t
 
-    # every shard's (decay, end state), combined in order; the initial state enters shard 0
-    a_all = jax.lax.all_gather(reach[:, -1], SEQUENCE_AXIS)  # (shards, b, h)
-    h_all = jax.lax.all_gather(h_own.astype(acc), SEQUENCE_AXIS)  # (shards, b, h, p, n)
-    init = (jnp.zeros_like(h_all[0]) if initial_state is None
-            else initial_state.astype(acc))
-    h_all = h_all.at[0].add(a_all[0][..., None, None] * init)
-    _, h_after = jax.lax.associative_scan(combine, (a_all, h_all), axis=0)
-    h_in = jnp.concatenate([init[None], h_after[:-1]])[shard]  # the state entering this shard
+    # the state entering each shard: an exclusive prefix of the shards' (decay, end state),
+    # the caller's initial state folded into shard 0's
+    a_own = reach[:, -1]
+    h_own = h_own.astype(acc)
+    if initial_state is not None:
+        h_own = jnp.where(shard == 0, carry(a_own, initial_state.astype(acc), h_own), h_own)
+    _, h_upto = _prefix_over_shards(a_own, h_own, shard, n_shards)
+    h_in = _shift_one_shard(h_upto, n_shards)
+    if initial_state is not None:
+        h_in = jnp.where(shard == 0, initial_state.astype(acc), h_in)
 
     r = h // g
     y_in = jnp.einsum("blgn,bgrpn->blgrp", C.astype(acc), h_in.reshape(b, g, r, p, n))
     y = (y.astype(acc) + y_in.reshape(b, l, h, p) * reach[..., None]).astype(x.dtype)
-    return (y, h_after[-1]) if return_final_state else y
+    if not return_final_state:
+        return y
+    # the last shard's inclusive prefix is the sequence's final state, replicated over shards
+    last = jnp.where(shard == n_shards - 1, h_upto, 0)
+    return y, jax.lax.psum(last, SEQUENCE_AXIS)
+
+
+def _prefix_over_shards(a, h, shard, n_shards: int):
+    """Inclusive prefix of `combine` over the shards in order: log2(shards) rounds, in round j
+    each shard folds in the running prefix of the shard 2^j before it (Hillis-Steele). Only
+    neighbour sends (ppermute), no gather: each shard holds one (b, h, p, n) state."""
+    step = 1
+    while step < n_shards:
+        pairs = [(k, k + step) for k in range(n_shards - step)]
+        a_prev, h_prev = (jax.lax.ppermute(v, SEQUENCE_AXIS, pairs) for v in (a, h))
+        a_new, h_new = combine((a_prev, h_prev), (a, h))
+        has_prev = shard >= step
+        a, h = jnp.where(has_prev, a_new, a), jnp.where(has_prev, h_new, h)
+        step *= 2
+    return a, h
+
+
+def _shift_one_shard(h, n_shards: int):
+    """Each shard's value moved to the next shard; shard 0 gets zeros."""
+    return jax.lax.ppermute(h, SEQUENCE_AXIS, [(k, k + 1) for k in range(n_shards - 1)])
 
 
 def _local_groups(v, local_heads: int, heads_per_group: int):

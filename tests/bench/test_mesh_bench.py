@@ -17,7 +17,7 @@ def test_tiny_layouts_print_rows_with_equal_first_losses(capsys, tmp_path):
     one, mesh = rows["1"], rows["fsdp=2,tensor=2"]
     assert (one[0], mesh[0]) == ("1", "4")  # devices
     assert abs(float(one[-2]) - float(mesh[-2])) < 1e-4  # loss first
-    assert "fsdp=2,tensor=2: all-gather" in out  # FSDP gathers its weights
+    assert "fsdp=2,tensor=2 at 128: all-gather" in out  # FSDP gathers its weights
     assert (tmp_path / "mesh_tiny.md").exists()
 
 
