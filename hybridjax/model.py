@@ -37,6 +37,7 @@ from hybridjax.sharding import constrain_batch, replicate
 log = logging.getLogger(__name__)
 
 MIXERS = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
+SCOPES = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}  # jax name scopes: profiles
 CACHED = ("M", "*")  # letters whose mixers carry decode state
 
 # `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies.
@@ -107,7 +108,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, segment_ids, positions):
         x = checkpoint_name(x, BLOCK_INPUT)  # what remat="offload" moves to host memory
-        y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
+        with jax.named_scope(SCOPES[self.letter]):
+            y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
         y, aux = y if self.letter == "E" else (y, None)
         return x + y, aux
 

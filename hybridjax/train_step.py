@@ -78,8 +78,9 @@ def token_losses(graphdef, params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state)
     h, aux = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"))
     head, vocab_major = model.head()
-    ce = chunked_cross_entropy(h, head, batch["targets"], vocab_major=vocab_major,
-                               chunk_size=model.config.loss_chunk_size)
+    with jax.named_scope("loss"):
+        ce = chunked_cross_entropy(h, head, batch["targets"], vocab_major=vocab_major,
+                                   chunk_size=model.config.loss_chunk_size)
     return ce, aux
 
 
@@ -122,9 +123,10 @@ def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
                 accumulate, (zeros[0], *zeros[1]), micro)
             aux = jax.tree.map(lambda x: x / grad_accum, aux)  # sums of means -> means
 
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         model_state = state.model_state
         if has_moe and router_bias_rate > 0:
             model = nnx.merge(graphdef, params, model_state)
