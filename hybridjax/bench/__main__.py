@@ -1,10 +1,12 @@
-"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step, mesh, attention."""
+"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step, mesh, attention,
+profile."""
 
 import importlib
 import sys
 
 BENCHMARKS = {"ssd": "hybridjax.bench.ssd", "step": "hybridjax.bench.step",
-              "mesh": "hybridjax.bench.mesh", "attention": "hybridjax.bench.attention"}
+              "mesh": "hybridjax.bench.mesh", "attention": "hybridjax.bench.attention",
+              "profile": "hybridjax.bench.profile"}
 
 
 def main(argv=None):

@@ -86,32 +86,22 @@ def parse_args(argv):
     return args
 
 
-def measure(layout: str, seq_len: int, args) -> dict:
-    """One layout's row at one sequence length (in this process)."""
+def build_step(preset: str, sizes: dict, batch: int, seq_len: int, impl: str, remat: str,
+               total_steps: int):
+    """(compiled train step, state, batch, mesh, compile seconds) of the preset's model on the
+    mesh `sizes` ({} = one device, no mesh), as the trainer builds it."""
     import jax
 
-    from hybridjax.bench.step import (
-        PRESETS,
-        make_batch,
-        packed_flops_per_token,
-        peak_tflops,
-        run_steps,
-    )
+    from hybridjax.bench.step import PRESETS, make_batch
     from hybridjax.optim import OptimConfig, make_optimizer
     from hybridjax.sharding import batch_sharding, make_mesh
     from hybridjax.train_config import LossConfig
     from hybridjax.train_step import init_state, make_train_step
 
-    sizes = parse_layout(layout)
     n = math.prod(sizes.values()) if sizes else 1
-    replicas = math.prod(sizes.get(a, 1) for a in BATCH_AXES)
-    batch = args.batch if args.same_batch else args.batch * replicas
-    row = {"layout": layout, "devices": n, "batch": batch, "seq_len": seq_len}
-    if n > len(jax.devices()):
-        return {**row, "error": f"needs {n} devices, this host has {len(jax.devices())}"}
-    config = PRESETS[args.preset]["config"].replace(ssd_impl=args.impl, remat=args.remat)
+    config = PRESETS[preset]["config"].replace(ssd_impl=impl, remat=remat)
     mesh = make_mesh(**{"data": 1, **sizes}, devices=jax.devices()[:n]) if sizes else None
-    tx, schedule = make_optimizer(OptimConfig(), args.warmup + args.steps)
+    tx, schedule = make_optimizer(OptimConfig(), total_steps)
     coefs = LossConfig()
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         graphdef, state = init_state(config, tx, seed=0, mesh=mesh)
@@ -123,12 +113,30 @@ def measure(layout: str, seq_len: int, args) -> dict:
             data = jax.device_put(data, batch_sharding(mesh))
         t0 = time.perf_counter()
         compiled = step.lower(state, data).compile()
-        row["compile_s"] = time.perf_counter() - t0
-        row["collectives"] = collective_counts(compiled.as_text())
-        row["state_gib_per_device"] = sum(
-            x.addressable_shards[0].data.nbytes
-            for x in jax.tree.leaves((state.params, state.opt_state))) / GIB
-        times, losses = run_steps(compiled, state, data, args.warmup, args.steps)
+    return compiled, state, data, mesh, time.perf_counter() - t0
+
+
+def measure(layout: str, seq_len: int, args) -> dict:
+    """One layout's row at one sequence length (in this process)."""
+    import jax
+
+    from hybridjax.bench.step import PRESETS, packed_flops_per_token, peak_tflops, run_steps
+
+    sizes = parse_layout(layout)
+    n = math.prod(sizes.values()) if sizes else 1
+    replicas = math.prod(sizes.get(a, 1) for a in BATCH_AXES)
+    batch = args.batch if args.same_batch else args.batch * replicas
+    row = {"layout": layout, "devices": n, "batch": batch, "seq_len": seq_len}
+    if n > len(jax.devices()):
+        return {**row, "error": f"needs {n} devices, this host has {len(jax.devices())}"}
+    compiled, state, data, _, row["compile_s"] = build_step(
+        args.preset, sizes, batch, seq_len, args.impl, args.remat, args.warmup + args.steps)
+    row["collectives"] = collective_counts(compiled.as_text())
+    row["state_gib_per_device"] = sum(
+        x.addressable_shards[0].data.nbytes
+        for x in jax.tree.leaves((state.params, state.opt_state))) / GIB
+    times, losses, _ = run_steps(compiled, state, data, args.warmup, args.steps)
+    config = PRESETS[args.preset]["config"]
     step_s = statistics.median(times)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()[:n]]
     peak = peak_tflops(args)

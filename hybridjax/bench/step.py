@@ -158,7 +158,7 @@ def measure(impl, args):
     compiled = step.lower(state, batch).compile()
     row["compile_s"] = time.perf_counter() - t0
     print(f"[{impl}] compiled in {row['compile_s']:.1f} s", flush=True)
-    times, losses = run_steps(compiled, state, batch, args.warmup, args.steps)
+    times, losses, _ = run_steps(compiled, state, batch, args.warmup, args.steps)
   except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
     msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     print(f"[{impl}] failed ({msg})", flush=True)
@@ -177,8 +177,8 @@ def measure(impl, args):
 
 
 def run_steps(compiled, state, batch, warmup, steps):
-  """(times of the `steps` timed calls in s, every call's loss): `warmup` untimed calls first.
-  The state is donated to each call and replaced by its output."""
+  """(times of the `steps` timed calls in s, every call's loss, the last state): `warmup` untimed
+  calls first. The state is donated to each call and replaced by its output."""
   times, losses = [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -186,7 +186,7 @@ def run_steps(compiled, state, batch, warmup, steps):
     if i >= warmup:
       times.append(time.perf_counter() - t0)
     losses.append(float(metrics["loss"]))
-  return times, losses
+  return times, losses, state
 
 
 def run_child(argv, impl):
