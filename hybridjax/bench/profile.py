@@ -13,7 +13,9 @@ every device-0 kernel of the step is attributed through its HLO instruction to
 
 The table gives milliseconds per step and the share of device-busy time per (layer, pass,
 kind), then the most expensive single ops with their jax names. Busy time adds kernels of all
-streams, so overlapped collectives can make it exceed the step's wall time. The trace stays in
+streams, so overlapped collectives can make it exceed the step's wall time. CUDA graphs are
+turned off while profiling (each graph would be one opaque kernel), so the step runs a little
+slower than in `bench step`. The trace stays in
 `--out` for TensorBoard / Perfetto (`perfetto_trace.json.gz`).
 
   python -m hybridjax.bench profile --out prof                        # 1B preset, one GPU
@@ -174,6 +176,10 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
 
 
 def main(argv=None):
+    # CUDA graphs ("command buffers") would show up as one opaque kernel per graph: off, before
+    # the backend starts. The step then launches kernels one by one, slightly slower.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=")
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     import statistics
 
