@@ -26,14 +26,16 @@ Writes in --out (default: <first root>/report):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+import pandas as pd
 import yaml
 
 SEED_KEY = "trainer.seed"
@@ -54,6 +56,7 @@ LAYER_KEYS = {
           "moe_latent", "moe_dispatch", "capacity_factor", "grouped_matmul"),
     "-": ("ffn", "mlp_act"),
 }
+LAYER_OF = {f"model.{name}": letter for letter, names in LAYER_KEYS.items() for name in names}
 ACC = "eval/accuracy"
 BUCKET_PREFIX = ACC + "/"
 # Per-run metrics, in table order: (column, header in report.md, format).
@@ -71,6 +74,7 @@ MEMORY_KEYS = (  # summary.json keys, best first: (key, what it measures)
     ("peak_memory_bytes", ("peak device memory (on CPU: the process's peak RSS — in a one-process "
                            "Hydra multirun this only grows from run to run)")),
 )
+FRACTION_AXIS = "attention fraction of the sequence-mixing layers"
 
 
 # --- reading run directories ---------------------------------------------------------------------
@@ -89,40 +93,35 @@ def find_run_dirs(roots: Iterable[str]) -> list[str]:
 
 def load_run(run_dir: str) -> dict:
     """One run directory -> a flat row: config keys (dotted), metrics and derived fields."""
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        config = yaml.safe_load(f) or {}
-    row = {"run_dir": run_dir, "config": flatten(config)}
+    config_path = os.path.join(run_dir, "config.yaml")
     summary_path = os.path.join(run_dir, "summary.json")
+    with open(config_path) as f:
+        config = flatten(yaml.safe_load(f) or {})
     summary = {}
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    row["status"] = "done" if summary else "unfinished"
-    row["seed"] = row["config"].get(SEED_KEY)
-    row["step"] = summary.get("step", records[-1]["step"] if records else 0)
-
-    pattern = row["config"].get("model.pattern")
-    row.update(pattern_stats(pattern) if isinstance(pattern, str) else {})
-    row["params_total"] = summary.get("params_total")
-    row["params_active"] = summary.get("params_active")
-    for key, value in summary.items():
-        if key == ACC or key.startswith(BUCKET_PREFIX) or key == "eval/loss":
-            row[key] = value
+    pattern = config.get("model.pattern")
     speeds = [r["tokens_per_sec"] for r in records if _number(r.get("tokens_per_sec"))]
-    row["tokens_per_sec"] = (statistics.median(speeds) if speeds
-                             else summary.get("tokens_per_sec"))
-    row["memory_mb"], row["memory_kind"] = None, None
-    for key, kind in MEMORY_KEYS:
-        if _number(summary.get(key)):
-            row["memory_mb"], row["memory_kind"] = summary[key] / 2**20, key
-            break
-    row["wall_s"] = None
-    if summary:  # config.yaml is written before training starts, summary.json after it ends
-        row["wall_s"] = (os.path.getmtime(summary_path)
-                         - os.path.getmtime(os.path.join(run_dir, "config.yaml")))
-    row["curve"] = [(r["step"], r[ACC]) for r in records if _number(r.get(ACC))]
-    return row
+    memory_key = next((k for k, _ in MEMORY_KEYS if _number(summary.get(k))), None)
+    return {
+        "run_dir": run_dir, "config": config, "status": "done" if summary else "unfinished",
+        "seed": config.get(SEED_KEY),
+        "step": summary.get("step", records[-1]["step"] if records else 0),
+        **(pattern_stats(pattern) if isinstance(pattern, str) else {}),
+        "params_total": summary.get("params_total"),
+        "params_active": summary.get("params_active"),
+        **{k: v for k, v in summary.items()
+           if k in (ACC, "eval/loss") or k.startswith(BUCKET_PREFIX)},
+        "tokens_per_sec": statistics.median(speeds) if speeds else summary.get("tokens_per_sec"),
+        "memory_mb": summary[memory_key] / 2**20 if memory_key else None,
+        "memory_kind": memory_key,
+        # config.yaml is written before training starts, summary.json after it ends
+        "wall_s": os.path.getmtime(summary_path) - os.path.getmtime(config_path) if summary
+        else None,
+        "curve": [(r["step"], r[ACC]) for r in records if _number(r.get(ACC))],
+    }
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -130,13 +129,11 @@ def read_metrics(path: str) -> list[dict]:
         return []
     records = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a killed run
-                    continue
+        for line in filter(None, map(str.strip, f)):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
     return records
 
 
@@ -149,13 +146,10 @@ def pattern_stats(pattern: str) -> dict:
 
 
 def flatten(tree, prefix: str = "") -> dict:
-    out = {}
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-    else:
-        out[prefix[:-1]] = tuple(tree) if isinstance(tree, list) else tree
-    return out
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+    return {k: v for key, value in tree.items()
+            for k, v in flatten(value, f"{prefix}{key}.").items()}
 
 
 # --- settings and groups ----------------------------------------------------------------------
@@ -165,133 +159,137 @@ def settings_of(runs: Sequence[dict]) -> list[str]:
     keys = sorted({k for r in runs for k in r["config"]},
                   key=lambda k: (k != "model.pattern", not k.startswith("model."),
                                  not k.startswith("data."), k))
+    keys = [k for k in keys if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)]
+    # Every key of every run (None where missing: pandas would fill NaN, which differs from None).
+    configs = pd.DataFrame([{k: r["config"].get(k) for k in keys} for r in runs], dtype=object)
     kept = []
     for key in keys:
-        if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
-            continue
-        values = [r["config"].get(key) for r in runs]
-        if len(set(map(_hashable, values))) < 2:
-            continue
-        if any(values == [r["config"].get(k) for r in runs] for k in kept):
-            continue
-        kept.append(key)
+        column = configs[key]
+        if column.nunique(dropna=False) > 1 and not any(column.equals(configs[k]) for k in kept):
+            kept.append(key)
     return kept
 
 
-def group_runs(runs: Sequence[dict], settings: Sequence[str]) -> list[dict]:
-    """Finished runs grouped by their settings; each group: settings values, runs, label."""
-    groups = {}
-    done = [r for r in runs if r["status"] == "done"]
-    for run in done:
-        key = tuple(_hashable(run["config"].get(k)) for k in settings)
-        groups.setdefault(key, []).append(run)
-    show_fraction = len({r.get("attn_fraction") for r in done}) > 1
-    out = []
-    for key, members in groups.items():
-        values = dict(zip(settings, key))
-        out.append({"settings": values, "runs": members,
-                    "label": label(values, members[0], show_fraction)})
-    out.sort(key=lambda g: _sort_key(g))
-    return out
+def run_table(runs: Sequence[dict], settings: Sequence[str], metrics: Sequence[str]
+              ) -> pd.DataFrame:
+    """One row per run, in runs.csv's column order, plus its learning curve."""
+    columns = ["run_dir", "status", "seed", *settings, "pattern", "n_mixers", "n_attn",
+               "attn_fraction", "step", *metrics, "memory_kind", "curve"]
+    rows = [{**run, **{k: run["config"].get(k) for k in settings},
+             "pattern": run["config"].get("model.pattern")} for run in runs]
+    # object columns keep ints ints and None None (runs.csv writes them as they are)
+    return pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], dtype=object)
 
 
-def label(values: dict, run: dict, show_fraction: bool = False) -> str:
-    if not values:
+def summarize(finished: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str]
+              ) -> pd.DataFrame:
+    """One row per group (finished runs equal in every setting): its settings, label, pattern,
+    seeds, mean learning curve and <metric>_mean / <metric>_std over its seeds; ordered by
+    attention fraction, then by setting values. Missing values are None."""
+    # Group ids in first-seen order; with no settings all runs form one group.
+    group = finished.groupby(list(settings) or (lambda _: 0), sort=False, dropna=False).ngroup()
+    by_group = finished.groupby(group)
+    values = finished[metrics].apply(pd.to_numeric).replace([math.inf, -math.inf], math.nan)
+    stats = values.groupby(group)
+    std = stats.std().mask(stats.count() == 1, 0.0)  # one seed has no spread (pandas: NaN)
+    summary = pd.concat([
+        by_group[[*settings, "pattern", "attn_fraction", "n_mixers", "step"]]
+        .first(skipna=False).rename(columns={"step": "steps"}),
+        by_group.size().rename("n_seeds"),
+        by_group["seed"].agg(lambda seeds: " ".join(map(str, seeds))).rename("seeds"),
+        by_group["curve"].agg(_mean_curve),
+        stats.mean().add_suffix("_mean"), std.add_suffix("_std")], axis=1)
+    summary = summary.astype(object).where(summary.notna(), None)  # as load_run's rows have it
+    show_fraction = summary["attn_fraction"].nunique(dropna=False) > 1
+    summary["label"] = [label(row, settings, show_fraction) for _, row in summary.iterrows()]
+    return summary.iloc[sorted(range(len(summary)),
+                               key=lambda i: _sort_key(summary.iloc[i], settings))]
+
+
+def _mean_curve(curves: pd.Series) -> list[tuple]:
+    """(step, accuracy) points of a group's runs -> (step, mean over the runs), by step."""
+    points = pd.DataFrame([p for curve in curves for p in curve], columns=["step", "acc"])
+    return list(points.groupby("step")["acc"].mean().items())
+
+
+def label(row: pd.Series, settings: Sequence[str], show_fraction: bool = False) -> str:
+    """A group's settings as text: its pattern (with the attention fraction when that varies)
+    and key=value for each other setting that the pattern uses."""
+    if not settings:
         return "all runs"
-    pattern = run["config"].get("model.pattern")
-    parts = []
-    for key, value in values.items():
-        if not applies(key, pattern):
-            continue
-        if key == "model.pattern":
-            fraction = run.get("attn_fraction")
-            shown = f" (attn {fraction:.3g})" if show_fraction and fraction is not None else ""
-            parts.append(f"{value}{shown}")
-        else:
-            parts.append(f"{short(key)}={_show(value)}")
+    parts = _other_settings(row, settings)
+    if "model.pattern" in settings:  # the first setting when it is one
+        fraction = row["attn_fraction"]
+        shown = f" (attn {fraction:.3g})" if show_fraction and fraction is not None else ""
+        parts.insert(0, f"{row['pattern']}{shown}")
     return ", ".join(parts)
+
+
+def _other_settings(row: pd.Series, settings: Sequence[str]) -> list[str]:
+    return [f"{short(k)}={_show(row[k])}" for k in settings
+            if k != "model.pattern" and applies(k, row["pattern"])]
 
 
 def applies(key: str, pattern) -> bool:
     """Whether a setting means anything for a model of `pattern` (see LAYER_KEYS)."""
-    if isinstance(pattern, str) and key.startswith("model."):
-        for letter, names in LAYER_KEYS.items():
-            if key[len("model."):] in names:
-                return letter in pattern
-    return True
+    return not isinstance(pattern, str) or LAYER_OF.get(key, "") in pattern
 
 
 def short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def bucket_columns(runs: Sequence[dict]) -> list[str]:
-    """The per-bucket accuracy columns present in any run, in first-seen order."""
-    seen = []
-    for run in runs:
-        for key in run:
-            if key.startswith(BUCKET_PREFIX) and key not in seen:
-                seen.append(key)
-    return seen
-
-
-def aggregate(groups: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
-    """Per group: its settings, attn_fraction, and <metric>_mean / <metric>_std over seeds."""
-    rows = []
-    for g in groups:
-        first = g["runs"][0]
-        row = {**g["settings"], "label": g["label"], "n_seeds": len(g["runs"]),
-               "pattern": first["config"].get("model.pattern"),
-               "seeds": " ".join(str(r["seed"]) for r in g["runs"]),
-               "attn_fraction": first.get("attn_fraction"), "n_mixers": first.get("n_mixers"),
-               "steps": first.get("step")}
-        for m in metrics:
-            values = [r[m] for r in g["runs"] if _number(r.get(m))]
-            row[f"{m}_mean"] = statistics.fmean(values) if values else None
-            row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else (
-                0.0 if values else None)
-        rows.append(row)
-    return rows
-
-
 # --- writing --------------------------------------------------------------------------------------
-def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+def write_csv(path: str, table: pd.DataFrame, columns: Sequence[str]) -> None:
+    # csv.writer's line ends, as the files have always had
+    table[list(columns)].map(_cell).to_csv(path, index=False, lineterminator="\r\n")
 
 
-def markdown_table(summary: Sequence[dict], settings: Sequence[str], buckets: Sequence[str]
+def markdown_table(summary: pd.DataFrame, settings: Sequence[str], buckets: Sequence[str]
                    ) -> str:
-    varies = len({r["attn_fraction"] for r in summary}) > 1
-    head = [short(k) for k in settings]
-    if varies:
-        head.append("attn frac")
-    head += [b[len(BUCKET_PREFIX):] for b in buckets]
-    metric_cols = [(m, h, fmt) for m, h, fmt in METRICS]
-    head += [h for _, h, _ in metric_cols] + ["seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in summary:
-        cells = [_show(row[k]) if applies(k, row["pattern"]) else "–" for k in settings]
-        if varies:
-            cells.append(f"{row['attn_fraction']:.3g}" if row["attn_fraction"] is not None
-                         else "")
-        cells += [_mean_std(row, b, "{:.3f}") for b in buckets]
-        cells += [_mean_std(row, m, fmt) for m, _, fmt in metric_cols]
-        cells.append(str(row["n_seeds"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    # (header, cells) pairs, not DataFrame columns: two settings may share a short name.
+    columns = [(short(k), [_show(v) if applies(k, p) else "–"
+                           for v, p in zip(summary[k], summary["pattern"])]) for k in settings]
+    if summary["attn_fraction"].nunique(dropna=False) > 1:
+        columns.append(("attn frac", ["" if f is None else f"{f:.3g}"
+                                      for f in summary["attn_fraction"]]))
+    for metric, header, fmt in [*((b, b[len(BUCKET_PREFIX):], "{:.3f}") for b in buckets),
+                                *METRICS]:
+        columns.append((header, [_mean_std(mean, std, n, fmt) for mean, std, n in zip(
+            summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n_seeds"])]))
+    columns.append(("seeds", [str(n) for n in summary["n_seeds"]]))
+    headers, cells = zip(*columns)
+    rows = ["| " + " | ".join(row) + " |" for row in zip(*cells)]
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *rows])
 
 
-def _mean_std(row: dict, metric: str, fmt: str) -> str:
-    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+def _mean_std(mean, std, n_seeds: int, fmt: str) -> str:
     if mean is None:
         return "–"
-    if row["n_seeds"] > 1 and std:
+    if n_seeds > 1 and std:
         return f"{fmt.format(mean)} ± {fmt.format(std)}"
     return fmt.format(mean)
+
+
+def markdown_report(title, roots, table, settings, buckets, summary) -> str:
+    done = table[table["status"] == "done"]
+    lines = [f"# {title or 'Sweep report'}", "",
+             (f"{len(done)} finished runs of {len(table)} under {', '.join(roots)}; "
+              f"{len(summary)} groups. Settings that differ: "
+              f"{', '.join(f'`{k}`' for k in settings) or 'none'}. Cells are the mean ± "
+              f"standard deviation over seeds; accuracy is held-out answer accuracy at the last "
+              f"step (per difficulty bucket, then over all buckets); tokens/s is the median over "
+              f"the run's logged steps."), "",
+             markdown_table(summary, settings, buckets), ""]
+    kinds = set(done["memory_kind"].dropna())
+    lines += [f"Memory: `{key}`, {what}." for key, what in MEMORY_KEYS if key in kinds]
+    unfinished = table.loc[table["status"] != "done", "run_dir"]
+    if len(unfinished):
+        lines.append(f"Unfinished runs (no summary.json), left out: {', '.join(unfinished)}.")
+    lines += ["", "![accuracy](accuracy.png)", "",
+              "![throughput and memory](throughput_memory.png)", "",
+              "![learning curves](learning_curves.png)", ""]
+    return "\n".join(lines)
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -304,126 +302,103 @@ def _pyplot():
     return plt
 
 
-def x_axis(summary: Sequence[dict], settings: Sequence[str]):
-    """(kind, series): kind "fraction" when the attention fraction varies (series: labels of the
-    other settings per row), else "group" (one bar per row)."""
-    fractions = {r["attn_fraction"] for r in summary}
-    if len(fractions) > 1 and None not in fractions:
-        others = [k for k in settings if k != "model.pattern"]
-        series = [", ".join(f"{short(k)}={_show(r[k])}" for k in others
-                            if applies(k, r["pattern"])) for r in summary]
-        return "fraction", series
-    return "group", None
+def fraction_lines(summary: pd.DataFrame, settings: Sequence[str]) -> list[tuple] | None:
+    """When the attention fraction varies (and is known for every group) it is the plots' x axis,
+    with a line per value of the other settings: [(their text, the line's groups by fraction, its
+    x values)]; else None (a bar per group). The summary is ordered by fraction already."""
+    fractions = summary["attn_fraction"]
+    if fractions.nunique(dropna=False) < 2 or fractions.isna().any():
+        return None
+    names = summary.apply(lambda row: ", ".join(_other_settings(row, settings)), axis=1)
+    return [(name, rows, rows["attn_fraction"].astype(float).tolist())
+            for name, rows in summary.groupby(names, sort=False)]
+
+
+def _stat(rows: pd.DataFrame, metric: str, stat: str, missing: float = math.nan) -> np.ndarray:
+    """The rows' <metric>_<stat> as floats, `missing` where a group has none."""
+    return rows[f"{metric}_{stat}"].astype(float).fillna(missing).to_numpy()
+
+
+def _errorline(ax, xs, rows, metric, name, style="o-"):
+    means = _stat(rows, metric, "mean")
+    if not np.isnan(means).all():
+        ax.errorbar(xs, means, yerr=_stat(rows, metric, "std", 0.0), fmt=style, capsize=3,
+                    label=name)
+
+
+def _bars(ax, summary, metric, offset=0.0, width=0.8, **kwargs):
+    ax.bar(np.arange(len(summary)) + offset, _stat(summary, metric, "mean", 0.0), width,
+           yerr=_stat(summary, metric, "std", 0.0), capsize=2, **kwargs)
+    ax.set_xticks(range(len(summary)))
+    ax.set_xticklabels(summary["label"].tolist(), rotation=30, ha="right", fontsize=8)
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_accuracy(path: str, summary, settings, buckets) -> None:
     plt = _pyplot()
-    kind, series = x_axis(summary, settings)
+    lines = fraction_lines(summary, settings)
     columns = list(buckets) or [ACC]
-    if kind == "fraction":
-        names = list(dict.fromkeys(series))
-        fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            rows = sorted((r for r, s in zip(summary, series) if s == name),
-                          key=lambda r: r["attn_fraction"])
-            xs = [r["attn_fraction"] for r in rows]
-            for col in columns:
-                _errorline(ax, xs, rows, col, _bucket_name(col))
-            if buckets:
-                _errorline(ax, xs, rows, ACC, "all buckets", style="k--")
-            ax.set_xlabel("attention fraction of the sequence-mixing layers")
-            ax.set_ylabel("held-out recall accuracy")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xticks(sorted(set(xs)))
-            ax.set_xticklabels([f"{x:.3g}" for x in sorted(set(xs))])
-            ax.set_title(name or "accuracy vs attention fraction")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    else:
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary) * max(len(columns), 1) / 2),
-                                        4.5))
+    names = [c[len(BUCKET_PREFIX):] if c in buckets else "accuracy" for c in columns]
+    if lines is None:  # per group, a bar per bucket
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary) * len(columns) / 2), 4.5))
         width = 0.8 / len(columns)
-        for i, col in enumerate(columns):
-            xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(summary))]
-            means = [r.get(f"{col}_mean") or 0.0 for r in summary]
-            stds = [r.get(f"{col}_std") or 0.0 for r in summary]
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=_bucket_name(col))
-        _group_ticks(ax, summary)
-        ax.set_ylabel("held-out recall accuracy")
-        ax.set_ylim(0, 1.02)
+        for i, (col, name) in enumerate(zip(columns, names)):
+            _bars(ax, summary, col, (i - (len(columns) - 1) / 2) * width, width, label=name)
+        ax.set(ylabel="held-out recall accuracy", ylim=(0, 1.02))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    else:  # a panel per line, a line per bucket
+        fig, axes = plt.subplots(1, len(lines), figsize=(5.5 * len(lines), 4), squeeze=False)
+        for ax, (title, rows, xs) in zip(axes[0], lines):
+            for col, name in zip(columns, names):
+                _errorline(ax, xs, rows, col, name)
+            if buckets:
+                _errorline(ax, xs, rows, ACC, "all buckets", style="k--")
+            ticks = sorted(set(xs))
+            ax.set(xlabel=FRACTION_AXIS, ylabel="held-out recall accuracy", ylim=(-0.02, 1.02),
+                   xticks=ticks, xticklabels=[f"{x:.3g}" for x in ticks],
+                   title=title or "accuracy vs attention fraction")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    _save(plt, fig, path)
 
 
 def plot_cost(path: str, summary, settings) -> None:
     plt = _pyplot()
-    kind, series = x_axis(summary, settings)
+    lines = fraction_lines(summary, settings)
     panels = [("tokens_per_sec", "training tokens/s"), ("memory_mb", "memory (MB)"),
               ("params_total", "parameters")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (col, name) in zip(axes[0], panels):
-        if kind == "fraction":
-            for s in dict.fromkeys(series):
-                rows = sorted((r for r, t in zip(summary, series) if t == s),
-                              key=lambda r: r["attn_fraction"])
-                _errorline(ax, [r["attn_fraction"] for r in rows], rows, col, s or None)
-            ax.set_xlabel("attention fraction of the sequence-mixing layers")
-            if any(series):
-                ax.legend(fontsize=8)
+    for ax, (metric, name) in zip(axes[0], panels):
+        if lines is None:
+            _bars(ax, summary, metric)
         else:
-            means = [r.get(f"{col}_mean") or 0.0 for r in summary]
-            stds = [r.get(f"{col}_std") or 0.0 for r in summary]
-            ax.bar(range(len(summary)), means, yerr=stds, capsize=2)
-            _group_ticks(ax, summary)
-        ax.set_ylabel(name)
-        ax.set_ylim(bottom=0)
+            for line, rows, xs in lines:
+                _errorline(ax, xs, rows, metric, line or None)
+            ax.set_xlabel(FRACTION_AXIS)
+            if any(line for line, _, _ in lines):
+                ax.legend(fontsize=8)
+        ax.set(ylabel=name, ylim=(0, None))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
-def plot_curves(path: str, groups) -> None:
+def plot_curves(path: str, summary) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in groups:
-        by_step = {}
-        for run in g["runs"]:
-            for step, acc in run["curve"]:
-                by_step.setdefault(step, []).append(acc)
-        if by_step:
-            steps = sorted(by_step)
-            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".",
-                    label=g["label"])
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out recall accuracy (mean over seeds)")
-    ax.set_ylim(-0.02, 1.02)
+    for curve, name in zip(summary["curve"], summary["label"]):
+        if curve:
+            ax.plot(*zip(*curve), marker=".", label=name)
+    ax.set(xlabel="training step", ylabel="held-out recall accuracy (mean over seeds)",
+           ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _errorline(ax, xs, rows, col, name, style="o-"):
-    means = [r.get(f"{col}_mean") for r in rows]
-    if all(m is None for m in means):
-        return
-    stds = [r.get(f"{col}_std") or 0.0 for r in rows]
-    means = [math.nan if m is None else m for m in means]
-    ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=name)
-
-
-def _group_ticks(ax, summary):
-    ax.set_xticks(range(len(summary)))
-    ax.set_xticklabels([r["label"] for r in summary], rotation=30, ha="right", fontsize=8)
-
-
-def _bucket_name(col: str) -> str:
-    return col[len(BUCKET_PREFIX):] if col.startswith(BUCKET_PREFIX) else "accuracy"
+    _save(plt, fig, path)
 
 
 # --- the whole report -------------------------------------------------------------------------
@@ -439,99 +414,26 @@ def report(roots: Sequence[str], out_dir: str, title: str | None = None) -> dict
         raise RuntimeError(f"none of the {len(runs)} runs under {list(roots)} finished "
                            f"(no summary.json)")
     settings = settings_of(done)
-    buckets = bucket_columns(done)
-    groups = group_runs(runs, settings)
-    metric_names = [m for m, _, _ in METRICS] + buckets
-    summary = aggregate(groups, metric_names)
+    buckets = list(dict.fromkeys(k for r in done for k in r if k.startswith(BUCKET_PREFIX)))
+    metrics = [m for m, _, _ in METRICS] + buckets
+    table = run_table(runs, settings, metrics)
+    summary = summarize(table[table["status"] == "done"], settings, metrics)
+
     os.makedirs(out_dir, exist_ok=True)
-    files = {}
-
-    run_cols = ["run_dir", "status", "seed", *settings, "pattern", "n_mixers", "n_attn",
-                "attn_fraction", "step", *[m for m, _, _ in METRICS], *buckets, "memory_kind"]
-    run_rows = [{**r, **{k: r["config"].get(k) for k in settings},
-                 "pattern": r["config"].get("model.pattern")} for r in runs]
-    files["runs.csv"] = os.path.join(out_dir, "runs.csv")
-    write_csv(files["runs.csv"], run_rows, run_cols)
-
-    summary_cols = [*settings, "attn_fraction", "n_mixers", "steps", "n_seeds", "seeds",
-                    *[f"{m}_{s}" for m in metric_names for s in ("mean", "std")]]
-    files["summary.csv"] = os.path.join(out_dir, "summary.csv")
-    write_csv(files["summary.csv"], summary, summary_cols)
-
-    files["accuracy.png"] = os.path.join(out_dir, "accuracy.png")
+    files = {name: os.path.join(out_dir, name) for name in (
+        "runs.csv", "summary.csv", "accuracy.png", "throughput_memory.png",
+        "learning_curves.png", "report.md")}
+    write_csv(files["runs.csv"], table, table.columns.drop("curve"))
+    write_csv(files["summary.csv"], summary, [
+        *settings, "attn_fraction", "n_mixers", "steps", "n_seeds", "seeds",
+        *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
     plot_accuracy(files["accuracy.png"], summary, settings, buckets)
-    files["throughput_memory.png"] = os.path.join(out_dir, "throughput_memory.png")
     plot_cost(files["throughput_memory.png"], summary, settings)
-    files["learning_curves.png"] = os.path.join(out_dir, "learning_curves.png")
-    plot_curves(files["learning_curves.png"], groups)
-
-    files["report.md"] = os.path.join(out_dir, "report.md")
+    plot_curves(files["learning_curves.png"], summary)
     with open(files["report.md"], "w") as f:
-        f.write(markdown_report(title, roots, runs, settings, buckets, summary))
-    return {"runs": runs, "settings": settings, "summary": summary, "files": files}
-
-
-def markdown_report(title, roots, runs, settings, buckets, summary) -> str:
-    done = [r for r in runs if r["status"] == "done"]
-    lines = [f"# {title or 'Sweep report'}", "",
-             (f"{len(done)} finished runs of {len(runs)} under {', '.join(roots)}; "
-              f"{len(summary)} groups. Settings that differ: "
-              f"{', '.join(f'`{k}`' for k in settings) or 'none'}. Cells are the mean ± "
-              f"standard deviation over seeds; accuracy is held-out answer accuracy at the last "
-              f"step (per difficulty bucket, then over all buckets); tokens/s is the median over "
-              f"the run's logged steps."), "",
-             markdown_table(summary, settings, buckets), ""]
-    kinds = {r["memory_kind"] for r in done if r["memory_kind"]}
-    for key, what in MEMORY_KEYS:
-        if key in kinds:
-            lines.append(f"Memory: `{key}`, {what}.")
-    unfinished = [r["run_dir"] for r in runs if r["status"] != "done"]
-    if unfinished:
-        lines.append(f"Unfinished runs (no summary.json), left out: {', '.join(unfinished)}.")
-    lines += ["", "![accuracy](accuracy.png)", "",
-              "![throughput and memory](throughput_memory.png)", "",
-              "![learning curves](learning_curves.png)", ""]
-    return "\n".join(lines)
-
-
-# --- small helpers ----------------------------------------------------------------------------
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _hashable(x):
-    return tuple(x) if isinstance(x, list) else x
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _cell(value):
-    if isinstance(value, tuple):
-        return _show(value)
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
-
-
-def _sort_key(group: dict):
-    run = group["runs"][0]
-    frac = run.get("attn_fraction")
-    return ((frac if frac is not None else -1.0),
-            tuple(_natural_key(_show(v)) for v in group["settings"].values()))
-
-
-def _natural_key(text: str):
-    """'run10' after 'run9'; numbers compare as numbers."""
-    import re
-
-    return [(0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?", p) else (1, 0.0, p)
-            for p in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if p]
+        f.write(markdown_report(title, roots, table, settings, buckets, summary))
+    return {"runs": runs, "settings": settings, "summary": summary.to_dict("records"),
+            "files": files}
 
 
 def print_report(result: dict) -> None:
@@ -559,6 +461,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print_report(result)
     return 0
+
+
+# --- small helpers ----------------------------------------------------------------------------
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _cell(value):
+    if isinstance(value, tuple):
+        return _show(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def _sort_key(row: pd.Series, settings: Sequence[str]):
+    fraction = row["attn_fraction"]
+    return (-1.0 if fraction is None else fraction,
+            tuple(_natural_key(_show(row[k])) for k in settings))
+
+
+def _natural_key(text: str):
+    """'run10' after 'run9'; numbers compare as numbers."""
+    return [(0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?", p) else (1, 0.0, p)
+            for p in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if p]
 
 
 if __name__ == "__main__":
