@@ -1,5 +1,5 @@
 """Where metrics go: `metrics.jsonl` in the run directory (always), wandb (offline unless asked),
-and a one-line console progress display with ETA.
+and the console's progress (tqdm: rate, ETA and the loss).
 
 `metrics.jsonl` holds one JSON object per logged step, `{"step": ..., "loss": ..., ...}`; eval
 metrics are merged into the object of the step they were computed at. On resume the file is cut
@@ -8,6 +8,7 @@ back to the checkpoint's step, so it always describes one consistent history.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,9 @@ import os
 import sys
 import time
 import uuid
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("hybridjax.train")
 
@@ -48,9 +52,7 @@ class MetricsLog:
             self.progress.update(step, loss, logged=logged, final=final)
 
     def message(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.clear()
-        log.info(text)
+        log.info(text)  # through tqdm.write while a bar is drawn (see Progress)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -95,8 +97,8 @@ def _plain(value):
 
 
 def _start_wandb(run_dir: str, logger, config: dict | None):
-    """wandb.init in `run_dir/wandb`, offline unless logger.mode says otherwise; one wandb run id per
-    run directory, so a resumed run continues the same wandb run."""
+    """wandb.init in `run_dir/wandb`, offline unless logger.mode says otherwise; one wandb run id
+    per run directory, so a resumed run continues the same wandb run."""
     import wandb
 
     id_file = os.path.join(run_dir, "wandb_id.txt")
@@ -114,70 +116,49 @@ def _start_wandb(run_dir: str, logger, config: dict | None):
 
 
 class Progress:
-    """A console progress line: `[#####.....] 120/1000 loss 1.234 | 12.3 it/s | ETA 1m12s`.
+    """Training progress with tqdm: steps done, rate, ETA and the loss.
 
-    On a terminal it redraws in place (at most ~10 times a second); elsewhere (CI logs, files) it
-    prints a line only at logged steps (`logged=True`) and at the end."""
+    On a terminal: tqdm's bar, redrawn in place, with console log records written above it (tqdm's
+    logging redirect) rather than through it. Elsewhere (log files, CI) no bar, since its
+    carriage-return redraws would pile up in the file: each logged step (`logged=True`) and the
+    last log tqdm's meter as a plain line instead, e.g.
+    `step 120/1000 (12%) [00:10<01:12, 12.30step/s, loss=1.2340]`.
 
-    WIDTH = 24
+    The clock starts at the first update, after the first (compiling) step, so the rate and ETA
+    are of training alone."""
+
+    LOG_FORMAT = ("step {n_fmt}/{total_fmt} ({percentage:.0f}%) "
+                  "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
     def __init__(self, total: int, start: int = 0, stream=None):
-        self.total, self.start = total, start
+        self.total = total
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = None  # time of the first update (after the first, compiling, step)
-        self.s0 = start
-        self.last_draw = 0.0
-        self.drawn = False
-
-    def rate(self, step: int) -> float | None:
-        if self.t0 is None or step <= self.s0:
-            return None
-        return (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def line(self, step: int, loss=None) -> str:
-        frac = min(step / max(self.total, 1), 1.0)
-        filled = int(frac * self.WIDTH)
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        parts = [f"[{bar}] {step}/{self.total}"]
-        if loss is not None:
-            parts.append(f"loss {float(loss):.4f}")
-        rate = self.rate(step)
-        if rate:
-            parts.append(f"{rate:.2f} it/s")
-            parts.append(f"ETA {format_duration((self.total - step) / rate)}")
-        return " | ".join(parts)
+        self.started = None  # (time, step) of the first update
+        self.bar = None  # the terminal's tqdm bar, from the first update until close()
+        self.redirect = contextlib.ExitStack()
 
     def update(self, step: int, loss=None, *, logged: bool = False, final: bool = False) -> None:
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0, self.s0 = now, step
-        if self.tty:
-            if final or now - self.last_draw > 0.1:
-                self.stream.write("\r\033[K" + self.line(step, loss))
-                self.stream.flush()
-                self.last_draw, self.drawn = now, True
-            if final:
-                self.close()
+        postfix = f"loss={float(loss):.4f}" if loss is not None else ""
+        if self.started is None:
+            self.started = (time.perf_counter(), step)
+            if self.tty:
+                self.bar = tqdm(total=self.total, initial=step, unit="step", file=self.stream,
+                                dynamic_ncols=True)
+                self.redirect.enter_context(logging_redirect_tqdm())
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
         elif logged or final:
-            self.stream.write(self.line(step, loss) + "\n")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        if self.tty and self.drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.drawn = False
+            t0, s0 = self.started
+            log.info(tqdm.format_meter(step, self.total, time.perf_counter() - t0, initial=s0,
+                                       unit="step", postfix=postfix,
+                                       bar_format=self.LOG_FORMAT))
+        if final:
+            self.close()
 
     def close(self) -> None:
-        if self.tty and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.redirect.close()

@@ -196,8 +196,7 @@ class Loop:
         return self.summary(state)
 
     def restore(self, ckpt: Checkpointer, state, train_iter):
-        latest = ckpt.latest_step()
-        if latest is None:
+        if ckpt.latest_step() is None:
             if self.t.init_from:
                 state = init_from(self.s.run, state)
             return state, 0
@@ -205,10 +204,11 @@ class Loop:
             raise RuntimeError(
                 f"trainer.resume=never, but {ckpt.directory} already holds checkpoints "
                 f"(steps {ckpt.all_steps()}); choose a new hydra.run.dir or trainer.resume=auto")
-        state, data_state = ckpt.restore(latest, like=state)
+        # The newest checkpoint that restores intact: damaged newer ones are set aside, logged.
+        step, state, data_state = ckpt.restore_latest(like=state)
         train_iter.set_state(data_state)
-        log.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
-        return state, latest
+        log.info("resumed from checkpoint step %d in %s", step, ckpt.directory)
+        return state, step
 
     def steps(self, state, start: int, train_iter, ckpt: Checkpointer):
         t = self.t
