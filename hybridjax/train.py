@@ -552,7 +552,11 @@ def peak_memory_bytes() -> int | None:
 
 
 # --- Hydra ---------------------------------------------------------------------------------------
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The Hydra tree: inside the package when installed from a wheel (pyproject.toml ships the
+# repository's top-level configs/ as hybridjax/configs), beside the package in a checkout.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+if not os.path.isdir(CONFIG_DIR):
+    CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(CONFIG_DIR)), "configs")
 
 
 def run_from_config(cfg, run_dir: str) -> dict:

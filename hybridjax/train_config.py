@@ -23,6 +23,9 @@ from hybridjax.config import HybridConfig
 from hybridjax.optim import OptimConfig
 
 RESUME = ("auto", "never")
+# A model.vocab_size left to the data (null) is the data's vocabulary rounded up to a multiple of
+# this, as Megatron pads: whole matmul tiles, and the embedding splits evenly over tensor shards.
+VOCAB_MULTIPLE = 128
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -209,9 +212,10 @@ def _choice(name, value, allowed):
 
 
 # --- schemas derived from the library's dataclasses ---------------------------------------------
-def schema_of(cls: type, name: str, extra: tuple = ()) -> type:
+def schema_of(cls: type, name: str, extra: tuple = (), nullable: tuple[str, ...] = ()) -> type:
     """A mutable dataclass with `cls`'s init fields, types and defaults (plus `extra` fields), for
-    OmegaConf: the structured schema of a frozen library config, so the two never drift."""
+    OmegaConf: the structured schema of a frozen library config, so the two never drift. Fields
+    named in `nullable` (where `cls` has them) may also be null, which `resolve` fills in."""
     hints = typing.get_type_hints(cls)
     fields = list(extra)
     for f in dataclasses.fields(cls):
@@ -225,7 +229,8 @@ def schema_of(cls: type, name: str, extra: tuple = ()) -> type:
             default = dataclasses.field(default_factory=f.default_factory)
         else:
             default = dataclasses.field(default="???")  # MISSING: must be given
-        fields.append((f.name, _omegaconf_type(hints[f.name]), default))
+        tp = _omegaconf_type(hints[f.name])
+        fields.append((f.name, tp | None if f.name in nullable else tp, default))
     return dataclasses.make_dataclass(name, fields)
 
 
@@ -277,12 +282,14 @@ def data_kinds() -> dict[str, type]:
 @functools.cache
 def schemas() -> dict[str, type]:
     """The structured-config schemas: model, optimizer, loss and one per data kind."""
-    out = {"model": schema_of(HybridConfig, "ModelSchema"),
+    # vocab_size null: the model's follows the data's, the data's the model's (resolve)
+    out = {"model": schema_of(HybridConfig, "ModelSchema", nullable=("vocab_size",)),
            "optimizer": schema_of(OptimConfig, "OptimizerSchema"),
            "loss": schema_of(LossConfig, "LossSchema")}
     for kind, cls in data_kinds().items():
         out[f"data/{kind}"] = schema_of(cls, f"{cls.__name__}Schema",
-                                        extra=(("kind", str, dataclasses.field(default=kind)),))
+                                        extra=(("kind", str, dataclasses.field(default=kind)),),
+                                        nullable=("vocab_size",))
     return out
 
 
@@ -315,9 +322,14 @@ def register_configs() -> None:
 def resolve(cfg) -> RunConfig:
     """A composed Hydra/OmegaConf config -> RunConfig of plain library dataclasses, validated.
 
+    A null model.vocab_size (the model presets' default) becomes the data's vocabulary padded to
+    a multiple of VOCAB_MULTIPLE, and is written into `cfg` as well, so that the config saved
+    beside the run (read back by export, init_from and the reports) names the size built.
     Raises ValueError naming the key (e.g. "model.pattern: 'X' is not allowed ...")."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from hybridjax.data import vocab_size
 
     merged = OmegaConf.merge(OmegaConf.structured(train_schema()), cfg)
     plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
@@ -327,24 +339,32 @@ def resolve(cfg) -> RunConfig:
     if kind not in kinds:
         shown = ", ".join(repr(k) for k in kinds)
         raise ValueError(f"data.kind: {kind!r} is not allowed; choose from {shown}")
+    if data.get("vocab_size", 0) is None:  # ${model.vocab_size} while that is left to the data
+        if kind == "memmap":
+            raise ValueError("data.vocab_size: the token file's vocabulary size must be given: "
+                             "set data.vocab_size or model.vocab_size (> 0)")
+        del data["vocab_size"]  # a synthetic task's own default (MQAR, NIAH: 256)
     data_schema = OmegaConf.structured(schemas()[f"data/{kind}"])
     try:
         data = OmegaConf.to_container(OmegaConf.merge(data_schema, data), resolve=True)
     except OmegaConfBaseException as err:  # a misspelt or mistyped key in a data section built by hand
         raise ValueError(f"data.{err}") from None
     data.pop("kind")
-    run = RunConfig(
-        model=build(HybridConfig, plain["model"], "model"),
-        data=build(kinds[kind], data, "data"),
+    data = build(kinds[kind], data, "data")
+    model = plain["model"]
+    needed = vocab_size(data)
+    if model["vocab_size"] is None:
+        model["vocab_size"] = -(-needed // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        cfg.model.vocab_size = model["vocab_size"]
+    elif model["vocab_size"] < needed:
+        raise ValueError(f"model.vocab_size: {model['vocab_size']} is smaller than the data's "
+                         f"vocabulary ({needed} ids); set at least {needed}, or null to follow "
+                         f"the data")
+    return RunConfig(
+        model=build(HybridConfig, model, "model"),
+        data=data,
         optimizer=build(OptimConfig, plain["optimizer"], "optimizer"),
         loss=build(LossConfig, plain["loss"], "loss"),
         trainer=build(TrainerConfig, plain["trainer"], "trainer"),
         logger=build(LoggerConfig, plain["logger"], "logger"),
     )
-    from hybridjax.data import vocab_size
-
-    needed = vocab_size(run.data)
-    if run.model.vocab_size < needed:
-        raise ValueError(f"model.vocab_size: {run.model.vocab_size} is smaller than the data's "
-                         f"vocabulary ({needed} ids)")
-    return run
