@@ -98,6 +98,11 @@ GROUPS = {
                         devices=2),),
     "bench_mesh_tensor": (Step("python -m hybridjax.bench mesh --layouts tensor=2 data=1,fsdp=2 "
                                "--same-batch --batch 4", BENCH, devices=2),),
+    "bench_mesh_long": (Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m hybridjax.bench mesh "
+                             "--layouts 1 --seq-len 32768 131072 --batch 1 --remat block", BENCH,
+                             fill=(("32768 131072", "256 512"),)),),
+    "bench_profile": (Step("python -m hybridjax.bench profile --layout context=2 --out prof",
+                           BENCH, devices=2),),
     "bench_mesh_moe": (Step("python -m hybridjax.bench mesh --preset moe --layouts 1 data=2 "
                             "expert=2 --same-batch --batch 8", BENCH, devices=2),),
 }
@@ -118,6 +123,8 @@ SKIPPED = {
     "python -m experiments.long_context run +experiment=long_context_gpu":
         "GPU scale (16K-token training rows, a grid to 128K): a tiny run would override every "
         "length it sets; tests/experiments/test_long_context.py composes its two stages",
+    "python -m hybridjax.bench step --impls pallas":
+        "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.kernels.check": GPU_KERNELS,
     "python -m hybridjax.kernels.check --stages": GPU_KERNELS,
     "python -m hybridjax.kernels.check --variants ...": GPU_KERNELS,
