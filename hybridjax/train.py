@@ -118,6 +118,14 @@ def build(run: RunConfig, run_dir: str) -> Setup:
         from hybridjax.sharding import make_mesh
 
         mesh = make_mesh(**dataclasses.asdict(t.mesh))
+        n_context = mesh.shape["context"]
+        lengths = [("trainer.seq_len", t.seq_len), ("trainer.eval_seq_len", t.eval_seq_len)]
+        lengths += [(f"trainer.seq_len_schedule[{i}].seq_len", p.seq_len)
+                    for i, p in enumerate(t.seq_len_schedule)]
+        for name, length in lengths:
+            if length and length % n_context:
+                raise ValueError(f"{name}: {length} does not split into trainer.mesh.context="
+                                 f"{n_context} equal stretches; use a multiple of {n_context}")
     tx, schedule = make_optimizer(run.optimizer, t.steps)
     graphdef, state = init_state(run.model, tx, t.seed, mesh)
     train_step = make_train_step(

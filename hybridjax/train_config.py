@@ -37,11 +37,12 @@ class MeshConfig:
     data: int = 1
     fsdp: int = 1
     expert: int = 1
+    context: int = 1  # splits each row's sequence (context parallelism)
     tensor: int = 1
 
     @property
     def single_device(self) -> bool:
-        return (self.data, self.fsdp, self.expert, self.tensor) == (1, 1, 1, 1)
+        return (self.data, self.fsdp, self.expert, self.context, self.tensor) == (1, 1, 1, 1, 1)
 
 
 @dataclasses.dataclass
