@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridjax.kernels import ssd_kernels as K_
+from hybridjax.ops.segments import document_starts
 
 F32 = jnp.float32
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -169,7 +170,7 @@ def _forward(cfg, x, dt, A, B, C, D, s_init, resets):
 
 def _backward(cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal):
   cfg = dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
-  b, L, h, p = x.shape
+  b, L, h, _ = x.shape
   g, n = B.shape[2:]
   K = L // cfg.T
   dtT, cs, ind, outd, doc, clog, creset = _decays(dt, A, resets, cfg.Q)
@@ -258,11 +259,7 @@ def prepare(x, dt, B, C, *, chunk_size=256, segment_ids=None, interpret=False, b
   Q, Qb, K, T, wq = plan(b, l, h, chunk_size, block_q, superchunks, window, block_q_bwd)
   cdt = jnp.dtype(x.dtype)
   padl = lambda t: jnp.pad(t, [(0, 0), (0, K * T - l)] + [(0, 0)] * (t.ndim - 2))
-  resets = None
-  if segment_ids is not None:
-    seg = jnp.asarray(segment_ids)
-    resets = padl(jnp.concatenate(
-        [jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1))
+  resets = None if segment_ids is None else padl(document_starts(jnp.asarray(segment_ids)))
   base = LAUNCH_F32_LARGE if cdt == jnp.dtype(F32) and p * B.shape[-1] > 64 * 128 else LAUNCH
   cfg = Config(Q=Q, Qb=Qb, T=T, wq=wq, hb=hb, cdt=cdt, interpret=bool(interpret),
                launch=tuple(sorted({**dict(base), **dict(launch or ())}.items())),

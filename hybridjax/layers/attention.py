@@ -25,8 +25,8 @@ Decoding: `init_cache(batch, max_len, dtype)` -> `KVCache(k, v (B, max_len, Hk, 
 pos = L; with segment_ids, `start` (B,) marks where each row's last document begins, so decoding
 continues that document only. `decode(x (B, 1, d), cache)` writes slot `pos` and attends to slots
 [start, pos]. RoPE positions default to positions within the document (0 at each document start,
-as `hybridjax.model.segment_positions`), i.e. pos - start while decoding. Prefill and decode always
-use the dense formula for the decode step (one query); prefill uses config.attn_impl.
+`hybridjax.ops.segments.document_positions`), i.e. pos - start while decoding. Prefill and decode
+always use the dense formula for the decode step (one query); prefill uses config.attn_impl.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from hybridjax.config import HybridConfig
 from hybridjax.layers.mlp import Dense
 from hybridjax.ops.attention import attention, dense_attention
 from hybridjax.ops.rope import apply_rope
+from hybridjax.ops.segments import document_positions
 
 
 class KVCache(NamedTuple):
@@ -48,16 +49,6 @@ class KVCache(NamedTuple):
     v: jax.Array  # (B, max_len, Hk, hd)
     pos: jax.Array  # () int32: the next slot to write = tokens cached so far
     start: jax.Array  # (B,) int32: first slot of each row's current document
-
-
-def document_positions(segment_ids, batch: int, length: int):
-    """(B, L) int32 positions restarting at 0 at each document start (all 0.. L-1 if None)."""
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    if segment_ids is None:
-        return positions
-    starts = jnp.concatenate([jnp.ones((batch, 1), bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return positions - jax.lax.cummax(jnp.where(starts, positions, 0), axis=1)
 
 
 class Attention(nnx.Module):

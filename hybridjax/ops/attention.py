@@ -3,11 +3,11 @@
     attention(q, k, v, *, segment_ids=None, scale=None, impl="auto") -> (B, L, Hq, D) in q.dtype
       q (B, L, Hq, D), k / v (B, L, Hk, D) with Hk dividing Hq: query head h reads kv head
       h // (Hq / Hk) (transformers' repeat_kv); scale defaults to D^-0.5
-      segment_ids (B, L) int | None: query t attends key s <= t where the ids are equal
+      segment_ids (B, L) int | None: query t attends key s <= t in its own document
 
-Equal ids are one document: the mask tests equality, so a row whose ids come back (A B A) lets
-the second A read the first (the SSM, which resets wherever the id changes, would not); packers
-give every document its own id.
+A document is a run of equal ids (`hybridjax.ops.segments`, as the SSM and the conv see it):
+the masks compare run indices, not ids, so in a row whose ids come back (A B A) the second A
+does not read the first.
 
 Implementations (`impl=`):
   "xla"        dense: (B, Hq, L, L) scores and a (B, L, L) mask, softmax in float32 (float64 for
@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from hybridjax.ops.segments import document_index, document_positions, document_starts
 from hybridjax.ops.ssd_sharded import mesh_split
 
 IMPLS = ("auto", "blockwise", "pallas", "cudnn", "xla")
@@ -154,7 +155,8 @@ def causal_mask(segment_ids, batch: int, length: int):
     mask = jnp.tril(jnp.ones((length, length), bool))[None]
     if segment_ids is None:
         return jnp.broadcast_to(mask, (batch, length, length))
-    return mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    doc = document_index(segment_ids)
+    return mask & (doc[:, :, None] == doc[:, None, :])
 
 
 # --- blockwise -------------------------------------------------------------------------------
@@ -205,9 +207,9 @@ def blockwise_attention(q, k, v, segment_ids=None, *, scale=None, block_q: int |
     kb, vb = (_to_blocks(t, blocks.nk, blocks.bk) for t in (k, v))
     segq = segk = None
     if segment_ids is not None:
-        segment_ids = segment_ids.astype(jnp.int32)
-        segq = _to_blocks(segment_ids[..., None], blocks.nq, blocks.bq)[..., 0]
-        segk = _to_blocks(segment_ids[..., None], blocks.nk, blocks.bk)[..., 0]
+        doc = document_index(segment_ids)
+        segq = _to_blocks(doc[..., None], blocks.nq, blocks.bq)[..., 0]
+        segk = _to_blocks(doc[..., None], blocks.nk, blocks.bk)[..., 0]
     ranges = _block_ranges(segment_ids, blocks)
     out = _flash(blocks, float(scale), qb, kb, vb, segq, segk, ranges)
     return _from_blocks(out, l).reshape(b, l, hq, d)
@@ -227,22 +229,13 @@ def _from_blocks(x, length: int):
 
 
 def _document_spans(segment_ids):
-    """(B, L) ids -> (first, last) (B, L): the first and last position holding each id."""
+    """(B, L) ids -> (first, last) (B, L): the first and last position of each position's
+    document."""
     b, l = segment_ids.shape
-    order = jnp.argsort(segment_ids, axis=1, stable=True)
-    ids = jnp.take_along_axis(segment_ids, order, axis=1)
-    change = ids[:, 1:] != ids[:, :-1]
     pos = jnp.arange(l)
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), change], axis=1)
-    ends = jnp.concatenate([change, jnp.ones((b, 1), bool)], axis=1)
-    start_at = lax.cummax(jnp.where(starts, pos, 0), axis=1)
-    end_at = lax.cummin(jnp.where(ends, pos, l - 1), axis=1, reverse=True)
-    spans = []
-    for at in (start_at, end_at):  # positions in the sorted order, sent back to each position
-        sorted_span = jnp.take_along_axis(order, at, axis=1)
-        spans.append(jnp.put_along_axis(jnp.zeros_like(order), order, sorted_span, axis=1,
-                                        inplace=False))
-    return spans
+    ends = jnp.concatenate([document_starts(segment_ids)[:, 1:], jnp.ones((b, 1), bool)], axis=1)
+    last = lax.cummin(jnp.where(ends, pos, l - 1), axis=1, reverse=True)
+    return pos - document_positions(segment_ids, b, l), last
 
 
 def _block_ranges(segment_ids, blocks: _Blocks):
@@ -392,12 +385,12 @@ def pallas_attention(q, k, v, segment_ids=None, *, scale=None, block_fwd: int = 
     block_sizes = _triton_attention().BlockSizes(block_fwd, block_fwd, *[block_bwd] * 4)
     l = q.shape[1]
     pad = -l % max(block_fwd, block_bwd)
+    if segment_ids is not None:  # the kernel masks by id equality: give it run indices
+        segment_ids = document_index(segment_ids)
     if pad:
         q, k, v = (jnp.pad(t, [(0, 0), (0, pad), (0, 0), (0, 0)]) for t in (q, k, v))
         if segment_ids is not None:
             segment_ids = jnp.pad(segment_ids, [(0, 0), (0, pad)], mode="edge")
-    if segment_ids is not None:
-        segment_ids = segment_ids.astype(jnp.int32)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _triton_mha(q, k, v, segment_ids, scale, block_sizes, interpret)[:, :l]
 

@@ -4,8 +4,9 @@
 
 with x at t < 0 taken from `initial_state` (zeros by default). `kernel` (K, C) is the torch
 `conv1d.weight` (C, 1, K) squeezed and transposed. With `segment_ids` the window never reaches
-into the previous document: x[t'] contributes to y[t] only when segment_ids[t'] == segment_ids[t]
-(an `initial_state` counts as part of the first position's document, as in `ops.ssd`).
+into the previous document: x[t'] contributes to y[t] only when t' and t lie in one document, a
+run of equal ids (`hybridjax.ops.segments`; an `initial_state` counts as part of the first
+position's document, as in `ops.ssd`).
 
 `causal_conv1d_update` is the one-token decode step over a window state (B, K-1, C) holding the
 last K-1 inputs, oldest first. Both compute in float32 (float64 for float64 input) and return
@@ -15,6 +16,8 @@ x.dtype; no activation is applied here.
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from hybridjax.ops.segments import document_index
 
 
 def _check(x, kernel, bias):
@@ -51,21 +54,21 @@ def causal_conv1d(x, kernel, bias=None, *, segment_ids=None, initial_state=None,
     ct = jnp.result_type(jnp.float32, x.dtype)
     xp = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1).astype(ct)  # (B, K-1+L, C)
     if segment_ids is not None:
-        # the state belongs to the first position's document
-        segp = jnp.concatenate([jnp.repeat(segment_ids[:, :1], k - 1, axis=1), segment_ids], 1)
+        doc = document_index(segment_ids)
+        docp = jnp.pad(doc, ((0, 0), (k - 1, 0)))  # the state belongs to the first document
     w = kernel.astype(ct)
     y = jnp.zeros((b, l, c), ct) if bias is None else jnp.broadcast_to(bias.astype(ct), (b, l, c))
     for i in range(k):  # tap i reads x[t - (K-1) + i]
         tap = xp[:, i:i + l]
         if segment_ids is not None and i < k - 1:
-            tap = tap * (segp[:, i:i + l] == segment_ids)[..., None].astype(ct)
+            tap = tap * (docp[:, i:i + l] == doc)[..., None].astype(ct)
         y = y + tap * w[i]
     y = y.astype(x.dtype)
     if not return_final_state:
         return y
     final = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1)[:, l:]
     if segment_ids is not None and k > 1:
-        final = final * (segp[:, l:] == segment_ids[:, -1:])[..., None].astype(x.dtype)
+        final = final * (docp[:, l:] == doc[:, -1:])[..., None].astype(x.dtype)
     return y, final
 
 

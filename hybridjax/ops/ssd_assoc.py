@@ -8,16 +8,18 @@ on long inputs: a cross-check for the reference, not a training path.
 import jax
 import jax.numpy as jnp
 
-from hybridjax.ops.ssd_reference import heads_from_groups, segment_resets
+from hybridjax.ops.segments import document_starts
+from hybridjax.ops.ssd_reference import heads_from_groups
 from hybridjax.ops.ssm_combine import combine
 
 
 def ssd_assoc(x, dt, A, B, C, initial_state, segment_ids, acc_dtype):
   """Returns (y (b, l, h, p) in acc_dtype without the D term, final state (b, h, p, n))."""
-  b, l, h, _p = x.shape
+  h = x.shape[2]
   dt = dt.astype(acc_dtype)
-  keep_BL = 1 - segment_resets(segment_ids, l, b).astype(acc_dtype)
-  decay_BLH = jnp.exp(dt * A.astype(acc_dtype)) * keep_BL[:, :, None]
+  decay_BLH = jnp.exp(dt * A.astype(acc_dtype))
+  if segment_ids is not None:  # the state is zeroed before each document start
+    decay_BLH = jnp.where(document_starts(segment_ids)[..., None], 0, decay_BLH)
   B_BLHN = heads_from_groups(B, h).astype(acc_dtype)
   C_BLHN = heads_from_groups(C, h).astype(acc_dtype)
   u_BLHPN = jnp.einsum("blhp,blhn->blhpn", dt[..., None] * x.astype(acc_dtype), B_BLHN)

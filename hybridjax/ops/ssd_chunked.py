@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hybridjax.ops.ssd_reference import segment_resets
+from hybridjax.ops.segments import document_starts
 from hybridjax.ops.ssm_combine import carry
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -153,10 +153,11 @@ def ssd_chunked(x, dt, A, B, C, initial_state, segment_ids, acc_dtype, chunk_siz
   mm_dtype = jnp.float64 if acc_dtype == jnp.float64 else x.dtype
   if jax.default_backend() == "cpu" and jnp.dtype(mm_dtype).itemsize < 4:
     mm_dtype = jnp.float32  # XLA:CPU lacks some bf16 x bf16 -> f32 dots (and bf16 matmul units)
-  resets = segment_resets(segment_ids, l, b)
+  resets = None if segment_ids is None else document_starts(segment_ids)
   if pad:  # padded steps have dt = 0: decay 1 and no input, so the final state is unchanged
     pad_t = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-    x, dt, B, C, resets = map(pad_t, (x, dt, B, C, resets))
+    x, dt, B, C = map(pad_t, (x, dt, B, C))
+    resets = None if resets is None else pad_t(resets)
 
   x_BCLGRP = x.reshape(b, c, L, g, r, p)
   B_BCLGN = B.reshape(b, c, L, g, n)
@@ -166,7 +167,7 @@ def ssd_chunked(x, dt, A, B, C, initial_state, segment_ids, acc_dtype, chunk_siz
   cs_BCHL = jnp.moveaxis(cs_BCLH, 2, 3)
   dt_BCHL = jnp.moveaxis(dt_BCLH, 2, 3)
 
-  if segment_ids is None:
+  if resets is None:
     same_doc_BCLS = None
     to_end_BCL = start_alive_BCL = None
   else:

@@ -9,17 +9,7 @@ Shapes: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n), initial state (b
 import jax
 import jax.numpy as jnp
 
-
-def segment_resets(segment_ids, length, batch):
-  """(b, l) bool: True where the state is zeroed before step t (segment id changed from t-1).
-
-  Position 0 never resets: `initial_state` is the state before t=0 and belongs to the first
-  segment. Without segment ids nothing resets.
-  """
-  if segment_ids is None:
-    return jnp.zeros((batch, length), bool)
-  return jnp.concatenate(
-      [jnp.zeros((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+from hybridjax.ops.segments import document_starts
 
 
 def heads_from_groups(t_BLGN, n_heads):
@@ -29,14 +19,14 @@ def heads_from_groups(t_BLGN, n_heads):
 
 def ssd_reference(x, dt, A, B, C, initial_state, segment_ids, acc_dtype):
   """Returns (y (b, l, h, p) in acc_dtype without the D term, final state (b, h, p, n))."""
-  b, l, h, p = x.shape
+  b, _, h, p = x.shape
   n = B.shape[-1]
   B_BLHN = heads_from_groups(B, h).astype(acc_dtype)
   C_BLHN = heads_from_groups(C, h).astype(acc_dtype)
   dt = dt.astype(acc_dtype)
   decay_BLH = jnp.exp(dt * A.astype(acc_dtype))
-  keep_BL = 1 - segment_resets(segment_ids, l, b).astype(acc_dtype)
-  decay_BLH = decay_BLH * keep_BL[:, :, None]
+  if segment_ids is not None:  # the state is zeroed before each document start
+    decay_BLH = jnp.where(document_starts(segment_ids)[..., None], 0, decay_BLH)
   dtx_BLHP = dt[..., None] * x.astype(acc_dtype)
   state0 = (jnp.zeros((b, h, p, n), acc_dtype) if initial_state is None
             else initial_state.astype(acc_dtype))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from hybridjax.ops.segments import document_index
 from hybridjax.ops.ssm_combine import carry, combine
 from hybridjax.sharding import SEQUENCE_AXIS, axis_size, batch_axes
 
@@ -106,10 +107,10 @@ def _context_scan(scan, x, dt, A, B, C, D, initial_state, segment_ids, return_fi
     if segment_ids is None:
         alive = jnp.ones((b, l), bool)
     else:
+        # the previous shard's last id; shard 0 continues the caller's initial state
         before = _shift_one_shard(segment_ids[:, -1], n_shards)
-        first = (segment_ids[:, 0] != before) & (shard > 0)  # shard 0 starts at position 0
-        starts = jnp.concatenate([first[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-        alive = jnp.cumsum(starts, axis=1) == 0
+        before = jnp.where(shard > 0, before, segment_ids[:, 0])
+        alive = document_index(segment_ids, previous=before) == 0
     cs = jnp.cumsum(dt.astype(acc) * A.astype(acc), axis=1)  # (b, l, h), <= 0
     reach = jnp.where(alive[..., None], jnp.exp(cs), 0)  # decay from the stretch's start to t
 

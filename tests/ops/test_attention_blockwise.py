@@ -106,9 +106,9 @@ def test_block_ranges_skip_other_documents():
     # bounds hold for every row: a row with one document reads the whole causal band
     seg = docs([(0, 16), (1, 16)], [(5, 32)])
     assert ranges(seg, 32, 8, 8)[0] == [0, 0, 0, 0]
-    # an id that comes back reaches back to its first occurrence (and forward to its last)
+    # an id that comes back starts a third document: its blocks skip the first occurrence
     seg = docs([(0, 8), (1, 16), (0, 8)])
-    assert ranges(seg, 32, 8, 8) == [[0, 1, 1, 0], [1, 2, 3, 4], [0, 1, 2, 3], [4, 3, 3, 4]]
+    assert ranges(seg, 32, 8, 8) == [[0, 1, 1, 3], [1, 2, 3, 4], [0, 1, 2, 3], [1, 3, 3, 4]]
     # length 30: query blocks of 10; key blocks of at most 7 -> 5 blocks of 6
     assert ranges(None, 30, 10, 7) == [[0, 0, 0], [2, 4, 5], [0, 0, 1, 1, 2], [3] * 5]
 

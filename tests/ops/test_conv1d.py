@@ -18,8 +18,9 @@ def _numpy_conv(x, kernel, bias, segment_ids=None, initial_state=None):
     state = np.zeros((b, k - 1, c)) if initial_state is None else initial_state
     xp = np.concatenate([state, x], axis=1)
     seg = None
-    if segment_ids is not None:
-        seg = np.concatenate([np.repeat(segment_ids[:, :1], k - 1, 1), segment_ids], 1)
+    if segment_ids is not None:  # run index: a document is a run of equal ids
+        doc = np.cumsum(np.diff(segment_ids, axis=1, prepend=segment_ids[:, :1]) != 0, axis=1)
+        seg = np.concatenate([np.zeros((b, k - 1), int), doc], 1)
     y = np.zeros((b, l, c))
     for bi in range(b):
         for t in range(l):
@@ -43,7 +44,7 @@ def test_matches_numpy(k):
 
 def test_segments_and_initial_state_match_numpy():
     x, kern, bias, state = _r((2, 10, 3), 0), _r((4, 3), 1), _r((3,), 2), _r((2, 3, 3), 3)
-    seg = np.array([[0, 0, 1, 1, 1, 1, 1, 2, 3, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 5]])
+    seg = np.array([[0, 0, 1, 1, 1, 1, 1, 0, 3, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 5]])
     got = causal_conv1d(jnp.asarray(x), jnp.asarray(kern), jnp.asarray(bias),
                         segment_ids=jnp.asarray(seg), initial_state=jnp.asarray(state))
     want = _numpy_conv(x, kern, bias, seg, state)
