@@ -32,6 +32,7 @@ from hybridjax.layers.mlp import MLP
 from hybridjax.layers.moe import MoE, update_router_bias
 from hybridjax.layers.norm import RMSNorm
 from hybridjax.ops.cross_entropy import head_logits
+from hybridjax.ops.segments import document_positions
 from hybridjax.sharding import constrain_batch, replicate
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,11 @@ class Block(nnx.Module):
                             param_dtype=dtype_of(config.param_dtype))
         self.mixer = MIXERS[letter](config, rngs=rngs)
 
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, token_mask=None):
         x = checkpoint_name(x, BLOCK_INPUT)  # what remat="offload" moves to host memory
+        kw = {"token_mask": token_mask} if self.letter == "E" else {}
         with jax.named_scope(SCOPES[self.letter]):
-            y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
+            y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions, **kw)
         y, aux = y if self.letter == "E" else (y, None)
         return x + y, aux
 
@@ -132,13 +134,14 @@ class Period(nnx.Module):
     def __init__(self, letters: str, config: HybridConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(c, config, rngs=rngs) for c in letters])
 
-    def __call__(self, x, segment_ids, positions, run_block=None):
-        """`run_block(block, x, segment_ids, positions)` replaces `Block.__call__` (per-block
-        remat); a default of None, not a function, as nnx.remat passes defaults to jax."""
+    def __call__(self, x, segment_ids, positions, token_mask=None, run_block=None):
+        """`run_block(block, x, segment_ids, positions, token_mask)` replaces `Block.__call__`
+        (per-block remat); a default of None, not a function, as nnx.remat passes defaults to
+        jax."""
         run_block = run_block or Block.__call__
         auxs = []
         for block in self.blocks:
-            x, aux = run_block(block, x, segment_ids, positions)
+            x, aux = run_block(block, x, segment_ids, positions, token_mask)
             if aux is not None:
                 auxs.append(aux)
         return x, tuple(auxs)
@@ -155,7 +158,9 @@ class HybridLM(nnx.Module):
     """The hybrid language model: `model(tokens, segment_ids=None) -> logits (B, L, vocab)`.
 
     `model(tokens, return_aux=True)` also returns a `ModelAux` (MoE losses and load statistics).
-    Training and eval use `hidden` and `head` instead, never forming the logits.
+    Training and eval use `hidden` and `head` instead, never forming the logits. `token_mask`
+    (B, L) bool marks the real tokens (None: all); the MoE layers route no other token and leave
+    them out of every statistic (`hybridjax.layers.moe.MoE`). The trainer masks padding.
     """
 
     def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
@@ -180,25 +185,25 @@ class HybridLM(nnx.Module):
             param_dtype=param_dtype, kernel_init=init, rngs=rngs)
 
     # --- forward ----------------------------------------------------------------------------
-    def __call__(self, tokens, segment_ids=None, *, return_aux: bool = False):
-        h, aux = self.hidden(tokens, segment_ids)
+    def __call__(self, tokens, segment_ids=None, *, token_mask=None, return_aux: bool = False):
+        h, aux = self.hidden(tokens, segment_ids, token_mask=token_mask)
         logits = self.logits(h)
         return (logits, aux) if return_aux else logits
 
-    def hidden(self, tokens, segment_ids=None):
+    def hidden(self, tokens, segment_ids=None, *, token_mask=None):
         """(final normed hidden states (B, L, d_model) in the compute dtype, ModelAux): the
-        forward pass short of the output head."""
-        positions = segment_positions(tokens.shape, segment_ids)
+        forward pass short of the output head. token_mask: see the class docstring."""
+        positions = document_positions(segment_ids, *tokens.shape)
         table = replicate(self.embeddings.embedding[...].astype(dtype_of(self.config.dtype)))
         x = constrain_batch(jnp.take(table, tokens, axis=0))
         run_period = _remat_period(self.config.remat)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0))
-        def run_stack(period, x, segment_ids, positions):
-            x, aux = run_period(period, x, segment_ids, positions)
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=(nnx.Carry, 0))
+        def run_stack(period, x, segment_ids, positions, token_mask):
+            x, aux = run_period(period, x, segment_ids, positions, token_mask)
             return constrain_batch(x), aux
 
-        x, auxs = run_stack(self.periods, x, segment_ids, positions)
+        x, auxs = run_stack(self.periods, x, segment_ids, positions, token_mask)
         return self.norm_f(x), self._collect_aux(auxs)
 
     def head(self) -> tuple[jax.Array, bool]:
@@ -280,18 +285,6 @@ def _remat_period(remat: str):
 def host_offload_supported() -> bool:
     """Whether the default device can offload to pinned host memory (jax memory kinds)."""
     return any(m.kind == "pinned_host" for m in jax.devices()[0].addressable_memories())
-
-
-def segment_positions(shape, segment_ids):
-    """Token positions, restarting at 0 at every document start of a packed row."""
-    batch, length = shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    if segment_ids is None:
-        return positions
-    starts = jnp.concatenate([jnp.ones((batch, 1), bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    last_start = jax.lax.cummax(jnp.where(starts, positions, 0), axis=1)
-    return positions - last_start
 
 
 # --- parameters as a flat name -> array map (export, inspection) --------------------------------

@@ -193,7 +193,9 @@ class RunConfig:
 @dataclasses.dataclass
 class LossConfig:
     lb_coef: float = 1e-3  # MoE load-balancing loss coefficient
-    z_coef: float = 1e-3  # router z-loss coefficient
+    # router z-loss coefficient: 0, as NemotronH and DeepSeek-V3 train their sigmoid routers (the
+    # default router); ST-MoE used 1e-3 with softmax routers (model.router=softmax)
+    z_coef: float = 0.0
     router_bias_rate: float = 1e-3  # aux-loss-free bias update step; 0 = off
 
     def __post_init__(self):

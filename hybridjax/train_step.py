@@ -8,7 +8,9 @@ are carried in `model_state` and changed only by the aux-loss-free bias update.
 Loss = masked cross-entropy + lb_coef * load-balancing loss + z_coef * router z-loss. The
 cross-entropy never forms the (B, L, vocab) logits: `hybridjax.ops.cross_entropy` takes the final
 hidden states through the head `config.loss_chunk_size` tokens at a time (logits in float32, or
-float64 for a float64 model), and the eval step computes only the answer positions.
+float64 for a float64 model), and the eval step computes only the answer positions. Padding
+(segment id 0) is neither routed to experts nor counted in the MoE losses and load statistics
+(`real_tokens`), so a short MQAR row's padding does not steer the router bias.
 
 With `grad_accum` > 1 the batch is split into micro-batches that a `lax.scan` runs one after
 another, summing gradients; each micro-batch's cross-entropy is divided by the whole batch's
@@ -73,10 +75,19 @@ def model_batch(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def real_tokens(batch: dict):
+    """(B, L) bool: the tokens that are not padding (segment id > 0, the data pipeline's
+    contract), or None for a batch without segment_ids. The MoE layers route and count only
+    these."""
+    segment_ids = batch.get("segment_ids")
+    return None if segment_ids is None else segment_ids > 0
+
+
 def token_losses(graphdef, params, model_state, batch):
     """(per-token cross-entropy (B, L) in >= float32, ModelAux), chunk by chunk over tokens."""
     model = nnx.merge(graphdef, params, model_state)
-    h, aux = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"))
+    h, aux = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"),
+                          token_mask=real_tokens(batch))
     head, vocab_major = model.head()
     with jax.named_scope("loss"):
         ce = chunked_cross_entropy(h, head, batch["targets"], vocab_major=vocab_major,
@@ -178,7 +189,8 @@ def make_eval_step(graphdef, num_buckets: int = 1):
     @jax.jit
     def eval_step(params, model_state, batch):
         model = nnx.merge(graphdef, params, model_state)
-        h, _ = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"))
+        h, _ = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"),
+                            token_mask=real_tokens(batch))
         head, vocab_major = model.head()
         ce, predictions = chunked_answer_losses(
             h, head, batch["targets"], batch["loss_mask"], vocab_major=vocab_major,

@@ -14,7 +14,6 @@ from hybridjax.model import (
     make_pattern,
     param_counts,
     pattern_period,
-    segment_positions,
 )
 from tests.tiny import tiny, tokens
 
@@ -69,11 +68,6 @@ def test_flat_params_round_trip_and_errors():
     del bad["layers.0.mixer.A_log"]
     with pytest.raises(ValueError, match="missing"):
         load_flat_params(other, bad)
-
-
-def test_segment_positions():
-    seg = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2]])
-    np.testing.assert_array_equal(segment_positions(seg.shape, seg), [[0, 1, 2, 0, 1, 0, 1, 2]])
 
 
 def test_packed_documents_equal_separate_runs():

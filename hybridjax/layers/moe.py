@@ -28,15 +28,23 @@ Parameters (nnx paths; kernels (in, out), the transpose of torch's (out, in)):
     shared_experts.{up,down,gate}_proj.kernel (hybridjax.layers.mlp.MLP)
   (d_e = moe_latent or d_model)
 
-Aux outputs (MoEAux; coefficients are the trainer's business):
+Padding: `token_mask` (x.shape[:-1] bool, None = all real) marks the real tokens. The others are
+not routed at all (their routed output is zero; shared experts still run): they take no expert
+capacity and no expert-parallel buffer space from real tokens, and every statistic below counts
+real tokens only, so a padded batch gives the statistics of its real tokens alone.
+
+Aux outputs (MoEAux; coefficients are the trainer's business), over the T real tokens:
     lb_loss      Switch load balancing E * sum_i f_i * P_i. f_i = fraction of the T*k routed
                  (token, slot) assignments that chose expert i (before any capacity drop);
                  P_i = mean over tokens of the router probability of expert i: softmax
                  probabilities, or for "sigmoid" the scores normalised to sum to one per token
                  (s_i / sum_j s_j), so that sum_i P_i = 1 and the loss is 1 at perfect balance for
                  both routers. Gradient flows through P only.
-    z_loss       mean over tokens of logsumexp(logits)^2 (ST-MoE router z-loss).
-    expert_load  (E,) f_i above, no gradient; sums to 1. Feed it to `update_router_bias`.
+    z_loss       mean over tokens of logsumexp(logits)^2 (ST-MoE router z-loss; NemotronH and
+                 DeepSeek-V3 train their sigmoid routers without it, hence the trainer's default
+                 coefficient 0).
+    expert_load  (E,) f_i above, no gradient; sums to 1 (0 without real tokens). Feed it to
+                 `update_router_bias`.
     dropped_frac fraction of the T*k assignments dropped (capacity dispatch, or an
                  expert-parallel buffer smaller than the worst case); 0 for dropless.
 
@@ -118,24 +126,34 @@ def route(logits_TE, bias_E, *, router: str, top_k: int, n_groups: int = 1,
     return Routing(logits_TE, probs, expert_idx.astype(jnp.int32), weights)
 
 
-def expert_load(expert_idx_TK, n_experts: int, dtype=jnp.float32):
-    """(E,) fraction of the T*k assignments per expert."""
+def token_mean(values_T, mask_T=None):
+    """Mean over the leading (token) axis; with mask_T (T,) bool over the True tokens only
+    (0 when there are none)."""
+    if mask_T is None:
+        return jnp.mean(values_T, axis=0)
+    mask = mask_T.reshape(mask_T.shape + (1,) * (values_T.ndim - 1))
+    return (jnp.sum(jnp.where(mask, values_T, 0), axis=0)
+            / jnp.maximum(jnp.sum(mask_T), 1).astype(values_T.dtype))
+
+
+def expert_load(expert_idx_TK, n_experts: int, dtype=jnp.float32, mask_T=None):
+    """(E,) fraction of the T*k assignments per expert, over the tokens of mask_T (T,) if given."""
     # A fused compare-and-sum rather than a scatter (bincount): safe on sharded tokens.
     hits = expert_idx_TK[..., None] == jnp.arange(n_experts, dtype=expert_idx_TK.dtype)
-    return jnp.sum(hits, axis=tuple(range(expert_idx_TK.ndim)), dtype=dtype) / (
-        expert_idx_TK.size)
+    return token_mean(jnp.sum(hits, axis=1, dtype=dtype), mask_T) / expert_idx_TK.shape[1]
 
 
-def load_balancing_loss(probs_TE, expert_idx_TK):
-    """Switch-form E * sum_i f_i * P_i (f from the hard routing, gradient through P)."""
+def load_balancing_loss(probs_TE, expert_idx_TK, mask_T=None):
+    """Switch-form E * sum_i f_i * P_i (f from the hard routing, gradient through P), over the
+    tokens of mask_T (T,) if given."""
     e = probs_TE.shape[-1]
-    f = jax.lax.stop_gradient(expert_load(expert_idx_TK, e, probs_TE.dtype))
-    return e * jnp.sum(f * jnp.mean(probs_TE, axis=0))
+    f = jax.lax.stop_gradient(expert_load(expert_idx_TK, e, probs_TE.dtype, mask_T))
+    return e * jnp.sum(f * token_mean(probs_TE, mask_T))
 
 
-def z_loss(logits_TE):
-    """mean over tokens of logsumexp(logits)^2."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)))
+def z_loss(logits_TE, mask_T=None):
+    """mean over tokens (those of mask_T (T,) if given) of logsumexp(logits)^2."""
+    return token_mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)), mask_T)
 
 
 def update_router_bias(target, expert_load_E, rate: float):
@@ -224,19 +242,26 @@ class MoE(nnx.Module):
         self.shared_experts = (MLP(config, rngs=rngs, d_ff=config.shared_ffn,
                                    act=config.expert_act) if config.shared_ffn > 0 else None)
 
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x (..., d_model) -> (y (..., d_model) in config.dtype, MoEAux). segment_ids and
-        positions are accepted for the mixer call contract and unused."""
+    def __call__(self, x, *, segment_ids=None, positions=None, token_mask=None):
+        """x (..., d_model), token_mask (...) bool | None (module doc) -> (y (..., d_model) in
+        config.dtype, MoEAux). segment_ids and positions are accepted for the mixer call
+        contract and unused."""
         del segment_ids, positions
         c = self.config
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1]).astype(self.dtype)
         routing = self.gate(x_TD)
         h_TD = self.fc1_latent_proj(x_TD) if self.fc1_latent_proj is not None else x_TD
-        n_tok, k, e = x_TD.shape[0], c.top_k, c.n_experts
+        k, e = c.top_k, c.n_experts
+        mask_T = None if token_mask is None else token_mask.reshape(-1).astype(bool)
+        expert_idx, weights = routing.expert_idx, routing.weights
+        if mask_T is not None:  # padding goes to the sentinel expert e, which nothing runs
+            expert_idx = jnp.where(mask_T[:, None], expert_idx, e)
+            weights = jnp.where(mask_T[:, None], weights, 0)
+        n_real = x_TD.shape[0] if mask_T is None else jnp.maximum(jnp.sum(mask_T), 1)
 
         routed, dropped = routed_experts(
-            h_TD, routing.expert_idx, routing.weights, self.experts.weights(),
+            h_TD, expert_idx, weights, self.experts.weights(),
             act_fn=self.experts.act_fn, impl=c.grouped_matmul, dispatch=c.moe_dispatch,
             capacity_factor=c.capacity_factor, ep_capacity_factor=c.ep_capacity_factor)
         routed = routed.astype(self.dtype)
@@ -246,9 +271,9 @@ class MoE(nnx.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
         aux = MoEAux(
-            lb_loss=load_balancing_loss(routing.probs, routing.expert_idx),
-            z_loss=z_loss(routing.logits),
-            expert_load=jax.lax.stop_gradient(expert_load(routing.expert_idx, e)),
-            dropped_frac=dropped.astype(jnp.float32) / (n_tok * k),
+            lb_loss=load_balancing_loss(routing.probs, expert_idx, mask_T),
+            z_loss=z_loss(routing.logits, mask_T),
+            expert_load=jax.lax.stop_gradient(expert_load(expert_idx, e, mask_T=mask_T)),
+            dropped_frac=dropped.astype(jnp.float32) / (n_real * k),
         )
         return y.astype(self.dtype).reshape(shape), aux

@@ -33,7 +33,8 @@
 
 A token count that the token axes do not divide (e.g. decoding a small batch) runs with tokens
 replicated (still tensor parallel) and without expert parallelism, or with it padded with tokens
-that are never sent.
+routed to the sentinel expert n_experts, as `MoE` routes masked (padding) tokens: never sent, run
+or counted.
 
 Capacity dispatch under a mesh is applied per device on its local tokens (GShard's "groups"):
 capacity = ceil(capacity_factor * T_l * k / E). It equals the single-device run only when the
@@ -157,24 +158,29 @@ def _constrain(x, spec, explicit):
 
 def local_experts(x_TD, idx_TK, w_TK, ew, *, act_fn, impl, dispatch, capacity_factor,
                   ep_capacity_factor, n_ep):
-    """One device's routed experts (see the module doc). Returns (out (T, d), dropped (1,))."""
+    """One device's routed experts (see the module doc). Returns (out (T, d), dropped (1,)).
+
+    Assignments to the sentinel expert n_experts (padding, masked tokens; zero weight) run
+    nowhere and are never counted as dropped: they sort after every real one, so they take no
+    capacity, and their rows lie past the grouped matmul's groups or outside the buffer."""
     t, k = idx_TK.shape
     n_experts = next(iter(ew.values())).shape[0] * n_ep  # ew holds this device's experts
     capacity = (moe_dispatch.expert_capacity(t, k, n_experts, capacity_factor)
                 if dispatch == "capacity" else None)
+    real = idx_TK < n_experts
     if n_ep == 1:
         if dispatch == "capacity":
             x_ECD, plan = moe_dispatch.capacity_dispatch(x_TD, idx_TK, n_experts, capacity)
             y_ECD = expert_mlp_batched(ew, x_ECD, act_fn)
             out = moe_dispatch.capacity_combine(y_ECD, plan, w_TK)
-            return out, jnp.sum(~plan.keep).astype(jnp.int32).reshape(1)
+            return out, jnp.sum(real & ~plan.keep).astype(jnp.int32).reshape(1)
         x_AD, plan = moe_dispatch.dropless_dispatch(x_TD, idx_TK, n_experts)
         y_AD = expert_mlp_grouped(ew, x_AD, plan.group_sizes, act_fn, impl)
         return moe_dispatch.dropless_combine(y_AD, plan, w_TK), jnp.zeros((1,), jnp.int32)
 
     e_local = n_experts // n_ep
     cap = t * min(k, e_local)
-    real = idx_TK.reshape(-1) < n_experts  # padding tokens carry the sentinel n_experts
+    real = real.reshape(-1)
     if capacity is not None:  # kept assignments per expert never exceed its capacity
         cap = min(cap, e_local * capacity)
         keep = moe_dispatch.capacity_plan(idx_TK, n_experts, capacity).keep.reshape(-1) & real

@@ -29,7 +29,7 @@ def _batch(seed, rows, length, vocab=64, answers=0.5):
     batch = {"tokens": rng.integers(0, vocab, (rows, length)),
              "targets": rng.integers(0, vocab, (rows, length)),
              "loss_mask": (rng.random((rows, length)) < answers).astype(np.float32),
-             "segment_ids": np.repeat(np.arange(2), length // 2)[None].repeat(rows, 0),
+             "segment_ids": np.repeat(np.arange(1, 3), length // 2)[None].repeat(rows, 0),
              "bucket": np.arange(rows) % 3}
     batch["loss_mask"][1] = 0  # a row without answers
     return jax.tree.map(jnp.asarray, batch)
