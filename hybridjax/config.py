@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 
+# The implementation names, defined beside their implementations.
+from hybridjax.ops.attention import IMPLS as ATTN_IMPLS
+from hybridjax.ops.grouped_matmul import IMPLS as GROUPED_MATMULS
+from hybridjax.ops.ssd import IMPLS as SSD_IMPLS
+
 LAYER_LETTERS = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-SSD_IMPLS = ("auto", "reference", "assoc", "chunked", "pallas")
-ATTN_IMPLS = ("auto", "blockwise", "pallas", "cudnn", "xla")  # hybridjax.ops.attention
 ROUTERS = ("sigmoid", "softmax")
 ACTIVATIONS = ("relu2", "swiglu", "silu", "gelu")
 ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
 MOE_DISPATCH = ("dropless", "capacity")
-GROUPED_MATMULS = ("auto", "ragged_dot", "mgpu", "padded")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "block", "offload")
 
 

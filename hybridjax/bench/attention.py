@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.bench.ssd import add_timing_args, median_ms, rel_err
-from hybridjax.ops.attention import attention, blockwise_attention, pallas_attention
+from hybridjax.ops.attention import IMPLS, attention, blockwise_attention, pallas_attention
 
 DEFAULT_SHAPES = ["b1,l16384,h16,k8,d128", "b1,l65536,h16,k8,d128"]
-ALL_IMPLS = ("cudnn", "pallas", "blockwise", "xla")
+ALL_IMPLS = tuple(i for i in IMPLS if i != "auto")
 GIB = 2**30
 
 

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.ops import ssd
+from hybridjax.ops.ssd import IMPLS as SSD_IMPLS
 
 DEFAULT_SHAPES = ["b4,l4096,h64,p64,n128,g1",   # DESIGN.md's figures
                   "b1,l65536,h64,p64,n128,g1",  # long context
                   "b2,l8192,h128,p64,n128,g8"]  # Nemotron-Super-like heads and groups
 SLOW_IMPLS = ("reference", "assoc")
 SLOW_LIMIT = 2**24  # b*l*h*p*n above which reference/assoc run only when named
-ALL_IMPLS = ("reference", "assoc", "chunked", "pallas", "mamba_ssm")
+ALL_IMPLS = (*(i for i in SSD_IMPLS if i != "auto"), "mamba_ssm")  # and the peer
 
 
 def parse_shape(text):

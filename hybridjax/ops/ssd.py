@@ -30,7 +30,7 @@ from hybridjax.ops.ssd_chunked import ssd_chunked
 from hybridjax.ops.ssd_reference import ssd_reference
 from hybridjax.ops.ssd_sharded import splits_sequence, ssd_per_shard
 
-IMPLS = ("reference", "assoc", "chunked", "pallas", "auto")
+IMPLS = ("auto", "reference", "assoc", "chunked", "pallas")
 
 
 def _shape_error(name, got, want):

@@ -163,7 +163,7 @@ def test_auto_on_cpu_is_chunked():
 
 def test_errors():
   args, kw = make_case(0, 2, 8, 4, 3, 2, 5, False, False, False)
-  with pytest.raises(ValueError, match="reference, assoc, chunked, pallas, auto"):
+  with pytest.raises(ValueError, match="auto, reference, assoc, chunked, pallas"):
     ssd(**args, impl="nope")
   bad = {
       "x": jnp.zeros((2, 8, 4)),
