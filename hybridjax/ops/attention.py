@@ -1,6 +1,7 @@
 """`attention`: causal GQA attention over packed documents, one signature, several implementations.
 
-    attention(q, k, v, *, segment_ids=None, scale=None, impl="auto") -> (B, L, Hq, D) in q.dtype
+    attention(q, k, v, *, segment_ids=None, scale=None, impl="auto", max_documents=8)
+        -> (B, L, Hq, D) in q.dtype
       q (B, L, Hq, D), k / v (B, L, Hk, D) with Hk dividing Hq: query head h reads kv head
       h // (Hq / Hk) (transformers' repeat_kv); scale defaults to D^-0.5
       segment_ids (B, L) int | None: query t attends key s <= t in its own document
@@ -17,18 +18,20 @@ Implementations (`impl=`):
   "pallas"     jax's Pallas Triton flash attention (`jax.experimental.pallas.ops.gpu.attention`,
                forward and backward kernels, packed documents included; kv heads repeated to
                the query heads). GPU only; bf16, fp16 or fp32 (Triton's default dot precision).
-  "cudnn"      `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`. Its
-               arguments express padding, not packing: segment_ids raise a ValueError.
-  "auto"       on a GPU, "cudnn" for one document per row in bf16/fp16 and "blockwise" for
-               packed rows; "blockwise" elsewhere. Measured on an H200 (b1 h16 kv8 d128, bf16,
-               fwd+bwd; docs/measurements/h200_bench_attention.log): one document, cuDNN 7.0 /
-               112.9 ms at 16K / 64K against pallas 26.0 / 395; packed 4K documents, blockwise
-               25.0 / 99.5 ms (blocks of 512; today's larger default blocks are unmeasured)
-               against pallas 26.9 / 409 (jax's kernel walks the whole causal band; the
-               blockwise loops skip other documents' blocks).
-"blockwise" and "pallas" run per shard of the current mesh (rows over the batch axes, heads over
-"tensor"): XLA cannot partition the Pallas call, and per shard the blockwise loops skip blocks
-by their own rows' documents.
+  "cudnn"      cuDNN's flash attention: `jax.nn.dot_product_attention(..., is_causal=True,
+               implementation="cudnn")` for one document per row; with segment_ids cuDNN's
+               packed layout (`attention_cudnn`: each row's document offsets, at most
+               `max_documents` of them, else the blockwise kernel). GPU only.
+  "auto"       on a GPU in bf16/fp16 "cudnn", elsewhere "blockwise". Measured on an H200 (b1
+               h16 kv8 d128, bf16, fwd+bwd; docs/measurements/h200_cudnn_packed_attention.log):
+               at 64K tokens in 4 documents, cuDNN packed 30 ms, blockwise 134, cuDNN on one
+               64K document 107; jax's Pallas kernel walks the whole causal band (409 ms with
+               4K documents, docs/measurements/h200_bench_attention.log).
+Every implementation but "xla" runs per shard of the current mesh (rows over the batch axes,
+heads over "tensor"): XLA cannot partition the kernels, and per shard the blockwise loops skip
+blocks by their own rows' documents. A mesh that splits the sequence ("context") runs
+`context_attention`: each device's stretch of queries against the keys and values of the whole
+row, gathered over the axis, in the blockwise kernel.
 
 Blockwise: queries in blocks of at most `block_q` positions, keys of at most `block_k` (the
 length is split into equal blocks, padded by less than one position per block). For each query
@@ -56,8 +59,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from hybridjax.ops.attention_cudnn import MAX_DOCUMENTS, cudnn_packed_attention
+from hybridjax.ops.attention_cudnn import unsupported_reason as cudnn_packed_unsupported
 from hybridjax.ops.segments import document_index, document_positions, document_starts
-from hybridjax.ops.ssd_sharded import mesh_split
+from hybridjax.ops.ssd_sharded import mesh_split, splits_sequence
 
 IMPLS = ("auto", "blockwise", "pallas", "cudnn", "xla")
 PALLAS_DTYPES = ("bfloat16", "float16", "float32")
@@ -70,49 +75,98 @@ PALLAS_BLOCK_FWD, PALLAS_BLOCK_BWD = 128, 32
 
 def _check(q, k, v, segment_ids):
     if q.ndim != 4:
-        raise ValueError(f"attention: q has shape {q.shape}, expected (batch, length, heads, "
-                         "head_dim)")
+        raise ValueError(
+            f"attention: q has shape {q.shape}, expected (batch, length, heads, head_dim)"
+        )
     b, l, hq, d = q.shape
     if k.ndim != 4 or k.shape[:2] != (b, l) or k.shape[3] != d or v.shape != k.shape:
-        raise ValueError(f"attention: k {k.shape} and v {v.shape} must both be ({b}, {l}, "
-                         f"kv_heads, {d}) for q of shape {q.shape}")
+        raise ValueError(
+            f"attention: k {k.shape} and v {v.shape} must both be ({b}, {l}, "
+            f"kv_heads, {d}) for q of shape {q.shape}"
+        )
     if hq % k.shape[2]:
         raise ValueError(f"attention: the {k.shape[2]} kv heads must divide the {hq} query heads")
     if segment_ids is not None:
         if segment_ids.shape != (b, l):
-            raise ValueError(f"attention: segment_ids has shape {segment_ids.shape}, expected "
-                             f"({b}, {l})")
+            raise ValueError(
+                f"attention: segment_ids has shape {segment_ids.shape}, expected ({b}, {l})"
+            )
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"attention: segment_ids must be integers, got {segment_ids.dtype}")
 
 
-def attention(q, k, v, *, segment_ids=None, scale=None, impl="auto"):
+def attention(
+    q, k, v, *, segment_ids=None, scale=None, impl="auto", max_documents: int = MAX_DOCUMENTS
+):
     """Causal GQA attention; see the module docstring."""
     if impl not in IMPLS:
-        raise ValueError(f"attn_impl: {impl!r} is not allowed; choose from "
-                         f"{', '.join(map(repr, IMPLS))}")
+        raise ValueError(
+            f"attn_impl: {impl!r} is not allowed; choose from {', '.join(map(repr, IMPLS))}"
+        )
     _check(q, k, v, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
         flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-        impl = "cudnn" if flash and segment_ids is None else "blockwise"
+        packed_ok = segment_ids is None or cudnn_packed_unsupported() is None
+        impl = "cudnn" if flash and packed_ok else "blockwise"
     if impl == "xla":
         b, l = q.shape[:2]
         return dense_attention(q, k, v, causal_mask(segment_ids, b, l), scale=scale)
+    if splits_sequence(q.shape, k.shape[2]):
+        return context_attention(q, k, v, segment_ids, scale=scale)
+    blockwise = functools.partial(blockwise_attention, scale=scale)
     if impl == "cudnn":
-        if segment_ids is not None:
+        if segment_ids is None:
+            fn = functools.partial(_cudnn_one_document, scale=scale)
+        elif (reason := cudnn_packed_unsupported()) is not None:
             raise ValueError(
-                "attn_impl='cudnn' cannot mask packed documents (segment_ids): "
-                "jax.nn.dot_product_attention's cuDNN path only expresses padding. Use "
-                "attn_impl='pallas' (GPU) or 'blockwise' for packed batches.")
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                            implementation="cudnn")
-    if impl == "pallas":
+                f"attn_impl='cudnn' with packed documents: {reason}; use attn_impl='blockwise'"
+            )
+        else:
+            fn = functools.partial(
+                cudnn_packed_attention, scale=scale, max_documents=max_documents, fallback=blockwise
+            )
+    elif impl == "pallas":
         k, v = (_repeat_kv(t, q.shape[2]) for t in (k, v))  # the kernel wants equal heads
         fn = functools.partial(pallas_attention, scale=scale)
     else:
-        fn = functools.partial(blockwise_attention, scale=scale)
+        fn = blockwise
     return attention_per_shard(fn, q, k, v, segment_ids)
+
+
+def _cudnn_one_document(q, k, v, segment_ids, *, scale):
+    del segment_ids  # None
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation="cudnn"
+    )
+
+
+def context_attention(q, k, v, segment_ids, *, scale):
+    """Attention with the sequence split over the mesh's "context" axis: each device keeps its
+    stretch of queries and reads the keys and values of the whole row, gathered over the axis
+    (GQA keeps them small: Hk of Hq heads), in the blockwise kernel with its queries placed at
+    their positions in the row. Rows and heads split as in `attention_per_shard`."""
+    mesh, rows, seq, heads, kv_heads = mesh_split(q.shape, k.shape[2])
+    if heads is not None and kv_heads is None:
+        k, v = (_repeat_kv(t, q.shape[2]) for t in (k, v))
+    whole = P(rows, None, heads, None)  # shard_map gathers k, v and the ids over "context"
+
+    def local(q, k, v, segment_ids):
+        q_start = lax.axis_index(seq) * q.shape[1]
+        return _blockwise(q, k, v, segment_ids, q_start, scale=scale)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        out_specs=P(rows, seq, heads, None),
+        check_vma=False,
+        in_specs=(
+            P(rows, seq, heads, None),
+            whole,
+            whole,
+            None if segment_ids is None else P(rows, None),
+        ),
+    )(q, k, v, segment_ids)
 
 
 def attention_per_shard(fn, q, k, v, segment_ids):
@@ -129,8 +183,9 @@ def attention_per_shard(fn, q, k, v, segment_ids):
         k, v = (_repeat_kv(t, q.shape[2]) for t in (k, v))
     spec = P(rows, None, heads, None)
     seg_spec = None if segment_ids is None else P(rows, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec),
-                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False
+    )(q, k, v, segment_ids)
 
 
 # --- dense -----------------------------------------------------------------------------------
@@ -162,7 +217,8 @@ def causal_mask(segment_ids, batch: int, length: int):
 # --- blockwise -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Blocks:
-    length: int  # real positions
+    length: int  # real key positions
+    q_length: int  # real query positions: keys q_start .. q_start + q_length - 1
     nq: int  # query blocks of bq positions
     bq: int
     nk: int  # key blocks of bk positions
@@ -188,31 +244,41 @@ def default_block(batch: int, heads: int) -> int:
     return block
 
 
-def blockwise_attention(q, k, v, segment_ids=None, *, scale=None, block_q: int | None = None,
-                        block_k: int | None = None):
+def blockwise_attention(
+    q, k, v, segment_ids=None, *, scale=None, block_q: int | None = None, block_k: int | None = None
+):
     """Causal GQA flash attention in XLA loops, O(L) memory forward and backward (see the module
     docstring); same arguments and result as `attention`. Blocks default to `default_block`."""
     _check(q, k, v, segment_ids)
+    return _blockwise(q, k, v, segment_ids, 0, scale=scale, block_q=block_q, block_k=block_k)
+
+
+def _blockwise(q, k, v, segment_ids, q_start, *, scale=None, block_q=None, block_k=None):
+    """Blockwise attention of queries q (B, Lq, Hq, D) standing at key positions q_start ..
+    q_start + Lq - 1 (an int or a traced scalar) of k / v (B, S, Hk, D); segment_ids (B, S) of
+    the keys. Lq == S, q_start == 0 is ordinary causal self-attention."""
     default = default_block(q.shape[0], q.shape[2])
     block_q = default if block_q is None else block_q
     block_k = default if block_k is None else block_k
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"blockwise attention: {name} must be a positive int, got {value!r}")
-    b, l, hq, d = q.shape
-    hk = k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    blocks = _Blocks(l, *_split(l, block_q), *_split(l, block_k))
-    qb = _to_blocks(q.reshape(b, l, hk, hq // hk, d), blocks.nq, blocks.bq)
+    b, lq, hq, d = q.shape
+    s, hk = k.shape[1:3]
+    scale = d**-0.5 if scale is None else scale
+    blocks = _Blocks(s, lq, *_split(lq, block_q), *_split(s, block_k))
+    q_start = jnp.asarray(q_start, jnp.int32)
+    qb = _to_blocks(q.reshape(b, lq, hk, hq // hk, d), blocks.nq, blocks.bq)
     kb, vb = (_to_blocks(t, blocks.nk, blocks.bk) for t in (k, v))
     segq = segk = None
     if segment_ids is not None:
         doc = document_index(segment_ids)
-        segq = _to_blocks(doc[..., None], blocks.nq, blocks.bq)[..., 0]
+        doc_q = lax.dynamic_slice_in_dim(doc, q_start, lq, axis=1)
+        segq = _to_blocks(doc_q[..., None], blocks.nq, blocks.bq)[..., 0]
         segk = _to_blocks(doc[..., None], blocks.nk, blocks.bk)[..., 0]
-    ranges = _block_ranges(segment_ids, blocks)
+    ranges = (*_block_ranges(segment_ids, blocks, q_start), q_start)
     out = _flash(blocks, float(scale), qb, kb, vb, segq, segk, ranges)
-    return _from_blocks(out, l).reshape(b, l, hq, d)
+    return _from_blocks(out, lq).reshape(b, lq, hq, d)
 
 
 def _to_blocks(x, n: int, block: int):
@@ -238,30 +304,39 @@ def _document_spans(segment_ids):
     return pos - document_positions(segment_ids, b, l), last
 
 
-def _block_ranges(segment_ids, blocks: _Blocks):
+def _block_ranges(segment_ids, blocks: _Blocks, q_start):
     """(kv_lo, kv_hi) (nq,): the key blocks each query block reads; (q_lo, q_hi) (nk,): the query
     blocks that read each key block. The causal band, narrowed with segment_ids to the blocks
     that hold the documents' first and last positions (over all rows)."""
-    l, nq, bq, nk, bk = (blocks.length, blocks.nq, blocks.bq, blocks.nk, blocks.bk)
-    q_last = jnp.minimum((jnp.arange(nq) + 1) * bq, l) - 1  # last real query of each block
+    s, lq, nq, bq, nk, bk = (
+        blocks.length,
+        blocks.q_length,
+        blocks.nq,
+        blocks.bq,
+        blocks.nk,
+        blocks.bk,
+    )
+    q_last = q_start + jnp.minimum((jnp.arange(nq) + 1) * bq, lq) - 1  # last real query
     kv_hi = q_last // bk + 1
-    q_lo = jnp.arange(nk) * bk // bq
+    first_key = jnp.arange(nk) * bk - q_start  # as a local query position
+    q_lo = jnp.where(first_key >= lq, nq, jnp.maximum(first_key, 0) // bq)
     if segment_ids is None:
         kv_lo, q_hi = jnp.zeros((nq,), jnp.int32), jnp.full((nk,), nq)
     else:
         first, last = _document_spans(segment_ids)
-        first = jnp.pad(first.min(0), (0, nq * bq - l), constant_values=l)
-        last = jnp.pad(last.max(0), (0, nk * bk - l), constant_values=-1)
+        first = lax.dynamic_slice_in_dim(first, q_start, lq, axis=1)
+        first = jnp.pad(first.min(0), (0, nq * bq - lq), constant_values=s)
+        last = jnp.pad(last.max(0), (0, nk * bk - s), constant_values=-1)
         kv_lo = first.reshape(nq, bq).min(1) // bk
-        q_hi = last.reshape(nk, bk).max(1) // bq + 1
+        q_hi = jnp.clip((last.reshape(nk, bk).max(1) - q_start) // bq + 1, 0, nq)
     return tuple(r.astype(jnp.int32) for r in (kv_lo, kv_hi, q_lo, q_hi))
 
 
-def _scores(blocks: _Blocks, scale, q, k, i, j, sq, sk):
+def _scores(blocks: _Blocks, scale, q, k, i, j, sq, sk, q_start):
     """Scaled scores (B, Hk, G, bq, bk) of query block i against key block j, -inf where masked."""
     acc = jnp.result_type(jnp.float32, q.dtype)
     s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=acc) * scale
-    t = i * blocks.bq + jnp.arange(blocks.bq)
+    t = q_start + i * blocks.bq + jnp.arange(blocks.bq)
     allowed = (j * blocks.bk + jnp.arange(blocks.bk))[None, :] <= t[:, None]
     if sq is not None:  # (B, 1, 1, bq, bk)
         allowed = (allowed & (sq[:, :, None] == sk[:, None, :]))[:, None, None]
@@ -279,25 +354,27 @@ def _flash(blocks, scale, qb, kb, vb, segq, segk, ranges):
 
 def _flash_fwd(blocks, scale, qb, kb, vb, segq, segk, ranges):
     acc = jnp.result_type(jnp.float32, qb.dtype)
-    kv_lo, kv_hi = ranges[:2]
+    kv_lo, kv_hi, q_start = ranges[0], ranges[1], ranges[4]
 
     def query_block(args):
         i, q, sq, lo, hi = args
 
         def step(j, carry):
             o, m, total = carry
-            s = _scores(blocks, scale, q, _at(kb, j), i, j, sq, _at(segk, j))
+            s = _scores(blocks, scale, q, _at(kb, j), i, j, sq, _at(segk, j), q_start)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0, m_new)  # rows with nothing seen yet
             p = jnp.exp(s - m_safe[..., None])
             corr = jnp.exp(m - m_safe)
             v = _at(vb, j)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v,
-                            preferred_element_type=acc)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v, preferred_element_type=acc)
             return o * corr[..., None] + pv, m_new, total * corr + p.sum(-1)
 
-        init = (jnp.zeros(q.shape, acc), jnp.full(q.shape[:-1], -jnp.inf, acc),
-                jnp.zeros(q.shape[:-1], acc))
+        init = (
+            jnp.zeros(q.shape, acc),
+            jnp.full(q.shape[:-1], -jnp.inf, acc),
+            jnp.zeros(q.shape[:-1], acc),
+        )
         o, m, total = lax.fori_loop(lo, hi, step, init)
         seen = total > 0
         total = jnp.where(seen, total, 1)
@@ -312,7 +389,7 @@ def _flash_bwd(blocks, scale, res, dout):
     qb, kb, vb, segq, segk, ranges, out, lse = res
     acc = lse.dtype
     delta = jnp.einsum("...d,...d->...", dout.astype(acc), out.astype(acc))
-    q_lo, q_hi = ranges[2:]
+    q_lo, q_hi, q_start = ranges[2:]
 
     def key_block(dq, args):
         j, k, v, sk, lo, hi = args
@@ -320,24 +397,28 @@ def _flash_bwd(blocks, scale, res, dout):
         def step(i, carry):
             dk, dv, dq = carry
             q, do = _at(qb, i), _at(dout, i)
-            s = _scores(blocks, scale, q, k, i, j, _at(segq, i), sk)
+            s = _scores(blocks, scale, q, k, i, j, _at(segq, i), sk, q_start)
             p = jnp.exp(s - _at(lse, i)[..., None])
-            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do,
-                                 preferred_element_type=acc)
+            dv = dv + jnp.einsum(
+                "bkgqs,bkgqd->bksd", p.astype(do.dtype), do, preferred_element_type=acc
+            )
             dp = jnp.einsum("bkgqd,bksd->bkgqs", do, v, preferred_element_type=acc)
             ds = p * (dp - _at(delta, i)[..., None]) * scale
-            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q.dtype), q,
-                                 preferred_element_type=acc)
-            dq_i = _at(dq, i) + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k.dtype), k,
-                                           preferred_element_type=acc)
+            dk = dk + jnp.einsum(
+                "bkgqs,bkgqd->bksd", ds.astype(q.dtype), q, preferred_element_type=acc
+            )
+            dq_i = _at(dq, i) + jnp.einsum(
+                "bkgqs,bksd->bkgqd", ds.astype(k.dtype), k, preferred_element_type=acc
+            )
             return dk, dv, lax.dynamic_update_index_in_dim(dq, dq_i, i, 0)
 
         zeros = jnp.zeros(k.shape, acc)
         dk, dv, dq = lax.fori_loop(lo, hi, step, (zeros, zeros, dq))
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    dq, (dk, dv) = lax.scan(key_block, jnp.zeros(qb.shape, acc),
-                            (jnp.arange(blocks.nk), kb, vb, segk, q_lo, q_hi))
+    dq, (dk, dv) = lax.scan(
+        key_block, jnp.zeros(qb.shape, acc), (jnp.arange(blocks.nk), kb, vb, segk, q_lo, q_hi)
+    )
     return dq.astype(qb.dtype), dk, dv, None, None, None
 
 
@@ -350,13 +431,17 @@ def pallas_unsupported_reason(q, k, v, *, interpret: bool = False):
     del k, v
     dtype = jnp.dtype(q.dtype).name
     if dtype not in PALLAS_DTYPES:
-        return (f"dtype {dtype} is not supported by the Pallas kernel ({', '.join(PALLAS_DTYPES)}; "
-                "use attn_impl='blockwise' for float64)")
+        return (
+            f"dtype {dtype} is not supported by the Pallas kernel ({', '.join(PALLAS_DTYPES)}; "
+            "use attn_impl='blockwise' for float64)"
+        )
     if not 16 <= q.shape[-1] <= 128:
         return f"head_dim={q.shape[-1]} is not supported by the Pallas kernel (16..128)"
     if not interpret and jax.default_backend() != "gpu":
-        return (f"the Pallas kernel needs a GPU backend (default backend is "
-                f"{jax.default_backend()!r}); use attn_impl='blockwise' elsewhere")
+        return (
+            f"the Pallas kernel needs a GPU backend (default backend is "
+            f"{jax.default_backend()!r}); use attn_impl='blockwise' elsewhere"
+        )
     return None
 
 
@@ -372,8 +457,17 @@ def _repeat_kv(x, heads: int):
     return jnp.repeat(x, heads // x.shape[2], axis=2)
 
 
-def pallas_attention(q, k, v, segment_ids=None, *, scale=None, block_fwd: int = PALLAS_BLOCK_FWD,
-                     block_bwd: int = PALLAS_BLOCK_BWD, interpret: bool = False):
+def pallas_attention(
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    scale=None,
+    block_fwd: int = PALLAS_BLOCK_FWD,
+    block_bwd: int = PALLAS_BLOCK_BWD,
+    interpret: bool = False,
+):
     """jax's Pallas Triton flash attention, causal, with segment_ids: q, k, v (B, L, H, D) with
     equal heads (`attention` repeats GQA's kv heads first). Query and key blocks of `block_fwd`
     positions in the forward, `block_bwd` in the backward's kernel. The length is padded to a
@@ -403,8 +497,13 @@ def _triton_mha(q, k, v, segment_ids, scale, block_sizes, interpret):
 
 
 def _triton_mha_fwd(q, k, v, segment_ids, scale, block_sizes, interpret):
-    kernel = functools.partial(_triton_attention().mha, sm_scale=scale, causal=True,
-                               block_sizes=block_sizes, interpret=interpret)
+    kernel = functools.partial(
+        _triton_attention().mha,
+        sm_scale=scale,
+        causal=True,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     with jax.enable_x64(False):
         return jax.vjp(kernel, q, k, v, segment_ids)  # the vjp function is a pytree
 

@@ -17,6 +17,11 @@ import jax.numpy as jnp
 
 from hybridjax.ops.segments import document_starts
 
+# Documents per row the offset arrays hold. cuDNN's backward sizes a float32 workspace by rows x
+# MAX_DOCUMENTS x length x heads x head_dim (l65536 h16 d128: 0.5 GiB per document slot), so this
+# stays small; a batch with a longer row takes the fallback.
+MAX_DOCUMENTS = 8
+
 
 def _binding():
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
@@ -58,7 +63,17 @@ def cudnn_packed_attention(q, k, v, segment_ids, *, scale: float, max_documents:
     offsets, lengths, fits = document_spans(segment_ids, max_documents)
 
     def packed(q, k, v, segment_ids):
-        return sdpa(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                    kv_offsets=offsets, scale=scale, mask_type=mask, qkv_layout="BTNH")
+        return sdpa(
+            q,
+            k,
+            v,
+            q_seqlen=lengths,
+            kv_seqlen=lengths,
+            q_offsets=offsets,
+            kv_offsets=offsets,
+            scale=scale,
+            mask_type=mask,
+            qkv_layout="BTNH",
+        )
 
     return jax.lax.cond(fits, packed, fallback, q, k, v, segment_ids)

@@ -30,7 +30,7 @@ def docs(*rows):
 
 def dense(q, k, v, segment_ids):
     b, l, _, d = q.shape
-    return dense_attention(q, k, v, causal_mask(segment_ids, b, l), scale=d ** -0.5)
+    return dense_attention(q, k, v, causal_mask(segment_ids, b, l), scale=d**-0.5)
 
 
 def value_and_grads(fn, q, k, v, ct):
@@ -39,29 +39,36 @@ def value_and_grads(fn, q, k, v, ct):
 
 
 L = 37
-PACKED = docs([(0, 5), (1, 10), (0, 7), (2, 15)],  # id 0 comes back after another document
-              [(3, 1), (4, 1), (5, 20), (6, 15)])  # one-token documents at the start
+PACKED = docs(
+    [(0, 5), (1, 10), (0, 7), (2, 15)],  # id 0 comes back after another document
+    [(3, 1), (4, 1), (5, 20), (6, 15)],
+)  # one-token documents at the start
 ONE_DOC = docs([(7, L)], [(0, L)])
 
 
-@pytest.mark.parametrize("mask,hq,hk,block_q,block_k", [
-    ("none", 6, 2, 8, 8),
-    ("none", 4, 4, 7, 13),
-    ("packed", 6, 2, 8, 8),
-    ("packed", 6, 2, 16, 5),
-    ("packed", 4, 4, 7, 13),
-    ("packed", 3, 1, 64, 64),  # one block
-    ("one", 3, 1, 16, 5),
-    ("one", 6, 2, 13, 7),
-])
+@pytest.mark.parametrize(
+    "mask,hq,hk,block_q,block_k",
+    [
+        ("none", 6, 2, 8, 8),
+        ("none", 4, 4, 7, 13),
+        ("packed", 6, 2, 8, 8),
+        ("packed", 6, 2, 16, 5),
+        ("packed", 4, 4, 7, 13),
+        ("packed", 3, 1, 64, 64),  # one block
+        ("one", 3, 1, 16, 5),
+        ("one", 6, 2, 13, 7),
+    ],
+)
 def test_equals_dense_in_float64(mask, hq, hk, block_q, block_k):
     segment_ids = {"none": None, "packed": PACKED, "one": ONE_DOC}[mask]
     q, k, v, ct = qkv(2, L, hq, hk, 8)
-    fn = functools.partial(blockwise_attention, segment_ids=segment_ids, block_q=block_q,
-                           block_k=block_k)
+    fn = functools.partial(
+        blockwise_attention, segment_ids=segment_ids, block_q=block_q, block_k=block_k
+    )
     out, grads = value_and_grads(jax.jit(fn), q, k, v, ct)
-    want, want_grads = value_and_grads(functools.partial(dense, segment_ids=segment_ids),
-                                       q, k, v, ct)
+    want, want_grads = value_and_grads(
+        functools.partial(dense, segment_ids=segment_ids), q, k, v, ct
+    )
     assert out.dtype == jnp.float64
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-13)
     for name, got, ref in zip("qkv", grads, want_grads):
@@ -95,8 +102,8 @@ def test_low_precision_inputs(dtype, tol):
 
 def test_block_ranges_skip_other_documents():
     def ranges(seg, l, bq, bk):
-        blocks = attn_ops._Blocks(l, *attn_ops._split(l, bq), *attn_ops._split(l, bk))
-        return [np.asarray(r).tolist() for r in attn_ops._block_ranges(seg, blocks)]
+        blocks = attn_ops._Blocks(l, l, *attn_ops._split(l, bq), *attn_ops._split(l, bk))
+        return [np.asarray(r).tolist() for r in attn_ops._block_ranges(seg, blocks, 0)]
 
     # causal: query block i reads key blocks [0, i]; key block j is read by query blocks [j, n)
     assert ranges(None, 32, 8, 8) == [[0, 0, 0, 0], [1, 2, 3, 4], [0, 1, 2, 3], [4, 4, 4, 4]]
@@ -118,7 +125,10 @@ def test_default_block(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     # float32 scores (batch, heads, block, block) within 256 MiB, 128..2048
     assert [attn_ops.default_block(b, h) for b, h in ((1, 16), (4, 32), (64, 64))] == [
-        2048, 512, 128]
+        2048,
+        512,
+        128,
+    ]
 
 
 def _temp_bytes(l, heads=2, kv_heads=1, d=16):
@@ -148,8 +158,9 @@ def test_auto_is_blockwise_on_cpu(monkeypatch):
     q, k, v, _ = qkv(1, 20, 2, 1, 8)
     calls = []
     real = attn_ops.blockwise_attention
-    monkeypatch.setattr(attn_ops, "blockwise_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        attn_ops, "blockwise_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     out = attention(q, k, v, segment_ids=ONE_DOC[:1, :20])
     assert calls and out.shape == q.shape
     np.testing.assert_allclose(out, attention(q, k, v, impl="xla"), rtol=1e-12)
@@ -161,13 +172,14 @@ def test_dispatch_errors():
     with pytest.raises(ValueError, match="attn_impl: 'flash'.*'blockwise'"):
         attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match="pallas.*GPU.*blockwise"):
-        attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                  impl="pallas")
+        attention(
+            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), impl="pallas"
+        )
     with pytest.raises(ValueError, match="float64.*blockwise"):
         attention(q, k, v, impl="pallas")
     with pytest.raises(ValueError, match="head_dim=8 .*16..128"):
         attention(*(t[..., :8].astype(jnp.float32) for t in (q, k, v)), impl="pallas")
-    with pytest.raises(ValueError, match="cudnn.*segment_ids.*pallas.*blockwise"):
+    with pytest.raises(ValueError, match="cudnn' with packed documents: needs a GPU.*blockwise"):
         attention(q, k, v, segment_ids=seg, impl="cudnn")
     with pytest.raises(ValueError, match="kv heads must divide"):
         attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))
@@ -180,8 +192,13 @@ def test_dispatch_errors():
 
 
 # --- per shard -------------------------------------------------------------------------------
-@pytest.mark.parametrize("sizes,hk", [({"data": 2, "fsdp": 2, "tensor": 2}, 2),  # rows, heads
-                                      ({"data": 2, "tensor": 4}, 2)])  # kv heads repeated
+@pytest.mark.parametrize(
+    "sizes,hk",
+    [
+        ({"data": 2, "fsdp": 2, "tensor": 2}, 2),  # rows, heads
+        ({"data": 2, "tensor": 4}, 2),
+    ],
+)  # kv heads repeated
 def test_per_shard_equals_whole(sizes, hk):
     q, k, v, ct = qkv(4, L, 4, hk, 8)
     seg = jnp.concatenate([PACKED, ONE_DOC])
