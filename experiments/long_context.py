@@ -50,11 +50,18 @@ def run_job(cfg) -> float | None:
     short = os.path.join(hydra.runtime.output_dir, "short")
     done = run_from_config(cfg, short)["step"]
     if done < cfg.trainer.steps:  # stopped early (a signal, stop_at): extend the whole run only
-        raise RuntimeError(f"{short} stopped at step {done} of {cfg.trainer.steps}; run the "
-                           f"experiment again in its sweep directory to continue")
-    extension = compose(config_name="config", overrides=[
-        *hydra.overrides.task, f"+experiment/extension={cfg.name}",
-        f"trainer.init_from={short}"])
+        raise RuntimeError(
+            f"{short} stopped at step {done} of {cfg.trainer.steps}; run the "
+            f"experiment again in its sweep directory to continue"
+        )
+    extension = compose(
+        config_name="config",
+        overrides=[
+            *hydra.overrides.task,
+            f"+experiment/extension={cfg.name}",
+            f"trainer.init_from={short}",
+        ],
+    )
     summary = run_from_config(extension, os.path.join(hydra.runtime.output_dir, "extend"))
     return summary.get("eval/accuracy")
 
@@ -87,14 +94,24 @@ def load_grid(roots: Sequence[str]) -> list[dict]:
         schedule = config.get("trainer.seq_len_schedule") or ()
         train_lens = sorted({p["seq_len"] for p in schedule} or {config["trainer.seq_len"]})
         for key, accuracy in run.items():
-            match = BUCKET.fullmatch(key[len(BUCKET_PREFIX):]) if key.startswith(
-                BUCKET_PREFIX) else None
+            match = (
+                BUCKET.fullmatch(key[len(BUCKET_PREFIX) :])
+                if key.startswith(BUCKET_PREFIX)
+                else None
+            )
             if match and accuracy is not None:
-                rows.append({"run_dir": run_dir, "pattern": config["model.pattern"],
-                             "seed": run["seed"], "stage": stage,
-                             "train_lens": "+".join(map(str, train_lens)),
-                             "length": int(match[1]), "depth": float(match[2]),
-                             "accuracy": accuracy})
+                rows.append(
+                    {
+                        "run_dir": run_dir,
+                        "pattern": config["model.pattern"],
+                        "seed": run["seed"],
+                        "stage": stage,
+                        "train_lens": "+".join(map(str, train_lens)),
+                        "length": int(match[1]),
+                        "depth": float(match[2]),
+                        "accuracy": accuracy,
+                    }
+                )
     return rows
 
 
@@ -112,27 +129,34 @@ def mean_grid(rows: Sequence[dict], pattern: str, stage: str):
 def plot_model(path: str, rows: Sequence[dict], pattern: str) -> None:
     """Heatmaps of one model: depth (rows) x context length (columns), before | after."""
     plt = _pyplot()
-    stages = [s for s in STAGES if any(r["pattern"] == pattern and r["stage"] == s
-                                       for r in rows)]
+    stages = [s for s in STAGES if any(r["pattern"] == pattern and r["stage"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5.2 * len(stages), 4.4), squeeze=False)
     for i, (ax, stage) in enumerate(zip(axes[0], stages)):
         lengths, depths, means = mean_grid(rows, pattern, stage)
         grid = [[means.get((n, d), float("nan")) for n in lengths] for d in depths]
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
-                          origin="upper")
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="upper")
         for row, line in enumerate(grid):
             for col, value in enumerate(line):
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if value < 0.6 else "black")
+                ax.text(
+                    col,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < 0.6 else "black",
+                )
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
         ax.set_xlabel("context length")
         if i == 0:
             ax.set_ylabel("needle depth (0: first token, 1: just before the query)")
-        trained = next(r["train_lens"] for r in rows
-                       if r["pattern"] == pattern and r["stage"] == stage)
-        ax.set_title(f"{pattern}: {STAGE_NAMES[stage]} extension (trained at {trained})",
-                     fontsize=9)
+        trained = next(
+            r["train_lens"] for r in rows if r["pattern"] == pattern and r["stage"] == stage
+        )
+        ax.set_title(
+            f"{pattern}: {STAGE_NAMES[stage]} extension (trained at {trained})", fontsize=9
+        )
     fig.colorbar(image, ax=axes[0].tolist(), label="NIAH accuracy (mean over seeds)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -151,9 +175,19 @@ def markdown_table(rows: Sequence[dict]) -> str:
             by_length = [[r["accuracy"] for r in cells if r["length"] == n] for n in lengths]
             shown = [f"{statistics.fmean(v):.3f}" if v else "–" for v in by_length]
             total = statistics.fmean(r["accuracy"] for r in cells)
-            lines.append("| " + " | ".join([
-                pattern.replace("*", "\\*"), STAGE_NAMES[stage], cells[0]["train_lens"],
-                *shown, f"{total:.3f}"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        pattern.replace("*", "\\*"),
+                        STAGE_NAMES[stage],
+                        cells[0]["train_lens"],
+                        *shown,
+                        f"{total:.3f}",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -162,8 +196,9 @@ def report(roots: Sequence[str], out_dir: str) -> dict:
     returns {"rows", "files"}."""
     rows = load_grid(roots)
     if not rows:
-        raise FileNotFoundError(f"no finished short/ or extend/ runs with NIAH grid accuracies "
-                                f"under {list(roots)}")
+        raise FileNotFoundError(
+            f"no finished short/ or extend/ runs with NIAH grid accuracies under {list(roots)}"
+        )
     os.makedirs(out_dir, exist_ok=True)
     files = {"grid.csv": os.path.join(out_dir, "grid.csv")}
     columns = ["pattern", "seed", "stage", "train_lens", "length", "depth", "accuracy", "run_dir"]
@@ -178,12 +213,20 @@ def report(roots: Sequence[str], out_dir: str) -> dict:
         plot_model(files[name], rows, pattern)
         figures += [f"![{pattern}]({name})", ""]
     seeds = sorted({r["seed"] for r in rows})
-    text = ["# Long-context extension: NIAH recall before and after", "",
-            (f"Runs under {', '.join(roots)}; seeds {', '.join(map(str, seeds))}. Held-out "
-             f"needle-in-a-haystack answer accuracy per context length (mean over needle "
-             f"depths, then over seeds), at the end of the short run (before) and of its "
-             f"extension (after); 'trained at' lists the training lengths."), "",
-            markdown_table(rows), "", *figures]
+    text = [
+        "# Long-context extension: NIAH recall before and after",
+        "",
+        (
+            f"Runs under {', '.join(roots)}; seeds {', '.join(map(str, seeds))}. Held-out "
+            f"needle-in-a-haystack answer accuracy per context length (mean over needle "
+            f"depths, then over seeds), at the end of the short run (before) and of its "
+            f"extension (after); 'trained at' lists the training lengths."
+        ),
+        "",
+        markdown_table(rows),
+        "",
+        *figures,
+    ]
     files["report.md"] = os.path.join(out_dir, "report.md")
     with open(files["report.md"], "w") as f:
         f.write("\n".join(text))
@@ -197,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m experiments.long_context",
-        description="Report of the long-context experiment (`run` first runs it).")
+        description="Report of the long-context experiment (`run` first runs it).",
+    )
     parser.add_argument("roots", nargs="+", help="multirun directory (or job directories)")
     parser.add_argument("--out", help="output directory (default: <first root>/report)")
     args = parser.parse_args(argv)

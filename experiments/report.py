@@ -41,19 +41,57 @@ import yaml
 SEED_KEY = "trainer.seed"
 # Never settings: bookkeeping that may differ between runs without changing what is measured.
 IGNORED_PREFIXES = ("hydra.", "logger.")
-IGNORED_KEYS = {SEED_KEY, "trainer.resume", "trainer.progress", "trainer.log_every",
-                "trainer.checkpoint_every", "trainer.keep_checkpoints",
-                "trainer.async_checkpoint"}
+IGNORED_KEYS = {
+    SEED_KEY,
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.async_checkpoint",
+}
 # Model keys that mean something only when the pattern holds their layer letter; elsewhere they are
 # leftover defaults (a dense run's n_experts), shown as "–" and left out of labels.
 LAYER_KEYS = {
-    "M": ("mamba_heads", "mamba_head_dim", "ssm_state", "n_groups", "conv_kernel", "chunk_size",
-          "time_step_min", "time_step_max", "time_step_floor", "clamp_dt", "ssd_impl"),
-    "*": ("attn_heads", "kv_heads", "head_dim", "rope_theta", "rope_scaling", "rope_factor",
-          "rope_original_max_len", "attn_impl"),
-    "E": ("n_experts", "top_k", "moe_ffn", "shared_ffn", "router", "router_groups",
-          "router_topk_groups", "norm_topk_prob", "routed_scaling_factor", "expert_act",
-          "moe_latent", "moe_dispatch", "capacity_factor", "grouped_matmul"),
+    "M": (
+        "mamba_heads",
+        "mamba_head_dim",
+        "ssm_state",
+        "n_groups",
+        "conv_kernel",
+        "chunk_size",
+        "time_step_min",
+        "time_step_max",
+        "time_step_floor",
+        "clamp_dt",
+        "ssd_impl",
+    ),
+    "*": (
+        "attn_heads",
+        "kv_heads",
+        "head_dim",
+        "rope_theta",
+        "rope_scaling",
+        "rope_factor",
+        "rope_original_max_len",
+        "attn_impl",
+    ),
+    "E": (
+        "n_experts",
+        "top_k",
+        "moe_ffn",
+        "shared_ffn",
+        "router",
+        "router_groups",
+        "router_topk_groups",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "expert_act",
+        "moe_latent",
+        "moe_dispatch",
+        "capacity_factor",
+        "grouped_matmul",
+    ),
     "-": ("ffn", "mlp_act"),
 }
 LAYER_OF = {f"model.{name}": letter for letter, names in LAYER_KEYS.items() for name in names}
@@ -71,8 +109,13 @@ METRICS = (
 )
 MEMORY_KEYS = (  # summary.json keys, best first: (key, what it measures)
     ("step_memory_bytes", "compiled train step (XLA buffers: arguments + outputs + temporaries)"),
-    ("peak_memory_bytes", ("peak device memory (on CPU: the process's peak RSS — in a one-process "
-                           "Hydra multirun this only grows from run to run)")),
+    (
+        "peak_memory_bytes",
+        (
+            "peak device memory (on CPU: the process's peak RSS — in a one-process "
+            "Hydra multirun this only grows from run to run)"
+        ),
+    ),
 )
 FRACTION_AXIS = "attention fraction of the sequence-mixing layers"
 
@@ -106,19 +149,25 @@ def load_run(run_dir: str) -> dict:
     speeds = [r["tokens_per_sec"] for r in records if _number(r.get("tokens_per_sec"))]
     memory_key = next((k for k, _ in MEMORY_KEYS if _number(summary.get(k))), None)
     return {
-        "run_dir": run_dir, "config": config, "status": "done" if summary else "unfinished",
+        "run_dir": run_dir,
+        "config": config,
+        "status": "done" if summary else "unfinished",
         "seed": config.get(SEED_KEY),
         "step": summary.get("step", records[-1]["step"] if records else 0),
         **(pattern_stats(pattern) if isinstance(pattern, str) else {}),
         "params_total": summary.get("params_total"),
         "params_active": summary.get("params_active"),
-        **{k: v for k, v in summary.items()
-           if k in (ACC, "eval/loss") or k.startswith(BUCKET_PREFIX)},
+        **{
+            k: v
+            for k, v in summary.items()
+            if k in (ACC, "eval/loss") or k.startswith(BUCKET_PREFIX)
+        },
         "tokens_per_sec": statistics.median(speeds) if speeds else summary.get("tokens_per_sec"),
         "memory_mb": summary[memory_key] / 2**20 if memory_key else None,
         "memory_kind": memory_key,
         # config.yaml is written before training starts, summary.json after it ends
-        "wall_s": os.path.getmtime(summary_path) - os.path.getmtime(config_path) if summary
+        "wall_s": os.path.getmtime(summary_path) - os.path.getmtime(config_path)
+        if summary
         else None,
         "curve": [(r["step"], r[ACC]) for r in records if _number(r.get(ACC))],
     }
@@ -141,24 +190,35 @@ def pattern_stats(pattern: str) -> dict:
     """Layer counts of a pattern; attn_fraction = attention / (attention + Mamba) layers."""
     n_attn, n_mamba = pattern.count("*"), pattern.count("M")
     mixers = n_attn + n_mamba
-    return {"n_layers": len(pattern), "n_mixers": mixers, "n_attn": n_attn,
-            "attn_fraction": n_attn / mixers if mixers else None}
+    return {
+        "n_layers": len(pattern),
+        "n_mixers": mixers,
+        "n_attn": n_attn,
+        "attn_fraction": n_attn / mixers if mixers else None,
+    }
 
 
 def flatten(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
-    return {k: v for key, value in tree.items()
-            for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {
+        k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()
+    }
 
 
 # --- settings and groups ----------------------------------------------------------------------
 def settings_of(runs: Sequence[dict]) -> list[str]:
     """Config keys whose value differs between runs (seed and bookkeeping excluded), minus keys
     that equal an earlier setting in every run; the pattern first, then model and data keys."""
-    keys = sorted({k for r in runs for k in r["config"]},
-                  key=lambda k: (k != "model.pattern", not k.startswith("model."),
-                                 not k.startswith("data."), k))
+    keys = sorted(
+        {k for r in runs for k in r["config"]},
+        key=lambda k: (
+            k != "model.pattern",
+            not k.startswith("model."),
+            not k.startswith("data."),
+            k,
+        ),
+    )
     keys = [k for k in keys if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)]
     # Every key of every run (None where missing: pandas would fill NaN, which differs from None).
     configs = pd.DataFrame([{k: r["config"].get(k) for k in keys} for r in runs], dtype=object)
@@ -170,19 +230,39 @@ def settings_of(runs: Sequence[dict]) -> list[str]:
     return kept
 
 
-def run_table(runs: Sequence[dict], settings: Sequence[str], metrics: Sequence[str]
-              ) -> pd.DataFrame:
+def run_table(
+    runs: Sequence[dict], settings: Sequence[str], metrics: Sequence[str]
+) -> pd.DataFrame:
     """One row per run, in runs.csv's column order, plus its learning curve."""
-    columns = ["run_dir", "status", "seed", *settings, "pattern", "n_mixers", "n_attn",
-               "attn_fraction", "step", *metrics, "memory_kind", "curve"]
-    rows = [{**run, **{k: run["config"].get(k) for k in settings},
-             "pattern": run["config"].get("model.pattern")} for run in runs]
+    columns = [
+        "run_dir",
+        "status",
+        "seed",
+        *settings,
+        "pattern",
+        "n_mixers",
+        "n_attn",
+        "attn_fraction",
+        "step",
+        *metrics,
+        "memory_kind",
+        "curve",
+    ]
+    rows = [
+        {
+            **run,
+            **{k: run["config"].get(k) for k in settings},
+            "pattern": run["config"].get("model.pattern"),
+        }
+        for run in runs
+    ]
     # object columns keep ints ints and None None (runs.csv writes them as they are)
     return pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], dtype=object)
 
 
-def summarize(finished: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str]
-              ) -> pd.DataFrame:
+def summarize(
+    finished: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str]
+) -> pd.DataFrame:
     """One row per group (finished runs equal in every setting): its settings, label, pattern,
     seeds, mean learning curve and <metric>_mean / <metric>_std over its seeds; ordered by
     attention fraction, then by setting values. Missing values are None."""
@@ -192,18 +272,25 @@ def summarize(finished: pd.DataFrame, settings: Sequence[str], metrics: Sequence
     values = finished[metrics].apply(pd.to_numeric).replace([math.inf, -math.inf], math.nan)
     stats = values.groupby(group)
     std = stats.std().mask(stats.count() == 1, 0.0)  # one seed has no spread (pandas: NaN)
-    summary = pd.concat([
-        by_group[[*settings, "pattern", "attn_fraction", "n_mixers", "step"]]
-        .first(skipna=False).rename(columns={"step": "steps"}),
-        by_group.size().rename("n_seeds"),
-        by_group["seed"].agg(lambda seeds: " ".join(map(str, seeds))).rename("seeds"),
-        by_group["curve"].agg(_mean_curve),
-        stats.mean().add_suffix("_mean"), std.add_suffix("_std")], axis=1)
+    summary = pd.concat(
+        [
+            by_group[[*settings, "pattern", "attn_fraction", "n_mixers", "step"]]
+            .first(skipna=False)
+            .rename(columns={"step": "steps"}),
+            by_group.size().rename("n_seeds"),
+            by_group["seed"].agg(lambda seeds: " ".join(map(str, seeds))).rename("seeds"),
+            by_group["curve"].agg(_mean_curve),
+            stats.mean().add_suffix("_mean"),
+            std.add_suffix("_std"),
+        ],
+        axis=1,
+    )
     summary = summary.astype(object).where(summary.notna(), None)  # as load_run's rows have it
     show_fraction = summary["attn_fraction"].nunique(dropna=False) > 1
     summary["label"] = [label(row, settings, show_fraction) for _, row in summary.iterrows()]
-    return summary.iloc[sorted(range(len(summary)),
-                               key=lambda i: _sort_key(summary.iloc[i], settings))]
+    return summary.iloc[
+        sorted(range(len(summary)), key=lambda i: _sort_key(summary.iloc[i], settings))
+    ]
 
 
 def _mean_curve(curves: pd.Series) -> list[tuple]:
@@ -226,8 +313,11 @@ def label(row: pd.Series, settings: Sequence[str], show_fraction: bool = False) 
 
 
 def _other_settings(row: pd.Series, settings: Sequence[str]) -> list[str]:
-    return [f"{short(k)}={_show(row[k])}" for k in settings
-            if k != "model.pattern" and applies(k, row["pattern"])]
+    return [
+        f"{short(k)}={_show(row[k])}"
+        for k in settings
+        if k != "model.pattern" and applies(k, row["pattern"])
+    ]
 
 
 def applies(key: str, pattern) -> bool:
@@ -245,18 +335,34 @@ def write_csv(path: str, table: pd.DataFrame, columns: Sequence[str]) -> None:
     table[list(columns)].map(_cell).to_csv(path, index=False, lineterminator="\r\n")
 
 
-def markdown_table(summary: pd.DataFrame, settings: Sequence[str], buckets: Sequence[str]
-                   ) -> str:
+def markdown_table(summary: pd.DataFrame, settings: Sequence[str], buckets: Sequence[str]) -> str:
     # (header, cells) pairs, not DataFrame columns: two settings may share a short name.
-    columns = [(short(k), [_show(v) if applies(k, p) else "–"
-                           for v, p in zip(summary[k], summary["pattern"])]) for k in settings]
+    columns = [
+        (
+            short(k),
+            [_show(v) if applies(k, p) else "–" for v, p in zip(summary[k], summary["pattern"])],
+        )
+        for k in settings
+    ]
     if summary["attn_fraction"].nunique(dropna=False) > 1:
-        columns.append(("attn frac", ["" if f is None else f"{f:.3g}"
-                                      for f in summary["attn_fraction"]]))
-    for metric, header, fmt in [*((b, b[len(BUCKET_PREFIX):], "{:.3f}") for b in buckets),
-                                *METRICS]:
-        columns.append((header, [_mean_std(mean, std, n, fmt) for mean, std, n in zip(
-            summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n_seeds"])]))
+        columns.append(
+            ("attn frac", ["" if f is None else f"{f:.3g}" for f in summary["attn_fraction"]])
+        )
+    for metric, header, fmt in [
+        *((b, b[len(BUCKET_PREFIX) :], "{:.3f}") for b in buckets),
+        *METRICS,
+    ]:
+        columns.append(
+            (
+                header,
+                [
+                    _mean_std(mean, std, n, fmt)
+                    for mean, std, n in zip(
+                        summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n_seeds"]
+                    )
+                ],
+            )
+        )
     columns.append(("seeds", [str(n) for n in summary["n_seeds"]]))
     headers, cells = zip(*columns)
     rows = ["| " + " | ".join(row) + " |" for row in zip(*cells)]
@@ -273,22 +379,35 @@ def _mean_std(mean, std, n_seeds: int, fmt: str) -> str:
 
 def markdown_report(title, roots, table, settings, buckets, summary) -> str:
     done = table[table["status"] == "done"]
-    lines = [f"# {title or 'Sweep report'}", "",
-             (f"{len(done)} finished runs of {len(table)} under {', '.join(roots)}; "
-              f"{len(summary)} groups. Settings that differ: "
-              f"{', '.join(f'`{k}`' for k in settings) or 'none'}. Cells are the mean ± "
-              f"standard deviation over seeds; accuracy is held-out answer accuracy at the last "
-              f"step (per difficulty bucket, then over all buckets); tokens/s is the median over "
-              f"the run's logged steps."), "",
-             markdown_table(summary, settings, buckets), ""]
+    lines = [
+        f"# {title or 'Sweep report'}",
+        "",
+        (
+            f"{len(done)} finished runs of {len(table)} under {', '.join(roots)}; "
+            f"{len(summary)} groups. Settings that differ: "
+            f"{', '.join(f'`{k}`' for k in settings) or 'none'}. Cells are the mean ± "
+            f"standard deviation over seeds; accuracy is held-out answer accuracy at the last "
+            f"step (per difficulty bucket, then over all buckets); tokens/s is the median over "
+            f"the run's logged steps."
+        ),
+        "",
+        markdown_table(summary, settings, buckets),
+        "",
+    ]
     kinds = set(done["memory_kind"].dropna())
     lines += [f"Memory: `{key}`, {what}." for key, what in MEMORY_KEYS if key in kinds]
     unfinished = table.loc[table["status"] != "done", "run_dir"]
     if len(unfinished):
         lines.append(f"Unfinished runs (no summary.json), left out: {', '.join(unfinished)}.")
-    lines += ["", "![accuracy](accuracy.png)", "",
-              "![throughput and memory](throughput_memory.png)", "",
-              "![learning curves](learning_curves.png)", ""]
+    lines += [
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "![throughput and memory](throughput_memory.png)",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -310,8 +429,10 @@ def fraction_lines(summary: pd.DataFrame, settings: Sequence[str]) -> list[tuple
     if fractions.nunique(dropna=False) < 2 or fractions.isna().any():
         return None
     names = summary.apply(lambda row: ", ".join(_other_settings(row, settings)), axis=1)
-    return [(name, rows, rows["attn_fraction"].astype(float).tolist())
-            for name, rows in summary.groupby(names, sort=False)]
+    return [
+        (name, rows, rows["attn_fraction"].astype(float).tolist())
+        for name, rows in summary.groupby(names, sort=False)
+    ]
 
 
 def _stat(rows: pd.DataFrame, metric: str, stat: str, missing: float = math.nan) -> np.ndarray:
@@ -322,13 +443,20 @@ def _stat(rows: pd.DataFrame, metric: str, stat: str, missing: float = math.nan)
 def _errorline(ax, xs, rows, metric, name, style="o-"):
     means = _stat(rows, metric, "mean")
     if not np.isnan(means).all():
-        ax.errorbar(xs, means, yerr=_stat(rows, metric, "std", 0.0), fmt=style, capsize=3,
-                    label=name)
+        ax.errorbar(
+            xs, means, yerr=_stat(rows, metric, "std", 0.0), fmt=style, capsize=3, label=name
+        )
 
 
 def _bars(ax, summary, metric, offset=0.0, width=0.8, **kwargs):
-    ax.bar(np.arange(len(summary)) + offset, _stat(summary, metric, "mean", 0.0), width,
-           yerr=_stat(summary, metric, "std", 0.0), capsize=2, **kwargs)
+    ax.bar(
+        np.arange(len(summary)) + offset,
+        _stat(summary, metric, "mean", 0.0),
+        width,
+        yerr=_stat(summary, metric, "std", 0.0),
+        capsize=2,
+        **kwargs,
+    )
     ax.set_xticks(range(len(summary)))
     ax.set_xticklabels(summary["label"].tolist(), rotation=30, ha="right", fontsize=8)
 
@@ -343,7 +471,7 @@ def plot_accuracy(path: str, summary, settings, buckets) -> None:
     plt = _pyplot()
     lines = fraction_lines(summary, settings)
     columns = list(buckets) or [ACC]
-    names = [c[len(BUCKET_PREFIX):] if c in buckets else "accuracy" for c in columns]
+    names = [c[len(BUCKET_PREFIX) :] if c in buckets else "accuracy" for c in columns]
     if lines is None:  # per group, a bar per bucket
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary) * len(columns) / 2), 4.5))
         width = 0.8 / len(columns)
@@ -360,9 +488,14 @@ def plot_accuracy(path: str, summary, settings, buckets) -> None:
             if buckets:
                 _errorline(ax, xs, rows, ACC, "all buckets", style="k--")
             ticks = sorted(set(xs))
-            ax.set(xlabel=FRACTION_AXIS, ylabel="held-out recall accuracy", ylim=(-0.02, 1.02),
-                   xticks=ticks, xticklabels=[f"{x:.3g}" for x in ticks],
-                   title=title or "accuracy vs attention fraction")
+            ax.set(
+                xlabel=FRACTION_AXIS,
+                ylabel="held-out recall accuracy",
+                ylim=(-0.02, 1.02),
+                xticks=ticks,
+                xticklabels=[f"{x:.3g}" for x in ticks],
+                title=title or "accuracy vs attention fraction",
+            )
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     _save(plt, fig, path)
@@ -371,8 +504,11 @@ def plot_accuracy(path: str, summary, settings, buckets) -> None:
 def plot_cost(path: str, summary, settings) -> None:
     plt = _pyplot()
     lines = fraction_lines(summary, settings)
-    panels = [("tokens_per_sec", "training tokens/s"), ("memory_mb", "memory (MB)"),
-              ("params_total", "parameters")]
+    panels = [
+        ("tokens_per_sec", "training tokens/s"),
+        ("memory_mb", "memory (MB)"),
+        ("params_total", "parameters"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (metric, name) in zip(axes[0], panels):
         if lines is None:
@@ -394,8 +530,11 @@ def plot_curves(path: str, summary) -> None:
     for curve, name in zip(summary["curve"], summary["label"]):
         if curve:
             ax.plot(*zip(*curve), marker=".", label=name)
-    ax.set(xlabel="training step", ylabel="held-out recall accuracy (mean over seeds)",
-           ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="training step",
+        ylabel="held-out recall accuracy (mean over seeds)",
+        ylim=(-0.02, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(plt, fig, path)
@@ -411,8 +550,9 @@ def report(roots: Sequence[str], out_dir: str, title: str | None = None) -> dict
     runs = [load_run(d) for d in run_dirs]
     done = [r for r in runs if r["status"] == "done"]
     if not done:
-        raise RuntimeError(f"none of the {len(runs)} runs under {list(roots)} finished "
-                           f"(no summary.json)")
+        raise RuntimeError(
+            f"none of the {len(runs)} runs under {list(roots)} finished (no summary.json)"
+        )
     settings = settings_of(done)
     buckets = list(dict.fromkeys(k for r in done for k in r if k.startswith(BUCKET_PREFIX)))
     metrics = [m for m, _, _ in METRICS] + buckets
@@ -420,20 +560,42 @@ def report(roots: Sequence[str], out_dir: str, title: str | None = None) -> dict
     summary = summarize(table[table["status"] == "done"], settings, metrics)
 
     os.makedirs(out_dir, exist_ok=True)
-    files = {name: os.path.join(out_dir, name) for name in (
-        "runs.csv", "summary.csv", "accuracy.png", "throughput_memory.png",
-        "learning_curves.png", "report.md")}
+    files = {
+        name: os.path.join(out_dir, name)
+        for name in (
+            "runs.csv",
+            "summary.csv",
+            "accuracy.png",
+            "throughput_memory.png",
+            "learning_curves.png",
+            "report.md",
+        )
+    }
     write_csv(files["runs.csv"], table, table.columns.drop("curve"))
-    write_csv(files["summary.csv"], summary, [
-        *settings, "attn_fraction", "n_mixers", "steps", "n_seeds", "seeds",
-        *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
+    write_csv(
+        files["summary.csv"],
+        summary,
+        [
+            *settings,
+            "attn_fraction",
+            "n_mixers",
+            "steps",
+            "n_seeds",
+            "seeds",
+            *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
+        ],
+    )
     plot_accuracy(files["accuracy.png"], summary, settings, buckets)
     plot_cost(files["throughput_memory.png"], summary, settings)
     plot_curves(files["learning_curves.png"], summary)
     with open(files["report.md"], "w") as f:
         f.write(markdown_report(title, roots, table, settings, buckets, summary))
-    return {"runs": runs, "settings": settings, "summary": summary.to_dict("records"),
-            "files": files}
+    return {
+        "runs": runs,
+        "settings": settings,
+        "summary": summary.to_dict("records"),
+        "files": files,
+    }
 
 
 def print_report(result: dict) -> None:
@@ -447,8 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.report",
         description="Turn training run directories (a Hydra multirun, or any directories holding "
-                    "config.yaml + summary.json + metrics.jsonl) into runs.csv, summary.csv, "
-                    "report.md and PNG plots.")
+        "config.yaml + summary.json + metrics.jsonl) into runs.csv, summary.csv, "
+        "report.md and PNG plots.",
+    )
     parser.add_argument("roots", nargs="+", help="multirun directory (or run directories)")
     parser.add_argument("--out", help="output directory (default: <first root>/report)")
     parser.add_argument("--title", help="heading of report.md")
@@ -486,14 +649,19 @@ def _cell(value):
 
 def _sort_key(row: pd.Series, settings: Sequence[str]):
     fraction = row["attn_fraction"]
-    return (-1.0 if fraction is None else fraction,
-            tuple(_natural_key(_show(row[k])) for k in settings))
+    return (
+        -1.0 if fraction is None else fraction,
+        tuple(_natural_key(_show(row[k])) for k in settings),
+    )
 
 
 def _natural_key(text: str):
     """'run10' after 'run9'; numbers compare as numbers."""
-    return [(0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?", p) else (1, 0.0, p)
-            for p in re.split(r"(-?\d+(?:\.\d+)?)", str(text)) if p]
+    return [
+        (0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?", p) else (1, 0.0, p)
+        for p in re.split(r"(-?\d+(?:\.\d+)?)", str(text))
+        if p
+    ]
 
 
 if __name__ == "__main__":

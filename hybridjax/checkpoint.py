@@ -62,10 +62,12 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,10 +81,10 @@ class Checkpointer:
         if jax.process_count() > 1:
             gathered = distributed.allgather_str(json.dumps(data))
             data = {PER_PROCESS: [json.loads(s) for s in gathered]}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data))
-        self.manager.save(step, args=args, force=True,
-                          custom_metadata={FINGERPRINT: fingerprint(state)})
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
+        self.manager.save(
+            step, args=args, force=True, custom_metadata={FINGERPRINT: fingerprint(state)}
+        )
 
     def restore(self, step: int, like):
         """(state, data_state) of checkpoint `step`; `like` gives the state's structure, shapes,
@@ -92,29 +94,40 @@ class Checkpointer:
         Raises DamagedCheckpoint when the checkpoint does not read back as it was saved, and
         ValueError when it holds another state than `like` (another model or optimizer)."""
         saved = self._saved_arrays(step)
-        problems = shape_mismatches(saved, {dotted(p): x for p, x in
-                                            jax.tree_util.tree_leaves_with_path(like)})
+        problems = shape_mismatches(
+            saved, {dotted(p): x for p, x in jax.tree_util.tree_leaves_with_path(like)}
+        )
         if problems:
-            raise ValueError(f"checkpoint {step} in {self.directory} holds another state than "
-                             f"this run's: {_listed(problems)}; resume with the model and "
-                             f"optimizer it was saved with, or choose a new hydra.run.dir")
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} holds another state than "
+                f"this run's: {_listed(problems)}; resume with the model and "
+                f"optimizer it was saved with, or choose a new hydra.run.dir"
+            )
         # Read each array as saved, so its bits can be checked, then cast to this run's dtype.
         abstract = jax.tree_util.tree_map_with_path(
-            lambda p, x: _abstract(x, saved[dotted(p)].dtype), like)
+            lambda p, x: _abstract(x, saved[dotted(p)].dtype), like
+        )
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as err:  # tensorstore, zstd, JSON: whatever the damaged bytes broke
             raise DamagedCheckpoint(_first_line(err)) from err
         self._check(step, restored.state)
-        state = jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
-                             restored.state, like)
+        state = jax.tree.map(
+            lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), restored.state, like
+        )
         data = restored.data
         saved_by = len(data[PER_PROCESS]) if PER_PROCESS in data else 1
         if saved_by != jax.process_count():
-            raise ValueError(f"checkpoint {step} in {self.directory} was saved by {saved_by} "
-                             f"process(es), each with its own data position; resume it with as "
-                             f"many (this run has {jax.process_count()})")
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} was saved by {saved_by} "
+                f"process(es), each with its own data position; resume it with as "
+                f"many (this run has {jax.process_count()})"
+            )
         if PER_PROCESS in data:
             data = data[PER_PROCESS][jax.process_index()]
         return state, data
@@ -138,9 +151,13 @@ class Checkpointer:
             if problem is None:
                 if damaged:
                     kept = self._set_aside([s for s, _ in damaged])
-                    log.warning("resuming from checkpoint step %d in %s, the newest that restores "
-                                "intact; kept on disk, out of the rotation: %s", step,
-                                self.directory, ", ".join(kept))
+                    log.warning(
+                        "resuming from checkpoint step %d in %s, the newest that restores "
+                        "intact; kept on disk, out of the rotation: %s",
+                        step,
+                        self.directory,
+                        ", ".join(kept),
+                    )
                 return step, state, data
             log.warning("checkpoint step %d in %s is damaged: %s", step, self.directory, problem)
             damaged.append((step, problem))
@@ -149,7 +166,8 @@ class Checkpointer:
             f"{', '.join(str(s) for s, _ in damaged)} ("
             + "; ".join(f"step {s}: {p}" for s, p in damaged)
             + "). Nothing was changed there: move the step directories away to train from "
-            "scratch in this run directory, or choose another hydra.run.dir")
+            "scratch in this run directory, or choose another hydra.run.dir"
+        )
 
     def _saved_arrays(self, step: int) -> dict:
         """{leaf path: orbax's ArrayMetadata} of checkpoint `step`'s state."""
@@ -169,19 +187,21 @@ class Checkpointer:
         try:
             expected = self.manager.metadata(step).custom_metadata.get(FINGERPRINT)
         except Exception as err:
-            raise DamagedCheckpoint(f"its step metadata does not read: {_first_line(err)}") \
-                from err
+            raise DamagedCheckpoint(f"its step metadata does not read: {_first_line(err)}") from err
         if expected is None:
             if not bool(all_finite(state)):
-                raise DamagedCheckpoint("it holds NaN or infinite values, which no checkpoint "
-                                        "is saved with")
+                raise DamagedCheckpoint(
+                    "it holds NaN or infinite values, which no checkpoint is saved with"
+                )
             return
         found = fingerprint(state)
-        changed = [k for k in sorted(expected.keys() | found.keys())
-                   if expected.get(k) != found.get(k)]
+        changed = [
+            k for k in sorted(expected.keys() | found.keys()) if expected.get(k) != found.get(k)
+        ]
         if changed:
-            raise DamagedCheckpoint(f"the values read differ from those saved (fingerprint) in "
-                                    f"{_listed(changed)}")
+            raise DamagedCheckpoint(
+                f"the values read differ from those saved (fingerprint) in {_listed(changed)}"
+            )
 
     def _set_aside(self, steps: list[int]) -> list[str]:
         """Rename the step directories `steps` to `<step>.damaged` (`.damaged.2`, ... when that
@@ -219,8 +239,11 @@ def find_checkpoint(path: str | os.PathLike) -> str:
         return path
     checkpoints = os.path.join(path, "checkpoints")
     checkpoints = checkpoints if os.path.isdir(checkpoints) else path
-    steps = [int(name) for name in os.listdir(checkpoints)  # unfinished saves are not digits
-             if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name, "state"))]
+    steps = [
+        int(name)
+        for name in os.listdir(checkpoints)  # unfinished saves are not digits
+        if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name, "state"))
+    ]
     if not steps:
         raise FileNotFoundError(f"{checkpoints}: holds no checkpoint")
     return os.path.join(checkpoints, str(max(steps)))
@@ -242,24 +265,33 @@ def read_model(step_dir: str, params, model_state):
         if problems:
             raise ValueError(_listed(problems))
         abstract = jax.tree.map(_abstract, like)
-        restored = handler.restore(directory, args=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True))
+        restored = handler.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True,
+            ),
+        )
     finally:
         handler.close()
     return restored["params"], restored["model_state"]
 
 
 def shape_mismatches(saved, like) -> list[str]:
-    """"path: saved (shape), this model (shape)" for every leaf of either tree that the other
+    """ "path: saved (shape), this model (shape)" for every leaf of either tree that the other
     lacks or holds in another shape."""
+
     def shapes(tree):
         return {dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
     a, b = shapes(saved), shapes(like)
-    return [f"{k}: {f'saved {a[k]}' if k in a else 'not saved'}, "
-            f"{f'this model {b[k]}' if k in b else 'not in this model'}"
-            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {f'saved {a[k]}' if k in a else 'not saved'}, "
+        f"{f'this model {b[k]}' if k in b else 'not in this model'}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
 
 
 def _abstract(x, dtype=None):
@@ -294,16 +326,19 @@ def _mute_orbax_leftovers() -> None:
 
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        leftover = ((code is not None and orbax in code.co_filename) or
-                    (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-                     and str(unraisable.exc_value) == "Event loop is closed"))
+        leftover = (code is not None and orbax in code.co_filename) or (
+            unraisable.object is None
+            and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+        )
         if not leftover:
             previous(unraisable)
 
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(lambda record: orbax not in record.getMessage())
-    warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "
-                            "awaited", RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", "coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -347,8 +382,11 @@ def fingerprint(state) -> dict[str, int]:
 @jax.jit
 def all_finite(tree) -> jax.Array:
     """True when every floating-point leaf of `tree` is finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 

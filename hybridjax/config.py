@@ -103,18 +103,28 @@ class HybridConfig:
         for name in ("vocab_size", "d_model", "norm_eps", "initializer_range", "loss_chunk_size"):
             _check_positive(name, getattr(self, name))
         if self.has("M"):
-            for name in ("mamba_heads", "mamba_head_dim", "ssm_state", "n_groups",
-                         "conv_kernel", "chunk_size", "time_step_min", "time_step_max"):
+            for name in (
+                "mamba_heads",
+                "mamba_head_dim",
+                "ssm_state",
+                "n_groups",
+                "conv_kernel",
+                "chunk_size",
+                "time_step_min",
+                "time_step_max",
+            ):
                 _check_positive(name, getattr(self, name))
             if self.mamba_heads % self.n_groups:
-                raise ValueError(f"n_groups: {self.n_groups} must divide mamba_heads "
-                                 f"({self.mamba_heads})")
+                raise ValueError(
+                    f"n_groups: {self.n_groups} must divide mamba_heads ({self.mamba_heads})"
+                )
         if self.has("*"):
             for name in ("attn_heads", "kv_heads", "head_dim"):
                 _check_positive(name, getattr(self, name))
             if self.attn_heads % self.kv_heads:
-                raise ValueError(f"kv_heads: {self.kv_heads} must divide attn_heads "
-                                 f"({self.attn_heads})")
+                raise ValueError(
+                    f"kv_heads: {self.kv_heads} must divide attn_heads ({self.attn_heads})"
+                )
             if self.rope_theta is not None and self.head_dim % 2:
                 raise ValueError(f"head_dim: must be even with RoPE, got {self.head_dim}")
             if self.rope_scaling is not None and self.rope_theta is None:
@@ -127,11 +137,14 @@ class HybridConfig:
             if self.top_k > self.n_experts:
                 raise ValueError(f"top_k: {self.top_k} exceeds n_experts ({self.n_experts})")
             if self.n_experts % self.router_groups:
-                raise ValueError(f"router_groups: {self.router_groups} must divide n_experts "
-                                 f"({self.n_experts})")
+                raise ValueError(
+                    f"router_groups: {self.router_groups} must divide n_experts ({self.n_experts})"
+                )
             if not 1 <= self.router_topk_groups <= self.router_groups:
-                raise ValueError(f"router_topk_groups: must be in [1, router_groups="
-                                 f"{self.router_groups}], got {self.router_topk_groups}")
+                raise ValueError(
+                    f"router_topk_groups: must be in [1, router_groups="
+                    f"{self.router_groups}], got {self.router_topk_groups}"
+                )
         if self.has("-"):
             _check_positive("ffn", self.ffn)
 

@@ -38,37 +38,57 @@ def plan(config, environ: Mapping[str, str] | None = None) -> dict | None:
     coordinator = config.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
     num = _int_or_none(config.num_processes, env, "JAX_NUM_PROCESSES")
     pid = _int_or_none(config.process_id, env, "JAX_PROCESS_ID")
-    common = {"local_device_ids": config.local_device_ids,
-              "initialization_timeout": config.initialization_timeout}
+    common = {
+        "local_device_ids": config.local_device_ids,
+        "initialization_timeout": config.initialization_timeout,
+    }
     cluster = _cluster(env)
     if cluster is not None and cluster.jax_detects:
         if (cluster.size if num is None else num) == 1:
             return None
-        kwargs = {"coordinator_address": coordinator, "num_processes": num,
-                  "process_id": pid, **common}
+        kwargs = {
+            "coordinator_address": coordinator,
+            "num_processes": num,
+            "process_id": pid,
+            **common,
+        }
         return {k: v for k, v in kwargs.items() if v is not None}
     if cluster is not None:  # Open MPI 5: its ranks, but the coordinator must be given
         num = cluster.size if num is None else num
         pid = cluster.rank if pid is None else pid
     if num is None:
         if coordinator is not None:
-            raise ValueError("trainer.distributed.num_processes: needed with a coordinator "
-                             "address (or JAX_NUM_PROCESSES)")
+            raise ValueError(
+                "trainer.distributed.num_processes: needed with a coordinator "
+                "address (or JAX_NUM_PROCESSES)"
+            )
         return None
     if num == 1:
         return None
     if pid is None:
-        raise ValueError(f"trainer.distributed.process_id: needed for {num} processes (or "
-                         f"JAX_PROCESS_ID); each process gets its own id in [0, {num})")
+        raise ValueError(
+            f"trainer.distributed.process_id: needed for {num} processes (or "
+            f"JAX_PROCESS_ID); each process gets its own id in [0, {num})"
+        )
     if not 0 <= pid < num:
         raise ValueError(f"trainer.distributed.process_id: {pid} is not in [0, {num})")
     if coordinator is None:
-        where = (" (this Open MPI sets no OMPI_MCA_orte_hnp_uri, from which jax would find it)"
-                 if cluster is not None else "")
-        raise ValueError(f"trainer.distributed.coordinator_address: needed for {num} processes"
-                         f"{where}; give host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
-    kwargs = {"coordinator_address": coordinator, "num_processes": num, "process_id": pid,
-              "cluster_detection_method": "deactivate", **common}
+        where = (
+            " (this Open MPI sets no OMPI_MCA_orte_hnp_uri, from which jax would find it)"
+            if cluster is not None
+            else ""
+        )
+        raise ValueError(
+            f"trainer.distributed.coordinator_address: needed for {num} processes"
+            f"{where}; give host:port of process 0 (or JAX_COORDINATOR_ADDRESS)"
+        )
+    kwargs = {
+        "coordinator_address": coordinator,
+        "num_processes": num,
+        "process_id": pid,
+        "cluster_detection_method": "deactivate",
+        **common,
+    }
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -100,7 +120,7 @@ def allgather_str(text: str) -> list[str]:
     data = np.frombuffer(text.encode(), np.uint8)
     lengths = np.asarray(_allgather(np.int32(data.size))).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:data.size] = data
+    padded[: data.size] = data
     rows = np.asarray(_allgather(padded)).reshape(len(lengths), -1)
     return [bytes(row[:n]).decode() for row, n in zip(rows, lengths, strict=True)]
 
@@ -132,13 +152,15 @@ class Cluster(NamedTuple):
 
 def _cluster(env: Mapping[str, str]) -> Cluster | None:
     """A SLURM step or Open MPI job of more than one task, else None (the tests jax makes)."""
-    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-             "SLURM_LOCALID")
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
     if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
         return Cluster(int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]), True)
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return Cluster(int(env["OMPI_COMM_WORLD_SIZE"]), int(env["OMPI_COMM_WORLD_RANK"]),
-                       "OMPI_MCA_orte_hnp_uri" in env)
+        return Cluster(
+            int(env["OMPI_COMM_WORLD_SIZE"]),
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            "OMPI_MCA_orte_hnp_uri" in env,
+        )
     return None
 
 

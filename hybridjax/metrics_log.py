@@ -26,16 +26,25 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, *, total_steps: int, start_step: int = 0,
-                 logger=None, config: dict | None = None, progress: bool = True):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        logger=None,
+        config: dict | None = None,
+        progress: bool = True,
+    ):
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, METRICS_FILE)
         self.total_steps = total_steps
         self.start_step = start_step
         _truncate_after(self.path, start_step)
         self.file = open(self.path, "a")  # noqa: SIM115  (open for the run; closed in close())
-        self.wandb = _start_wandb(run_dir, logger, config) if logger and logger.name == "wandb" \
-            else None
+        self.wandb = (
+            _start_wandb(run_dir, logger, config) if logger and logger.name == "wandb" else None
+        )
         self.progress = Progress(total_steps, start_step) if progress else None
 
     def write(self, step: int, metrics: dict) -> None:
@@ -109,10 +118,19 @@ def _start_wandb(run_dir: str, logger, config: dict | None):
         run_id = uuid.uuid4().hex[:12]
         with open(id_file, "w") as f:
             f.write(run_id)
-    return wandb.init(project=logger.project, entity=logger.entity, group=logger.group,
-                      name=logger.run_name, tags=list(logger.tags) or None, config=config,
-                      dir=run_dir, mode=logger.mode, id=run_id, resume="allow",
-                      settings=wandb.Settings(quiet=True))
+    return wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group,
+        name=logger.run_name,
+        tags=list(logger.tags) or None,
+        config=config,
+        dir=run_dir,
+        mode=logger.mode,
+        id=run_id,
+        resume="allow",
+        settings=wandb.Settings(quiet=True),
+    )
 
 
 class Progress:
@@ -127,8 +145,9 @@ class Progress:
     The clock starts at the first update, after the first (compiling) step, so the rate and ETA
     are of training alone."""
 
-    LOG_FORMAT = ("step {n_fmt}/{total_fmt} ({percentage:.0f}%) "
-                  "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+    LOG_FORMAT = (
+        "step {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    )
 
     def __init__(self, total: int, start: int = 0, stream=None):
         self.total = total
@@ -143,17 +162,30 @@ class Progress:
         if self.started is None:
             self.started = (time.perf_counter(), step)
             if self.tty:
-                self.bar = tqdm(total=self.total, initial=step, unit="step", file=self.stream,
-                                dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=self.total,
+                    initial=step,
+                    unit="step",
+                    file=self.stream,
+                    dynamic_ncols=True,
+                )
                 self.redirect.enter_context(logging_redirect_tqdm())
         if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
         elif logged or final:
             t0, s0 = self.started
-            log.info(tqdm.format_meter(step, self.total, time.perf_counter() - t0, initial=s0,
-                                       unit="step", postfix=postfix,
-                                       bar_format=self.LOG_FORMAT))
+            log.info(
+                tqdm.format_meter(
+                    step,
+                    self.total,
+                    time.perf_counter() - t0,
+                    initial=s0,
+                    unit="step",
+                    postfix=postfix,
+                    bar_format=self.LOG_FORMAT,
+                )
+            )
         if final:
             self.close()
 

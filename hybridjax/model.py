@@ -72,8 +72,13 @@ def pattern_period(pattern: str) -> str:
     return pattern
 
 
-def make_pattern(n_mixers: int, *, attn_every: int | None = None,
-                 attn_fraction: float | None = None, ffn: str = "") -> str:
+def make_pattern(
+    n_mixers: int,
+    *,
+    attn_every: int | None = None,
+    attn_fraction: float | None = None,
+    ffn: str = "",
+) -> str:
     """A hybrid layer pattern from an SSM-to-attention ratio.
 
     `n_mixers` sequence-mixing layers, of which attention is either every `attn_every`-th layer or
@@ -103,8 +108,12 @@ class Block(nnx.Module):
 
     def __init__(self, letter: str, config: HybridConfig, *, rngs: nnx.Rngs):
         self.letter = letter
-        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype_of(config.dtype),
-                            param_dtype=dtype_of(config.param_dtype))
+        self.norm = RMSNorm(
+            config.d_model,
+            eps=config.norm_eps,
+            dtype=dtype_of(config.dtype),
+            param_dtype=dtype_of(config.param_dtype),
+        )
         self.mixer = MIXERS[letter](config, rngs=rngs)
 
     def __call__(self, x, segment_ids, positions, token_mask=None):
@@ -167,8 +176,14 @@ class HybridLM(nnx.Module):
         self.config = config
         dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
         init = nnx.initializers.normal(config.initializer_range)
-        self.embeddings = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
-                                    param_dtype=param_dtype, embedding_init=init, rngs=rngs)
+        self.embeddings = nnx.Embed(
+            config.vocab_size,
+            config.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=init,
+            rngs=rngs,
+        )
         self.period = pattern_period(config.pattern) if config.scan_layers else config.pattern
         self.repeats = config.n_layers // len(self.period)
 
@@ -178,11 +193,22 @@ class HybridLM(nnx.Module):
             return Period(self.period, config, rngs=rngs)
 
         self.periods = make_periods(rngs)  # parameters stacked over the repeats (leading axis)
-        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
-                              param_dtype=param_dtype)
-        self.lm_head = None if config.tie_embeddings else nnx.Linear(
-            config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        self.norm_f = RMSNorm(
+            config.d_model, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=init,
+                rngs=rngs,
+            )
+        )
 
     # --- forward ----------------------------------------------------------------------------
     def __call__(self, tokens, segment_ids=None, *, token_mask=None, return_aux: bool = False):
@@ -227,8 +253,12 @@ class HybridLM(nnx.Module):
             return ModelAux(zero, zero, jnp.zeros((0, self.config.n_experts), jnp.float32), zero)
         stack = lambda name: jnp.stack([getattr(a, name) for a in auxs], axis=1)  # (R, m, ...)
         load = stack("expert_load").reshape(-1, self.config.n_experts)
-        return ModelAux(lb_loss=stack("lb_loss").mean(), z_loss=stack("z_loss").mean(),
-                        expert_load=load, dropped_frac=stack("dropped_frac").mean())
+        return ModelAux(
+            lb_loss=stack("lb_loss").mean(),
+            z_loss=stack("z_loss").mean(),
+            expert_load=load,
+            dropped_frac=stack("dropped_frac").mean(),
+        )
 
     def update_router_bias(self, expert_load, rate: float):
         """Aux-loss-free balancing: nudge each MoE router's bias toward under-loaded experts.
@@ -247,8 +277,10 @@ class HybridLM(nnx.Module):
 
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(period):
-            return tuple(b.mixer.init_cache(batch, max_len, dtype) if b.letter in CACHED else None
-                         for b in period.blocks)
+            return tuple(
+                b.mixer.init_cache(batch, max_len, dtype) if b.letter in CACHED else None
+                for b in period.blocks
+            )
 
         return make(self.periods)
 
@@ -274,11 +306,17 @@ def _remat_period(remat: str):
     if remat == "offload":
         if host_offload_supported():
             policy = jax.checkpoint_policies.save_and_offload_only_these_names(
-                names_which_can_be_saved=(), names_which_can_be_offloaded=(BLOCK_INPUT,),
-                offload_src="device", offload_dst="pinned_host")
+                names_which_can_be_saved=(),
+                names_which_can_be_offloaded=(BLOCK_INPUT,),
+                offload_src="device",
+                offload_dst="pinned_host",
+            )
         else:
-            log.warning('remat="offload": the %s backend has no pinned_host memory; block '
-                        'inputs stay on the device (as remat="block")', jax.default_backend())
+            log.warning(
+                'remat="offload": the %s backend has no pinned_host memory; block '
+                'inputs stay on the device (as remat="block")',
+                jax.default_backend(),
+            )
     return functools.partial(Period.__call__, run_block=nnx.remat(Block.__call__, policy=policy))
 
 
@@ -309,19 +347,23 @@ def load_flat_params(model: HybridLM, flat: dict[str, np.ndarray]) -> None:
     expected = flat_params(model)
     missing, unexpected = expected.keys() - flat.keys(), flat.keys() - expected.keys()
     if missing or unexpected:
-        raise ValueError(f"load_flat_params: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"load_flat_params: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     for name, value in flat.items():
         if np.shape(value) != expected[name].shape:
-            raise ValueError(f"load_flat_params: {name} has shape {np.shape(value)}, "
-                             f"the model expects {expected[name].shape}")
+            raise ValueError(
+                f"load_flat_params: {name} has shape {np.shape(value)}, "
+                f"the model expects {expected[name].shape}"
+            )
     period = len(model.period)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Variable)):
         name = ".".join(str(p) for p in path)
         if path[0] == "periods":
             j, rest = path[2], ".".join(str(p) for p in path[3:])
-            value = np.stack([flat[f"layers.{r * period + j}.{rest}"]
-                              for r in range(model.repeats)])
+            value = np.stack(
+                [flat[f"layers.{r * period + j}.{rest}"] for r in range(model.repeats)]
+            )
         else:
             value = flat[name]
         var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))

@@ -75,7 +75,8 @@ def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
         stable = rest - decay
         after = optax.join_schedules(
             [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(decay, 1))],
-            [stable])
+            [stable],
+        )
     if not warmup:
         return after
     return optax.join_schedules([warm, after], [warmup])
@@ -98,6 +99,14 @@ def make_optimizer(config: OptimConfig, total_steps: int):
     parts = []
     if config.clip_norm:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=weight_decay_mask))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask,
+        )
+    )
     return optax.chain(*parts), schedule

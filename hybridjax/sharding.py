@@ -85,8 +85,9 @@ PARAM_AXES = (
 _COMPILED = tuple((re.compile(rf"(?:^|\.){pattern}$"), axes) for pattern, axes in PARAM_AXES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
-              context: int = 1, devices=None) -> jax.sharding.Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1, context: int = 1, devices=None
+) -> jax.sharding.Mesh:
     """A mesh over `devices` (default: all); one size may be -1 to take the remaining devices."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = {"data": data, "fsdp": fsdp, "expert": expert, "context": context, "tensor": tensor}
@@ -97,8 +98,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
     if free:
         sizes[free[0]] = len(devices) // fixed
     if int(np.prod(list(sizes.values()))) != len(devices):
-        raise ValueError(f"mesh sizes: {sizes} multiply to {int(np.prod(list(sizes.values())))},"
-                         f" but there are {len(devices)} devices")
+        raise ValueError(
+            f"mesh sizes: {sizes} multiply to {int(np.prod(list(sizes.values())))},"
+            f" but there are {len(devices)} devices"
+        )
     grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
     return jax.sharding.Mesh(grid, AXES)
 
@@ -126,8 +129,10 @@ def _spec_and_problems(name, shape, mesh):
         axis = LOGICAL_RULES.get(logical)
         n = mesh.shape.get(axis, 1) if axis else 1
         if n > 1 and size % n:
-            problems.append(f"{name}: {logical} dimension of {size} is not divisible by mesh "
-                            f"axis {axis!r} ({n}); kept whole")
+            problems.append(
+                f"{name}: {logical} dimension of {size} is not divisible by mesh "
+                f"axis {axis!r} ({n}); kept whole"
+            )
             axis = None
         spec.append(axis if n > 1 else None)
     return P(*spec), problems
@@ -137,7 +142,8 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh):
     """NamedShardings for every array of `tree` (params, optimizer state, a whole TrainState, or
     their abstract shapes): by the rules where a rule names the path, replicated otherwise."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(dotted(path), np.shape(x), mesh)), tree)
+        lambda path, x: NamedSharding(mesh, param_spec(dotted(path), np.shape(x), mesh)), tree
+    )
 
 
 def placement_report(tree, mesh: jax.sharding.Mesh) -> list[str]:
@@ -150,8 +156,11 @@ def placement_report(tree, mesh: jax.sharding.Mesh) -> list[str]:
 
 def unmatched_params(params) -> list[str]:
     """Dotted paths of `params` (a pure dict of a model's parameters) that no rule names."""
-    return [dotted(path) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-            if logical_axes(dotted(path), np.ndim(x)) is None]
+    return [
+        dotted(path)
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        if logical_axes(dotted(path), np.ndim(x)) is None
+    ]
 
 
 def warn_placement(params, mesh: jax.sharding.Mesh) -> None:

@@ -58,9 +58,18 @@ from hybridjax.train_step import (
 log = logging.getLogger("hybridjax.train")
 
 # Dense bf16 peak TFLOP/s per device, by substring of jax's device_kind, for the MFU estimate.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
-               "L40S": 362.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
-               "TPU v6": 918.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6": 918.0,
+}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,18 +98,24 @@ def train(run: RunConfig, run_dir: str, *, config_dict: dict | None = None) -> d
     which processes started a moment apart read differently."""
     if distributed.initialize(run.trainer.distributed):
         if run.trainer.mesh.single_device:
-            raise ValueError(f"trainer.mesh: {jax.process_count()} processes need a mesh over "
-                             f"all their devices, e.g. trainer.mesh.data=-1")
+            raise ValueError(
+                f"trainer.mesh: {jax.process_count()} processes need a mesh over "
+                f"all their devices, e.g. trainer.mesh.data=-1"
+            )
         shared = distributed.broadcast_str(os.path.abspath(run_dir))
         if shared != os.path.abspath(run_dir):
-            log.warning("process %d trains in process 0's run directory %s, not %s: give every "
-                        "process the same hydra.run.dir", jax.process_index(), shared, run_dir)
+            log.warning(
+                "process %d trains in process 0's run directory %s, not %s: give every "
+                "process the same hydra.run.dir",
+                jax.process_index(),
+                shared,
+                run_dir,
+            )
         run_dir = shared
     os.makedirs(run_dir, exist_ok=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
     setup = build(run, run_dir)
-    mesh_context = (jax.set_mesh(setup.mesh) if setup.mesh is not None
-                    else contextlib.nullcontext())
+    mesh_context = jax.set_mesh(setup.mesh) if setup.mesh is not None else contextlib.nullcontext()
     with mesh_context:
         return Loop(setup, config_dict).run()
 
@@ -120,19 +135,31 @@ def build(run: RunConfig, run_dir: str) -> Setup:
         mesh = make_mesh(**dataclasses.asdict(t.mesh))
         n_context = mesh.shape["context"]
         lengths = [("trainer.seq_len", t.seq_len), ("trainer.eval_seq_len", t.eval_seq_len)]
-        lengths += [(f"trainer.seq_len_schedule[{i}].seq_len", p.seq_len)
-                    for i, p in enumerate(t.seq_len_schedule)]
+        lengths += [
+            (f"trainer.seq_len_schedule[{i}].seq_len", p.seq_len)
+            for i, p in enumerate(t.seq_len_schedule)
+        ]
         for name, length in lengths:
             if length and length % n_context:
-                raise ValueError(f"{name}: {length} does not split into trainer.mesh.context="
-                                 f"{n_context} equal stretches; use a multiple of {n_context}")
+                raise ValueError(
+                    f"{name}: {length} does not split into trainer.mesh.context="
+                    f"{n_context} equal stretches; use a multiple of {n_context}"
+                )
     tx, schedule = make_optimizer(run.optimizer, t.steps)
     graphdef, state = init_state(run.model, tx, t.seed, mesh)
     train_step = make_train_step(
-        graphdef, tx, schedule, lb_coef=run.loss.lb_coef, z_coef=run.loss.z_coef,
-        router_bias_rate=run.loss.router_bias_rate, grad_accum=t.grad_accum,
-        has_moe=run.model.has("E"), donate=jax.default_backend() != "cpu", mesh=mesh,
-        state=state)
+        graphdef,
+        tx,
+        schedule,
+        lb_coef=run.loss.lb_coef,
+        z_coef=run.loss.z_coef,
+        router_bias_rate=run.loss.router_bias_rate,
+        grad_accum=t.grad_accum,
+        has_moe=run.model.has("E"),
+        donate=jax.default_backend() != "cpu",
+        mesh=mesh,
+        state=state,
+    )
     eval_step = make_eval_step(graphdef, max(len(eval_bucket_names(run)), 1))
     return Setup(run, run_dir, mesh, graphdef, state, train_step, eval_step, schedule)
 
@@ -160,11 +187,19 @@ class Loop:
         come in the same number on every process."""
         index, count = process_rows(self.s.mesh)
         if batch_size % count:
-            raise ValueError(f"trainer.batch_size: {batch_size} must divide evenly over the "
-                             f"{count} processes that read distinct rows")
-        batches = make_dataset(self.s.run.data, split=split, seed=seed,
-                               batch_size=batch_size // count, seq_len=seq_len,
-                               shard_index=index, shard_count=count)
+            raise ValueError(
+                f"trainer.batch_size: {batch_size} must divide evenly over the "
+                f"{count} processes that read distinct rows"
+            )
+        batches = make_dataset(
+            self.s.run.data,
+            split=split,
+            seed=seed,
+            batch_size=batch_size // count,
+            seq_len=seq_len,
+            shard_index=index,
+            shard_count=count,
+        )
         if split == "eval" and jax.process_count() > 1:
             return agreed_batches(batches)
         return batches
@@ -178,23 +213,38 @@ class Loop:
         sharding = batch_sharding(self.s.mesh)
         if jax.process_count() > 1:  # each process holds its own rows of the global batch
             count = process_rows(self.s.mesh)[1]
-            return {k: jax.make_array_from_process_local_data(
-                sharding, v, (v.shape[0] * count, *v.shape[1:])) for k, v in batch.items()}
+            return {
+                k: jax.make_array_from_process_local_data(
+                    sharding, v, (v.shape[0] * count, *v.shape[1:])
+                )
+                for k, v in batch.items()
+            }
         return jax.device_put(batch, sharding)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
         t, s = self.t, self.s
-        ckpt = Checkpointer(os.path.join(s.run_dir, "checkpoints"), keep=t.keep_checkpoints,
-                            async_save=t.async_checkpoint)
+        ckpt = Checkpointer(
+            os.path.join(s.run_dir, "checkpoints"),
+            keep=t.keep_checkpoints,
+            async_save=t.async_checkpoint,
+        )
         try:
             train_iter = TrainBatches(self)
             state, start = self.restore(ckpt, s.state, train_iter)
             s.state = None  # the loop owns the state from here (it may be donated)
-            self.metrics = (MetricsLog(s.run_dir, total_steps=t.steps, start_step=start,
-                                       logger=s.run.logger, config=self.config_dict,
-                                       progress=t.progress)
-                            if distributed.is_primary() else OtherProcessMetrics())
+            self.metrics = (
+                MetricsLog(
+                    s.run_dir,
+                    total_steps=t.steps,
+                    start_step=start,
+                    logger=s.run.logger,
+                    config=self.config_dict,
+                    progress=t.progress,
+                )
+                if distributed.is_primary()
+                else OtherProcessMetrics()
+            )
             try:
                 state = self.steps(state, start, train_iter, ckpt)
             finally:
@@ -211,7 +261,8 @@ class Loop:
         if self.t.resume == "never":
             raise RuntimeError(
                 f"trainer.resume=never, but {ckpt.directory} already holds checkpoints "
-                f"(steps {ckpt.all_steps()}); choose a new hydra.run.dir or trainer.resume=auto")
+                f"(steps {ckpt.all_steps()}); choose a new hydra.run.dir or trainer.resume=auto"
+            )
         # The newest checkpoint that restores intact: damaged newer ones are set aside, logged.
         step, state, data_state = ckpt.restore_latest(like=state)
         train_iter.set_state(data_state)
@@ -249,11 +300,13 @@ class Loop:
                     # device anyway (log steps; a signal waits for the next one) and at stop_at.
                     agree = done % t.log_every == 0 or done == t.stop_at
                     first = distributed.first_process(bool(stopping)) if agree else None
-                    stopping = ((stopping or f"a stop request on process {first}")
-                                if first is not None else None)
+                    stopping = (
+                        (stopping or f"a stop request on process {first}")
+                        if first is not None
+                        else None
+                    )
                 final = done == t.steps or bool(stopping)
-                eval_now = (done == t.steps or
-                            (t.eval_every and done % t.eval_every == 0))
+                eval_now = done == t.steps or (t.eval_every and done % t.eval_every == 0)
                 ckpt_now = final or (t.checkpoint_every and done % t.checkpoint_every == 0)
                 log_now = final or done % t.log_every == 0 or eval_now or ckpt_now
                 record = self.flush(ckpt) if log_now else None
@@ -263,11 +316,12 @@ class Loop:
                     self.metrics.write(done, record)
                 if ckpt_now:
                     self.save(ckpt, done, state, train_iter)
-                self.metrics.show(done, self.last_metrics.get("loss"), logged=log_now,
-                                  final=final)
+                self.metrics.show(done, self.last_metrics.get("loss"), logged=log_now, final=final)
                 if stopping:
-                    self.metrics.message(f"stopped by {stopping} after step {done}; "
-                                         f"checkpoint saved in {ckpt.directory}")
+                    self.metrics.message(
+                        f"stopped by {stopping} after step {done}; "
+                        f"checkpoint saved in {ckpt.directory}"
+                    )
                     break
         return state
 
@@ -277,9 +331,11 @@ class Loop:
         total, active = param_counts(self.s.run.model)
         self.param_counts = (total, active)
         m = self.s.run.model
-        return (f"training {m.pattern!r} d_model={m.d_model} ({total:,} params, {active:,} "
-                f"active) for {self.t.steps} steps from step {start}; "
-                f"batch {self.lengths.describe()}; run dir {self.s.run_dir}")
+        return (
+            f"training {m.pattern!r} d_model={m.d_model} ({total:,} params, {active:,} "
+            f"active) for {self.t.steps} steps from step {start}; "
+            f"batch {self.lengths.describe()}; run dir {self.s.run_dir}"
+        )
 
     def restart_clock(self) -> None:
         """Throughput counts from now: compiles and evals are not training time."""
@@ -294,10 +350,14 @@ class Loop:
             for key in ("loss", "grad_norm"):
                 if not math.isfinite(float(m[key])):
                     latest = ckpt.latest_step()
-                    kept = (f"the last good checkpoint (step {latest}) is intact in "
-                            f"{ckpt.directory}" if latest is not None else "no checkpoint saved")
-                    raise NonFiniteLoss(f"{key} is {float(m[key])} at step {step}: stopping; "
-                                        f"{kept}")
+                    kept = (
+                        f"the last good checkpoint (step {latest}) is intact in {ckpt.directory}"
+                        if latest is not None
+                        else "no checkpoint saved"
+                    )
+                    raise NonFiniteLoss(
+                        f"{key} is {float(m[key])} at step {step}: stopping; {kept}"
+                    )
         done, m = fetched[-1]
         record = {k: float(v) for k, v in m.items() if k != "tokens"}
         if self.lengths.scheduled:
@@ -319,8 +379,9 @@ class Loop:
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
         if peak is None:
             return None
-        flops = sum(n * flops_per_token(self.s.run.model, seq_len)
-                    for seq_len, n in self.trained.items())
+        flops = sum(
+            n * flops_per_token(self.s.run.model, seq_len) for seq_len, n in self.trained.items()
+        )
         n_devices = 1 if self.s.mesh is None else self.s.mesh.size
         return flops / seconds / (peak * 1e12 * n_devices)
 
@@ -330,8 +391,9 @@ class Loop:
 
         t = self.t
         sums = None
-        batches = self.dataset("eval", t.eval_seed, t.eval_batch_size or t.batch_size,
-                               t.eval_seq_len or t.seq_len)
+        batches = self.dataset(
+            "eval", t.eval_seed, t.eval_batch_size or t.batch_size, t.eval_seq_len or t.seq_len
+        )
         for i, batch in enumerate(batches):
             if t.eval_batches is not None and i >= t.eval_batches:
                 break
@@ -342,32 +404,43 @@ class Loop:
         lm = lm_metrics(sums["loss_sum"], sums["weight_sum"])
         names = self.bucket_names
         recall = recall_metrics(sums["correct"], sums["total"], names or None)
-        record = {"eval/loss": lm["loss"], "eval/perplexity": lm["perplexity"],
-                  "eval/accuracy": recall["accuracy"], "eval/answers": recall["answers"]}
+        record = {
+            "eval/loss": lm["loss"],
+            "eval/perplexity": lm["perplexity"],
+            "eval/accuracy": recall["accuracy"],
+            "eval/answers": recall["answers"],
+        }
         if names:
-            record.update({f"eval/{k}": v for k, v in recall.items()
-                           if k.startswith("accuracy/")})
+            record.update({f"eval/{k}": v for k, v in recall.items() if k.startswith("accuracy/")})
         self.last_eval = record
-        self.metrics.message(f"step {done}: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in record.items()))
+        self.metrics.message(
+            f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items())
+        )
         if self.clock is not None:
             self.restart_clock()
         return record
 
     def save(self, ckpt: Checkpointer, done: int, state, train_iter) -> None:
         if not bool(all_finite((state.params, state.opt_state))):
-            raise NonFiniteLoss(f"non-finite parameters after step {done}: not saving; the last "
-                                f"good checkpoint (step {ckpt.latest_step()}) is intact")
+            raise NonFiniteLoss(
+                f"non-finite parameters after step {done}: not saving; the last "
+                f"good checkpoint (step {ckpt.latest_step()}) is intact"
+            )
         if ckpt.latest_step() == done:
             return
         ckpt.save(done, state, train_iter.get_state())
 
     def summary(self, state) -> dict:
         total, active = getattr(self, "param_counts", (None, None))
-        out = {"step": int(jax.device_get(state.step)), "params_total": total,
-               "params_active": active, **self.last_metrics, **self.last_eval,
-               "step_memory_bytes": self.step_memory,
-               "peak_memory_bytes": peak_memory_bytes()}
+        out = {
+            "step": int(jax.device_get(state.step)),
+            "params_total": total,
+            "params_active": active,
+            **self.last_metrics,
+            **self.last_eval,
+            "step_memory_bytes": self.step_memory,
+            "peak_memory_bytes": peak_memory_bytes(),
+        }
         if distributed.is_primary():
             with open(os.path.join(self.s.run_dir, "summary.json"), "w") as f:
                 json.dump(out, f, indent=1)
@@ -393,8 +466,12 @@ class LengthSchedule:
     def describe(self) -> str:
         if not self.scheduled:
             return "{1} x {0}".format(*self.shapes[0])
-        return ", then ".join(f"{n} x ({b} x {length})"
-                              for (length, b), n in zip(self.shapes, self.steps)) + ", repeated"
+        return (
+            ", then ".join(
+                f"{n} x ({b} x {length})" for (length, b), n in zip(self.shapes, self.steps)
+            )
+            + ", repeated"
+        )
 
 
 class TrainBatches:
@@ -406,9 +483,16 @@ class TrainBatches:
         self.lengths = loop.lengths
         seed = loop.t.seed
         self.iters = {
-            length: iter(loop.dataset("train", stream_seed(seed, length) if self.lengths.scheduled
-                                      else seed, batch_size, length))
-            for length, batch_size in self.lengths.shapes}
+            length: iter(
+                loop.dataset(
+                    "train",
+                    stream_seed(seed, length) if self.lengths.scheduled else seed,
+                    batch_size,
+                    length,
+                )
+            )
+            for length, batch_size in self.lengths.shapes
+        }
 
     def next(self, step: int) -> dict:
         return next(self.iters[self.lengths.at(step)[0]])
@@ -426,9 +510,11 @@ class TrainBatches:
             return
         names = {f"seq_len={length}": it for length, it in self.iters.items()}
         if set(state) != set(names):
-            raise ValueError(f"trainer.seq_len_schedule: the checkpoint holds data streams "
-                             f"{sorted(state)} but the schedule has {sorted(names)}; resume with "
-                             f"the lengths it was saved with")
+            raise ValueError(
+                f"trainer.seq_len_schedule: the checkpoint holds data streams "
+                f"{sorted(state)} but the schedule has {sorted(names)}; resume with "
+                f"the lengths it was saved with"
+            )
         for name, it in names.items():
             it.set_state(state[name])
 
@@ -449,16 +535,18 @@ def init_from(run: RunConfig, state):
     try:
         params, model_state = read_model(step_dir, state.params, state.model_state)
     except ValueError as err:
-        raise ValueError(f"trainer.init_from: the model does not fit the parameters saved in "
-                         f"{step_dir}: {err}.{model_differences(run.model, step_dir)} Only "
-                         f"runtime fields (dtype, remat, ssd_impl, attn_impl, ...) may "
-                         f"differ") from None
+        raise ValueError(
+            f"trainer.init_from: the model does not fit the parameters saved in "
+            f"{step_dir}: {err}.{model_differences(run.model, step_dir)} Only "
+            f"runtime fields (dtype, remat, ssd_impl, attn_impl, ...) may "
+            f"differ"
+        ) from None
     log.info("step 0 from the parameters of %s (fresh optimizer state)", step_dir)
     return state._replace(params=params, model_state=model_state)
 
 
 def model_differences(model, step_dir: str) -> str:
-    """" Model fields that differ from the source run's config.yaml: ..." (empty without one)."""
+    """ " Model fields that differ from the source run's config.yaml: ..." (empty without one)."""
     import yaml
 
     path = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.yaml")
@@ -467,8 +555,11 @@ def model_differences(model, step_dir: str) -> str:
     with open(path) as f:
         saved = (yaml.safe_load(f) or {}).get("model", {})
     ours = dataclasses.asdict(model)
-    changed = [f"{k} {saved[k]!r} -> {_listed(ours[k])!r}" for k in ours
-               if k in saved and saved[k] != _listed(ours[k])]
+    changed = [
+        f"{k} {saved[k]!r} -> {_listed(ours[k])!r}"
+        for k in ours
+        if k in saved and saved[k] != _listed(ours[k])
+    ]
     return f" Model fields that differ from {path}: {', '.join(changed)}." if changed else ""
 
 
@@ -515,9 +606,11 @@ def process_rows(mesh) -> tuple[int, int]:
     held = sorted({r for index in indices for r in range(rows)[index[0]]})
     block = len(held)
     if held != list(range(held[0], held[0] + block)) or held[0] % block:
-        raise ValueError(f"trainer.mesh: process {jax.process_index()}'s devices hold batch "
-                         f"blocks {held} of {rows}, not one aligned run; order the mesh's "
-                         f"devices by process")
+        raise ValueError(
+            f"trainer.mesh: process {jax.process_index()}'s devices hold batch "
+            f"blocks {held} of {rows}, not one aligned run; order the mesh's "
+            f"devices by process"
+        )
     return held[0] // block, rows // block
 
 
@@ -532,8 +625,10 @@ def agreed_batches(batches):
             return
         if batch is None:
             if last is None:
-                raise ValueError(f"process {jax.process_index()} got no eval rows while others "
-                                 f"did: the eval split is smaller than the process count")
+                raise ValueError(
+                    f"process {jax.process_index()} got no eval rows while others "
+                    f"did: the eval split is smaller than the process count"
+                )
             batch = {k: np.zeros_like(v) for k, v in last.items()}
         last = batch
         yield batch
@@ -546,8 +641,12 @@ def step_memory_bytes(train_step, state, batch) -> int | None:
     stats = train_step.lower(state, batch).compile().memory_analysis()
     if stats is None:
         return None
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
 
 
 def peak_memory_bytes() -> int | None:

@@ -59,21 +59,32 @@ class DistributedConfig:
     initialization_timeout: int = 300  # seconds to wait for every process to join
 
     def __post_init__(self):
-        _check("num_processes", self.num_processes is None or self.num_processes > 0,
-               "must be > 0 or null")
-        _check("process_id", self.process_id is None or self.process_id >= 0,
-               "must be >= 0 or null")
+        _check(
+            "num_processes",
+            self.num_processes is None or self.num_processes > 0,
+            "must be > 0 or null",
+        )
+        _check(
+            "process_id", self.process_id is None or self.process_id >= 0, "must be >= 0 or null"
+        )
         if self.process_id is not None and self.num_processes is not None:
-            _check("process_id", self.process_id < self.num_processes,
-                   f"must be < num_processes ({self.num_processes})")
+            _check(
+                "process_id",
+                self.process_id < self.num_processes,
+                f"must be < num_processes ({self.num_processes})",
+            )
         address = self.coordinator_address
-        _check("coordinator_address", address is None or (
-            ":" in address and address.rsplit(":", 1)[1].isdigit()),
-            f"must be host:port, got {address!r}")
+        _check(
+            "coordinator_address",
+            address is None or (":" in address and address.rsplit(":", 1)[1].isdigit()),
+            f"must be host:port, got {address!r}",
+        )
         ids = self.local_device_ids
-        _check("local_device_ids", ids is None or (
-            len(ids) > 0 and len(set(ids)) == len(ids) and min(ids) >= 0),
-            f"must be distinct device ids >= 0 or null, got {ids}")
+        _check(
+            "local_device_ids",
+            ids is None or (len(ids) > 0 and len(set(ids)) == len(ids) and min(ids) >= 0),
+            f"must be distinct device ids >= 0 or null, got {ids}",
+        )
         _check("initialization_timeout", self.initialization_timeout > 0, "must be > 0")
 
 
@@ -89,8 +100,11 @@ class LengthPhase:
     def __post_init__(self):
         _check("seq_len", self.seq_len > 0, "must be > 0")
         _check("steps", self.steps > 0, "must be > 0")
-        _check("batch_size", self.batch_size is None or self.batch_size > 0,
-               "must be > 0 or null (= trainer.batch_size)")
+        _check(
+            "batch_size",
+            self.batch_size is None or self.batch_size > 0,
+            "must be > 0 or null (= trainer.batch_size)",
+        )
 
 
 @dataclasses.dataclass
@@ -123,23 +137,36 @@ class TrainerConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
-                     "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "log_every",
+            "keep_checkpoints",
+        ):
             _check(name, getattr(self, name) > 0, "must be > 0")
         for name in ("eval_every", "checkpoint_every"):
             _check(name, getattr(self, name) >= 0, "must be >= 0 (0 = only at the end)")
         for name in ("eval_batches", "eval_batch_size", "eval_seq_len", "stop_at"):
             value = getattr(self, name)
             _check(name, value is None or value > 0, "must be > 0 or null")
-        _check("grad_accum", self.batch_size % self.grad_accum == 0,
-               f"must divide batch_size ({self.batch_size})")
-        _check("peak_tflops", self.peak_tflops is None or self.peak_tflops > 0,
-               "must be > 0 or null")
+        _check(
+            "grad_accum",
+            self.batch_size % self.grad_accum == 0,
+            f"must divide batch_size ({self.batch_size})",
+        )
+        _check(
+            "peak_tflops", self.peak_tflops is None or self.peak_tflops > 0, "must be > 0 or null"
+        )
         _choice("resume", self.resume, RESUME)
         self.seq_len_schedule = [_phase(i, p, self) for i, p in enumerate(self.seq_len_schedule)]
         lengths = [p.seq_len for p in self.seq_len_schedule]
-        _check("seq_len_schedule", len(set(lengths)) == len(lengths),
-               f"each seq_len may appear once (its `steps` give its share), got {lengths}")
+        _check(
+            "seq_len_schedule",
+            len(set(lengths)) == len(lengths),
+            f"each seq_len may appear once (its `steps` give its share), got {lengths}",
+        )
         if isinstance(self.mesh, dict):
             self.mesh = MeshConfig(**self.mesh)
         if isinstance(self.distributed, dict):
@@ -158,8 +185,11 @@ def _phase(index: int, phase, trainer: TrainerConfig) -> LengthPhase:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name}.{err}") from None
     phase = dataclasses.replace(phase, batch_size=phase.batch_size or trainer.batch_size)
-    _check(f"{name}.batch_size", phase.batch_size % trainer.grad_accum == 0,
-           f"must be divisible by grad_accum ({trainer.grad_accum}), got {phase.batch_size}")
+    _check(
+        f"{name}.batch_size",
+        phase.batch_size % trainer.grad_accum == 0,
+        f"must be divisible by grad_accum ({trainer.grad_accum}), got {phase.batch_size}",
+    )
     return phase
 
 
@@ -270,8 +300,11 @@ def build(cls: type, values: dict, section: str):
 def _wants_tuple(tp) -> bool:
     if typing.get_origin(tp) is tuple:
         return True
-    return any(_wants_tuple(a) for a in typing.get_args(tp) if typing.get_origin(tp) in
-               (typing.Union, types.UnionType))
+    return any(
+        _wants_tuple(a)
+        for a in typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType)
+    )
 
 
 @functools.cache
@@ -286,28 +319,36 @@ def data_kinds() -> dict[str, type]:
 def schemas() -> dict[str, type]:
     """The structured-config schemas: model, optimizer, loss and one per data kind."""
     # vocab_size null: the model's follows the data's, the data's the model's (resolve)
-    out = {"model": schema_of(HybridConfig, "ModelSchema", nullable=("vocab_size",)),
-           "optimizer": schema_of(OptimConfig, "OptimizerSchema"),
-           "loss": schema_of(LossConfig, "LossSchema")}
+    out = {
+        "model": schema_of(HybridConfig, "ModelSchema", nullable=("vocab_size",)),
+        "optimizer": schema_of(OptimConfig, "OptimizerSchema"),
+        "loss": schema_of(LossConfig, "LossSchema"),
+    }
     for kind, cls in data_kinds().items():
-        out[f"data/{kind}"] = schema_of(cls, f"{cls.__name__}Schema",
-                                        extra=(("kind", str, dataclasses.field(default=kind)),),
-                                        nullable=("vocab_size",))
+        out[f"data/{kind}"] = schema_of(
+            cls,
+            f"{cls.__name__}Schema",
+            extra=(("kind", str, dataclasses.field(default=kind)),),
+            nullable=("vocab_size",),
+        )
     return out
 
 
 @functools.cache
 def train_schema() -> type:
     s = schemas()
-    return dataclasses.make_dataclass("TrainSchema", [
-        ("model", s["model"], dataclasses.field(default_factory=s["model"])),
-        ("data", Any, dataclasses.field(default="???")),
-        ("optimizer", s["optimizer"], dataclasses.field(default_factory=s["optimizer"])),
-        ("loss", s["loss"], dataclasses.field(default_factory=s["loss"])),
-        ("trainer", TrainerConfig, dataclasses.field(default_factory=TrainerConfig)),
-        ("logger", LoggerConfig, dataclasses.field(default_factory=LoggerConfig)),
-        ("name", str, dataclasses.field(default="run")),
-    ])
+    return dataclasses.make_dataclass(
+        "TrainSchema",
+        [
+            ("model", s["model"], dataclasses.field(default_factory=s["model"])),
+            ("data", Any, dataclasses.field(default="???")),
+            ("optimizer", s["optimizer"], dataclasses.field(default_factory=s["optimizer"])),
+            ("loss", s["loss"], dataclasses.field(default_factory=s["loss"])),
+            ("trainer", TrainerConfig, dataclasses.field(default_factory=TrainerConfig)),
+            ("logger", LoggerConfig, dataclasses.field(default_factory=LoggerConfig)),
+            ("name", str, dataclasses.field(default="run")),
+        ],
+    )
 
 
 def register_configs() -> None:
@@ -344,13 +385,17 @@ def resolve(cfg) -> RunConfig:
         raise ValueError(f"data.kind: {kind!r} is not allowed; choose from {shown}")
     if data.get("vocab_size", 0) is None:  # ${model.vocab_size} while that is left to the data
         if kind == "memmap":
-            raise ValueError("data.vocab_size: the token file's vocabulary size must be given: "
-                             "set data.vocab_size or model.vocab_size (> 0)")
+            raise ValueError(
+                "data.vocab_size: the token file's vocabulary size must be given: "
+                "set data.vocab_size or model.vocab_size (> 0)"
+            )
         del data["vocab_size"]  # a synthetic task's own default (MQAR, NIAH: 256)
     data_schema = OmegaConf.structured(schemas()[f"data/{kind}"])
     try:
         data = OmegaConf.to_container(OmegaConf.merge(data_schema, data), resolve=True)
-    except OmegaConfBaseException as err:  # a misspelt or mistyped key in a data section built by hand
+    except (
+        OmegaConfBaseException
+    ) as err:  # a misspelt or mistyped key in a data section built by hand
         raise ValueError(f"data.{err}") from None
     data.pop("kind")
     data = build(kinds[kind], data, "data")
@@ -360,9 +405,11 @@ def resolve(cfg) -> RunConfig:
         model["vocab_size"] = -(-needed // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         cfg.model.vocab_size = model["vocab_size"]
     elif model["vocab_size"] < needed:
-        raise ValueError(f"model.vocab_size: {model['vocab_size']} is smaller than the data's "
-                         f"vocabulary ({needed} ids); set at least {needed}, or null to follow "
-                         f"the data")
+        raise ValueError(
+            f"model.vocab_size: {model['vocab_size']} is smaller than the data's "
+            f"vocabulary ({needed} ids); set at least {needed}, or null to follow "
+            f"the data"
+        )
     return RunConfig(
         model=build(HybridConfig, model, "model"),
         data=data,

@@ -56,11 +56,17 @@ def init_state(config: HybridConfig, tx: optax.GradientTransformation, seed: int
 
     def fresh():
         _, params, model_state = init_model(config, seed)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                          opt_state=tx.init(params), rng=jax.random.PRNGKey(seed + 1))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(seed + 1),
+        )
 
-    graphdef = nnx.split(nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(seed))),
-                         nnx.Param, ...)[0]
+    graphdef = nnx.split(
+        nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(seed))), nnx.Param, ...
+    )[0]
     if mesh is None:
         return graphdef, fresh()
     from hybridjax.sharding import tree_shardings, warn_placement
@@ -86,18 +92,35 @@ def real_tokens(batch: dict):
 def token_losses(graphdef, params, model_state, batch):
     """(per-token cross-entropy (B, L) in >= float32, ModelAux), chunk by chunk over tokens."""
     model = nnx.merge(graphdef, params, model_state)
-    h, aux = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"),
-                          token_mask=real_tokens(batch))
+    h, aux = model.hidden(
+        batch["tokens"], segment_ids=batch.get("segment_ids"), token_mask=real_tokens(batch)
+    )
     head, vocab_major = model.head()
     with jax.named_scope("loss"):
-        ce = chunked_cross_entropy(h, head, batch["targets"], vocab_major=vocab_major,
-                                   chunk_size=model.config.loss_chunk_size)
+        ce = chunked_cross_entropy(
+            h,
+            head,
+            batch["targets"],
+            vocab_major=vocab_major,
+            chunk_size=model.config.loss_chunk_size,
+        )
     return ce, aux
 
 
-def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
-                    router_bias_rate: float, grad_accum: int = 1, has_moe: bool = False,
-                    donate: bool = False, mesh=None, state: TrainState | None = None):
+def make_train_step(
+    graphdef,
+    tx,
+    schedule,
+    *,
+    lb_coef: float,
+    z_coef: float,
+    router_bias_rate: float,
+    grad_accum: int = 1,
+    has_moe: bool = False,
+    donate: bool = False,
+    mesh=None,
+    state: TrainState | None = None,
+):
     """A jitted `step(state, batch) -> (state, metrics)` (metrics: dict of device scalars).
 
     On a `mesh`, the step's inputs and outputs are pinned: the state keeps the layout of `state`
@@ -120,18 +143,25 @@ def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
             grads, (ce_sum, aux) = grad_fn(state.params, state.model_state, batch, total_tokens)
         else:
             micro = jax.tree.map(
-                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
+            )
 
             def accumulate(carry, mb):
                 g, (c, a) = grad_fn(state.params, state.model_state, mb, total_tokens)
                 carry = jax.tree.map(jnp.add, carry, (g, c, a))
                 return carry, None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                grad_fn, state.params, state.model_state, jax.tree.map(lambda x: x[0], micro),
-                total_tokens))
-            (grads, ce_sum, aux), _ = jax.lax.scan(
-                accumulate, (zeros[0], *zeros[1]), micro)
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                jax.eval_shape(
+                    grad_fn,
+                    state.params,
+                    state.model_state,
+                    jax.tree.map(lambda x: x[0], micro),
+                    total_tokens,
+                ),
+            )
+            (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zeros[0], *zeros[1]), micro)
             aux = jax.tree.map(lambda x: x / grad_accum, aux)  # sums of means -> means
 
         with jax.named_scope("optimizer"):
@@ -146,13 +176,22 @@ def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
         rng, _ = jax.random.split(state.rng)
 
         ce_mean = ce_sum / total_tokens
-        metrics = {"loss": ce_mean + lb_coef * aux.lb_loss + z_coef * aux.z_loss,
-                   "ce": ce_mean, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "tokens": total_tokens}
+        metrics = {
+            "loss": ce_mean + lb_coef * aux.lb_loss + z_coef * aux.z_loss,
+            "ce": ce_mean,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "tokens": total_tokens,
+        }
         if has_moe:
             metrics.update(moe_stats(aux))
-        new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
-                               opt_state=opt_state, rng=rng)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            rng=rng,
+        )
         return new_state, metrics
 
     donate_argnums = (0,) if donate else ()
@@ -163,9 +202,12 @@ def make_train_step(graphdef, tx, schedule, *, lb_coef: float, z_coef: float,
     from hybridjax.sharding import batch_sharding
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(step, donate_argnums=donate_argnums,
-                   in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
+    return jax.jit(
+        step,
+        donate_argnums=donate_argnums,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+    )
 
 
 def moe_stats(aux) -> dict:
@@ -173,10 +215,13 @@ def moe_stats(aux) -> dict:
     (1.0 = perfectly balanced), averaged over layers; losses; dropped fraction."""
     n_experts = aux.expert_load.shape[-1]
     relative = aux.expert_load * n_experts
-    return {"moe/lb_loss": aux.lb_loss, "moe/z_loss": aux.z_loss,
-            "moe/load_max": jnp.mean(jnp.max(relative, axis=-1)),
-            "moe/load_min": jnp.mean(jnp.min(relative, axis=-1)),
-            "moe/dropped_frac": aux.dropped_frac}
+    return {
+        "moe/lb_loss": aux.lb_loss,
+        "moe/z_loss": aux.z_loss,
+        "moe/load_max": jnp.mean(jnp.max(relative, axis=-1)),
+        "moe/load_min": jnp.mean(jnp.min(relative, axis=-1)),
+        "moe/dropped_frac": aux.dropped_frac,
+    }
 
 
 def make_eval_step(graphdef, num_buckets: int = 1):
@@ -189,15 +234,20 @@ def make_eval_step(graphdef, num_buckets: int = 1):
     @jax.jit
     def eval_step(params, model_state, batch):
         model = nnx.merge(graphdef, params, model_state)
-        h, _ = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"),
-                            token_mask=real_tokens(batch))
+        h, _ = model.hidden(
+            batch["tokens"], segment_ids=batch.get("segment_ids"), token_mask=real_tokens(batch)
+        )
         head, vocab_major = model.head()
         ce, predictions = chunked_answer_losses(
-            h, head, batch["targets"], batch["loss_mask"], vocab_major=vocab_major,
-            chunk_size=model.config.loss_chunk_size)
+            h,
+            head,
+            batch["targets"],
+            batch["loss_mask"],
+            vocab_major=vocab_major,
+            chunk_size=model.config.loss_chunk_size,
+        )
         loss_sum, weight_sum = loss_sums(ce, batch["loss_mask"])
         correct, total = recall_counts(predictions, batch, num_buckets)
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
-                "total": total}
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct, "total": total}
 
     return eval_step

@@ -54,8 +54,12 @@ def process_envs(nproc: int, gpus: int, port: int, cpu_devices: int | None) -> l
     per = gpus // nproc
     envs = []
     for i in range(nproc):
-        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-               "JAX_NUM_PROCESSES": str(nproc), "JAX_PROCESS_ID": str(i)}
+        env = {
+            **os.environ,
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": str(nproc),
+            "JAX_PROCESS_ID": str(i),
+        }
         if per:
             env["JAX_LOCAL_DEVICE_IDS"] = ",".join(str(i * per + k) for k in range(per))
         if cpu_devices:
@@ -76,13 +80,20 @@ def relay(index: int, stream, lock: threading.Lock) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        usage="python launch/local.py [--nproc N] [--port P] [--cpu-devices K] -- command ...")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="processes (default: one per GPU of this host)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="coordinator port on localhost (default: a free one)")
-    parser.add_argument("--cpu-devices", type=int, default=None,
-                        help="run on the CPU with this many host devices per process (tests)")
+        usage="python launch/local.py [--nproc N] [--port P] [--cpu-devices K] -- command ...",
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="processes (default: one per GPU of this host)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="coordinator port on localhost (default: a free one)"
+    )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="run on the CPU with this many host devices per process (tests)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -97,8 +108,9 @@ def main(argv=None) -> int:
     lock = threading.Lock()
     procs, relays = [], []
     for i, env in enumerate(envs):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         procs.append(proc)
         relays.append(threading.Thread(target=relay, args=(i, proc.stdout, lock), daemon=True))
         relays[-1].start()

@@ -33,8 +33,12 @@ from hybridjax.train_config import DistributedConfig
 
 def device_map() -> list[dict]:
     """One record per process: index, host, pid and its devices (global ids and kinds)."""
-    mine = {"process": jax.process_index(), "host": socket.gethostname(), "pid": os.getpid(),
-            "devices": [f"{d.id}:{d.device_kind}" for d in jax.local_devices()]}
+    mine = {
+        "process": jax.process_index(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "devices": [f"{d.id}:{d.device_kind}" for d in jax.local_devices()],
+    }
     if jax.process_count() == 1:
         return [mine]
     return [json.loads(s) for s in distributed.allgather_str(json.dumps(mine))]
@@ -47,10 +51,15 @@ def all_reduce(values_per_device: int) -> tuple[bool, float, float]:
     n = len(devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
     x = jax.make_array_from_callback(
-        (n, values_per_device), NamedSharding(mesh, P("d")),
-        lambda index: np.full((1, values_per_device), (index[0].start or 0) + 1, np.float32))
-    psum = jax.jit(jax.shard_map(lambda block: jax.lax.psum(block, "d"), mesh=mesh,
-                                 in_specs=P("d"), out_specs=P()))
+        (n, values_per_device),
+        NamedSharding(mesh, P("d")),
+        lambda index: np.full((1, values_per_device), (index[0].start or 0) + 1, np.float32),
+    )
+    psum = jax.jit(
+        jax.shard_map(
+            lambda block: jax.lax.psum(block, "d"), mesh=mesh, in_specs=P("d"), out_specs=P()
+        )
+    )
     out = jax.block_until_ready(psum(x))  # compile and warm up
     calls = 5
     t0 = time.perf_counter()
@@ -66,32 +75,43 @@ def all_reduce(values_per_device: int) -> tuple[bool, float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mib", type=float, default=None,
-                        help="MiB per device of the timed all-reduce (default: 256 on "
-                             "accelerators, 1 on the CPU)")
+    parser.add_argument(
+        "--mib",
+        type=float,
+        default=None,
+        help="MiB per device of the timed all-reduce (default: 256 on accelerators, 1 on the CPU)",
+    )
     args = parser.parse_args(argv)
     distributed.initialize(DistributedConfig())
     primary = jax.process_index() == 0
     say = print if primary else (lambda *a, **k: None)
 
     processes = device_map()
-    say(f"jax {jax.__version__}, backend {jax.default_backend()}: {jax.process_count()} "
-        f"process(es), {jax.device_count()} device(s)")
+    say(
+        f"jax {jax.__version__}, backend {jax.default_backend()}: {jax.process_count()} "
+        f"process(es), {jax.device_count()} device(s)"
+    )
     for p in processes:
-        say(f"  process {p['process']:>3}  host {p['host']}  pid {p['pid']}  devices "
-            f"{', '.join(p['devices'])}")
+        say(
+            f"  process {p['process']:>3}  host {p['host']}  pid {p['pid']}  devices "
+            f"{', '.join(p['devices'])}"
+        )
 
     ok, seen, _ = all_reduce(1)
     n = jax.device_count()
-    say(f"psum of 1..{n} over {n} devices: {seen:g} (expected {n * (n + 1) // 2}) "
-        f"{'OK' if ok else 'WRONG'}")
+    say(
+        f"psum of 1..{n} over {n} devices: {seen:g} (expected {n * (n + 1) // 2}) "
+        f"{'OK' if ok else 'WRONG'}"
+    )
     mib = args.mib if args.mib is not None else (1 if jax.default_backend() == "cpu" else 256)
     count = max(int(mib * 2**20 / 4), 1)
     big_ok, _, seconds = all_reduce(count)
     size = count * 4
     bus = size / seconds * 2 * (n - 1) / n / 1e9  # bytes each device sends and receives
-    say(f"all-reduce of {size / 2**20:.1f} MiB per device: {seconds * 1e3:.2f} ms, bus bandwidth "
-        f"{bus:.1f} GB/s {'OK' if big_ok else 'WRONG'}")
+    say(
+        f"all-reduce of {size / 2**20:.1f} MiB per device: {seconds * 1e3:.2f} ms, bus bandwidth "
+        f"{bus:.1f} GB/s {'OK' if big_ok else 'WRONG'}"
+    )
 
     good = ok and big_ok
     if jax.process_count() > 1:

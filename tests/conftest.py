@@ -8,10 +8,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight host devices so sharded code (mesh axes data/fsdp/expert/tensor) is tested on the CPU.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", True)

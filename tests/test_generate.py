@@ -30,7 +30,7 @@ def test_prefill_and_decode_logits_match_forward():
     logits, cache = model.step(seq[:, :9], cache, prefill=True)
     np.testing.assert_allclose(logits, full[:, :9], rtol=1e-8, atol=1e-10)
     for t in range(9, 15):
-        logits, cache = model.step(seq[:, t:t + 1], cache, prefill=False)
+        logits, cache = model.step(seq[:, t : t + 1], cache, prefill=False)
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-8, atol=1e-10)
 
 
@@ -42,11 +42,14 @@ def test_sampling_is_reproducible_for_a_key():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=2, temperature=-1.0), "temperature"),
-    (dict(max_new_tokens=2, temperature=0.5), "rng"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "temperature": -1.0}, "temperature"),
+        ({"max_new_tokens": 2, "temperature": 0.5}, "rng"),
+    ],
+)
 def test_bad_arguments(kwargs, field):
     model = HybridLM(tiny(pattern="M"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=field):

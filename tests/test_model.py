@@ -90,7 +90,7 @@ def test_remat_keeps_values_and_gradients(remat):
 
     def loss(model):
         logits, aux = model(x, return_aux=True)
-        return jnp.mean(logits ** 2) + aux.lb_loss, logits
+        return jnp.mean(logits**2) + aux.lb_loss, logits
 
     (ga, a), (gb, b) = (nnx.grad(loss, has_aux=True)(m) for m in (plain, rematted))
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
@@ -100,16 +100,18 @@ def test_remat_keeps_values_and_gradients(remat):
 
 def _grad_jaxpr(model, x):
     graphdef, state = nnx.split(model)
-    return str(jax.make_jaxpr(jax.grad(
-        lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(x)[0])))(state))
+    return str(
+        jax.make_jaxpr(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(x)[0])))(state)
+    )
 
 
 def test_offload_keeps_block_inputs_on_the_host():
     """remat="offload" saves one (B, L, d) input per block, stacked over the repeats, in host
     memory; remat="block" keeps them on the device."""
     x = tokens(4, 2, 9)
-    models = {r: HybridLM(tiny(pattern="M*M*", remat=r), rngs=nnx.Rngs(0))
-              for r in ("block", "offload")}
+    models = {
+        r: HybridLM(tiny(pattern="M*M*", remat=r), rngs=nnx.Rngs(0)) for r in ("block", "offload")
+    }
     assert "f64<host>[2,2,9,32]" in _grad_jaxpr(models["offload"], x)
     assert "<host>" not in _grad_jaxpr(models["block"], x)
 
@@ -151,12 +153,19 @@ def test_param_counts_match_hand_count():
     assert active == total - experts + experts * 2 // 4
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"pattern": "MX"}, "pattern"), ({"n_groups": 3}, "n_groups"),
-    ({"kv_heads": 3}, "kv_heads"), ({"pattern": "E", "top_k": 9}, "top_k"),
-    ({"dtype": "int8"}, "dtype"), ({"rope_scaling": "linear"}, "rope_scaling"),
-    ({"remat": "offlaod"}, "remat"), ({"loss_chunk_size": 0}, "loss_chunk_size"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"pattern": "MX"}, "pattern"),
+        ({"n_groups": 3}, "n_groups"),
+        ({"kv_heads": 3}, "kv_heads"),
+        ({"pattern": "E", "top_k": 9}, "top_k"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"rope_scaling": "linear"}, "rope_scaling"),
+        ({"remat": "offlaod"}, "remat"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+    ],
+)
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         tiny(**bad)

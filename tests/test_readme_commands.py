@@ -27,14 +27,32 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMAND = re.compile(r"python -m (?:hybridjax|experiments)\b")
 
 # Hydra overrides that shrink a training run without changing what it is.
-TRAIN = ("model.d_model=32", "trainer.steps=2", "trainer.batch_size=4", "trainer.eval_batches=1",
-         "trainer.log_every=1", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-         "trainer.progress=false", "logger=none")
+TRAIN = (
+    "model.d_model=32",
+    "trainer.steps=2",
+    "trainer.batch_size=4",
+    "trainer.eval_batches=1",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "trainer.progress=false",
+    "logger=none",
+)
 GPU_TRAIN = (*TRAIN, "trainer.seq_len=128")  # trainer=gpu's rows are 1,024 tokens
 FORCED = ("trainer.steps",)  # tiny even where the command sets them
 BENCH = ("--preset", "tiny", "--steps", "2", "--warmup", "1")
-SSD = ("--shapes", "b1,l128,h2,p16,n16,g1", "--chunk-sizes", "32", "--warmup", "1",
-       "--repeats", "1", "--batch", "1")
+SSD = (
+    "--shapes",
+    "b1,l128,h2,p16,n16,g1",
+    "--chunk-sizes",
+    "32",
+    "--warmup",
+    "1",
+    "--repeats",
+    "1",
+    "--batch",
+    "1",
+)
 # XLA's CPU backend compiles these programs 2-3x faster without LLVM's optimisations and with its
 # older loop emitters; the commands run two steps, so how fast the compiled code runs is moot.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
@@ -53,83 +71,151 @@ class Step:
 GROUPS = {
     "default_and_export": (
         Step("python -m hybridjax.train", TRAIN),
-        Step("python -m hybridjax.export outputs/<date>/<time> exported/ [--dtype bfloat16] "
-             "[--step N]", fill=(("[--dtype bfloat16] [--step N]", "--dtype bfloat16 --step 2"),)),
+        Step(
+            "python -m hybridjax.export outputs/<date>/<time> exported/ [--dtype bfloat16] "
+            "[--step N]",
+            fill=(("[--dtype bfloat16] [--step N]", "--dtype bfloat16 --step 2"),),
+        ),
     ),
-    "pattern": (Step("python -m hybridjax.train model.pattern='MM*-MM*-' trainer.steps=3000 "
-                     "trainer.seq_len=256", TRAIN),),
-    "small_niah": (Step("python -m hybridjax.train model=hybrid_small data=niah "
-                        "optimizer=adamw_wsd logger=none", TRAIN),),
+    "pattern": (
+        Step(
+            "python -m hybridjax.train model.pattern='MM*-MM*-' trainer.steps=3000 "
+            "trainer.seq_len=256",
+            TRAIN,
+        ),
+    ),
+    "small_niah": (
+        Step(
+            "python -m hybridjax.train model=hybrid_small data=niah "
+            "optimizer=adamw_wsd logger=none",
+            TRAIN,
+        ),
+    ),
     "text": (Step("python -m hybridjax.train data=text data.paths='[corpus/*.txt]'", TRAIN),),
     "ratio_sweep_and_report": (
-        Step("python -m hybridjax.train +experiment=ratio_sweep", TRAIN,
-             extra=("model.pattern=M*M*", "trainer.seed=0")),
+        Step(
+            "python -m hybridjax.train +experiment=ratio_sweep",
+            TRAIN,
+            extra=("model.pattern=M*M*", "trainer.seed=0"),
+        ),
         Step("python -m experiments.report multirun/ratio_sweep/<time>"),
     ),
-    "ablation_moe": (Step("python -m hybridjax.train +experiment=ablation_moe", TRAIN,
-                          extra=("+experiment/moe=e8_top2", "trainer.seed=0")),),
-    "ablation_ssm": (Step("python -m hybridjax.train +experiment=ablation_ssm", TRAIN,
-                          extra=("+experiment/ssm=groups2", "trainer.seed=0")),),
-    "ratio_sweep_gpu": (Step("python -m hybridjax.train +experiment=ratio_sweep_gpu", GPU_TRAIN,
-                             extra=("model.pattern=MMM*MMM*", "trainer.seed=0",
-                                    "data.num_pairs=[16,32]", "data.seq_lens=[128,128]")),),
-    "data_parallel": (Step("python -m hybridjax.train trainer=gpu model.dtype=bfloat16",
-                           GPU_TRAIN, devices=2),),
-    "fsdp": (Step("python -m hybridjax.train trainer=gpu trainer.mesh.data=1 "
-                  "trainer.mesh.fsdp=-1", GPU_TRAIN, devices=2),),
-    "data_x_fsdp": (Step("python -m hybridjax.train trainer=gpu trainer.mesh.data=2 "
-                         "trainer.mesh.fsdp=4", GPU_TRAIN, extra=("trainer.batch_size=8",),
-                         devices=8),),
+    "ablation_moe": (
+        Step(
+            "python -m hybridjax.train +experiment=ablation_moe",
+            TRAIN,
+            extra=("+experiment/moe=e8_top2", "trainer.seed=0"),
+        ),
+    ),
+    "ablation_ssm": (
+        Step(
+            "python -m hybridjax.train +experiment=ablation_ssm",
+            TRAIN,
+            extra=("+experiment/ssm=groups2", "trainer.seed=0"),
+        ),
+    ),
+    "ratio_sweep_gpu": (
+        Step(
+            "python -m hybridjax.train +experiment=ratio_sweep_gpu",
+            GPU_TRAIN,
+            extra=(
+                "model.pattern=MMM*MMM*",
+                "trainer.seed=0",
+                "data.num_pairs=[16,32]",
+                "data.seq_lens=[128,128]",
+            ),
+        ),
+    ),
+    "data_parallel": (
+        Step("python -m hybridjax.train trainer=gpu model.dtype=bfloat16", GPU_TRAIN, devices=2),
+    ),
+    "fsdp": (
+        Step(
+            "python -m hybridjax.train trainer=gpu trainer.mesh.data=1 trainer.mesh.fsdp=-1",
+            GPU_TRAIN,
+            devices=2,
+        ),
+    ),
+    "data_x_fsdp": (
+        Step(
+            "python -m hybridjax.train trainer=gpu trainer.mesh.data=2 trainer.mesh.fsdp=4",
+            GPU_TRAIN,
+            extra=("trainer.batch_size=8",),
+            devices=8,
+        ),
+    ),
     "short_then_long": (
         Step("python -m hybridjax.train trainer.seq_len=128 hydra.run.dir=outputs/short", TRAIN),
-        Step("python -m hybridjax.train trainer.init_from=outputs/short optimizer=adamw_constant "
-             "'trainer.seq_len_schedule=[{seq_len: 1024, batch_size: 4, steps: 3}, "
-             "{seq_len: 128}]'", TRAIN),
+        Step(
+            "python -m hybridjax.train trainer.init_from=outputs/short optimizer=adamw_constant "
+            "'trainer.seq_len_schedule=[{seq_len: 1024, batch_size: 4, steps: 3}, "
+            "{seq_len: 128}]'",
+            TRAIN,
+        ),
     ),
     "long_context_and_report": (
-        Step("python -m experiments.long_context run", TRAIN,
-             extra=("model.pattern=M*MM", "trainer.seed=0")),
+        Step(
+            "python -m experiments.long_context run",
+            TRAIN,
+            extra=("model.pattern=M*MM", "trainer.seed=0"),
+        ),
         Step("python -m experiments.long_context multirun/long_context/<time>"),
     ),
     "bench_ssd": (Step("python -m hybridjax.bench ssd --impls chunked pallas mamba_ssm", SSD),),
-    "bench_step": (Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python -m hybridjax.bench step",
-                        BENCH),),
-    "bench_mesh": (Step("python -m hybridjax.bench mesh --layouts 1 data=2 fsdp=2", BENCH,
-                        devices=2),),
-    "bench_mesh_tensor": (Step("python -m hybridjax.bench mesh --layouts tensor=2 data=1,fsdp=2 "
-                               "--same-batch --batch 4", BENCH, devices=2),),
-    "bench_mesh_long": (Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m hybridjax.bench mesh "
-                             "--layouts 1 --seq-len 32768 131072 --batch 1 --remat block", BENCH,
-                             fill=(("32768 131072", "256 512"),)),),
-    "bench_profile": (Step("python -m hybridjax.bench profile --layout context=2 --out prof",
-                           BENCH, devices=2),),
-    "bench_mesh_moe": (Step("python -m hybridjax.bench mesh --preset moe --layouts 1 data=2 "
-                            "expert=2 --same-batch --batch 8", BENCH, devices=2),),
+    "bench_step": (
+        Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python -m hybridjax.bench step", BENCH),
+    ),
+    "bench_mesh": (
+        Step("python -m hybridjax.bench mesh --layouts 1 data=2 fsdp=2", BENCH, devices=2),
+    ),
+    "bench_mesh_tensor": (
+        Step(
+            "python -m hybridjax.bench mesh --layouts tensor=2 data=1,fsdp=2 "
+            "--same-batch --batch 4",
+            BENCH,
+            devices=2,
+        ),
+    ),
+    "bench_mesh_long": (
+        Step(
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m hybridjax.bench mesh "
+            "--layouts 1 --seq-len 32768 131072 --batch 1 --remat block",
+            BENCH,
+            fill=(("32768 131072", "256 512"),),
+        ),
+    ),
+    "bench_profile": (
+        Step("python -m hybridjax.bench profile --layout context=2 --out prof", BENCH, devices=2),
+    ),
+    "bench_mesh_moe": (
+        Step(
+            "python -m hybridjax.bench mesh --preset moe --layouts 1 data=2 "
+            "expert=2 --same-batch --batch 8",
+            BENCH,
+            devices=2,
+        ),
+    ),
 }
 
-GPU_KERNELS = ("the Pallas SSD kernels' GPU check and timing (Triton); tests/kernels runs the "
-               "kernels on the CPU in interpret mode")
+GPU_KERNELS = (
+    "the Pallas SSD kernels' GPU check and timing (Triton); tests/kernels runs the "
+    "kernels on the CPU in interpret mode"
+)
 SKIPPED = {
-    "python -m hybridjax.train trainer=gpu model.dtype=bfloat16 model.ssd_impl=pallas":
-        "ssd_impl=pallas needs a GPU (tests/kernels checks the kernels in interpret mode)",
-    "python launch/local.py -- python -m hybridjax.train trainer=gpu hydra.run.dir=outputs/run1":
-        "one process per GPU of the host; tests/train/test_multihost.py runs launch/local.py "
-        "with CPU devices",
+    "python -m hybridjax.train trainer=gpu model.dtype=bfloat16 model.ssd_impl=pallas": "ssd_impl=pallas needs a GPU (tests/kernels checks the kernels in interpret mode)",
+    "python launch/local.py -- python -m hybridjax.train trainer=gpu hydra.run.dir=outputs/run1": "one process per GPU of the host; tests/train/test_multihost.py runs launch/local.py "
+    "with CPU devices",
     "python -m hybridjax.train trainer=gpu hydra.run.dir=/shared/run1 "
     "trainer.distributed.coordinator_address=node0:1234 trainer.distributed.num_processes=4 "
-    "trainer.distributed.process_id=$RANK":
-        "four processes and a coordinator host node0; tests/train/test_multihost.py runs a "
-        "multi-process job on localhost",
-    "python -m experiments.long_context run +experiment=long_context_gpu":
-        "GPU scale (16K-token training rows, a grid to 128K): a tiny run would override every "
-        "length it sets; tests/experiments/test_long_context.py composes its two stages",
-    "python -m hybridjax.bench step --impls pallas":
-        "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
+    "trainer.distributed.process_id=$RANK": "four processes and a coordinator host node0; tests/train/test_multihost.py runs a "
+    "multi-process job on localhost",
+    "python -m experiments.long_context run +experiment=long_context_gpu": "GPU scale (16K-token training rows, a grid to 128K): a tiny run would override every "
+    "length it sets; tests/experiments/test_long_context.py composes its two stages",
+    "python -m hybridjax.bench step --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.kernels.check": GPU_KERNELS,
     "python -m hybridjax.kernels.check --stages": GPU_KERNELS,
     "python -m hybridjax.kernels.check --variants ...": GPU_KERNELS,
-    "python -m hybridjax.kernels.check --skip-correct --variants default,hb1,hb16,dxdc_s1,...":
-        GPU_KERNELS,
+    "python -m hybridjax.kernels.check --skip-correct --variants default,hb1,hb16,dxdc_s1,...": GPU_KERNELS,
 }
 # The same command as another entry, written with a prefix in the prose.
 SAME_AS = {"/usr/bin/time python -m hybridjax.train": "python -m hybridjax.train"}
@@ -153,31 +239,43 @@ def readme_commands() -> set[str]:
 def test_every_readme_command_is_covered():
     covered = {s.readme for steps in GROUPS.values() for s in steps} | set(SKIPPED) | set(SAME_AS)
     found = readme_commands()
-    assert not found - covered, f"README commands without a test or a reason to skip: " \
-                                f"{sorted(found - covered)}"
-    assert not covered - found, f"entries here that README.md no longer has: " \
-                                f"{sorted(covered - found)}"
+    assert not found - covered, (
+        f"README commands without a test or a reason to skip: {sorted(found - covered)}"
+    )
+    assert not covered - found, (
+        f"entries here that README.md no longer has: {sorted(covered - found)}"
+    )
     assert set(SAME_AS.values()) <= covered - set(SAME_AS)
 
 
-@pytest.mark.parametrize("overrides,vocab", [
-    (["data=text", "data.paths=[corpus/*.txt]"], 384),  # the byte tokenizer's 259, padded
-    (["data=text", "data.paths=[corpus/*.txt]", "model.vocab_size=259"], 259),  # as set
-    (["data=niah"], 256),  # a synthetic task's own vocabulary
-    (["data.vocab_size=100"], 128),
-])
+@pytest.mark.parametrize(
+    "overrides,vocab",
+    [
+        (["data=text", "data.paths=[corpus/*.txt]"], 384),  # the byte tokenizer's 259, padded
+        (["data=text", "data.paths=[corpus/*.txt]", "model.vocab_size=259"], 259),  # as set
+        (["data=niah"], 256),  # a synthetic task's own vocabulary
+        (["data.vocab_size=100"], 128),
+    ],
+)
 def test_model_vocabulary_follows_the_data_unless_set(overrides, vocab):
     cfg = compose(["model.vocab_size=null", *overrides])
     assert resolve(cfg).model.vocab_size == vocab
     assert cfg.model.vocab_size == vocab  # what config.yaml beside the run will say
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.vocab_size=256", "data=text", "data.paths=[corpus/*.txt]"],
-     "model.vocab_size: 256 is smaller than the data's vocabulary (259 ids)"),
-    (["model.vocab_size=null", "data=memmap", "data.path=tokens.npy"],
-     "data.vocab_size: the token file's vocabulary size must be given"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model.vocab_size=256", "data=text", "data.paths=[corpus/*.txt]"],
+            "model.vocab_size: 256 is smaller than the data's vocabulary (259 ids)",
+        ),
+        (
+            ["model.vocab_size=null", "data=memmap", "data.path=tokens.npy"],
+            "data.vocab_size: the token file's vocabulary size must be given",
+        ),
+    ],
+)
 def test_vocabulary_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve(compose(overrides))
@@ -186,12 +284,17 @@ def test_vocabulary_errors_name_the_field(overrides, message):
 def _env(devices: int, flags: tuple[str, ...]) -> dict:
     """This environment on the CPU with `devices` host devices (the tests' conftest forces 8) and
     the XLA `flags`."""
-    kept = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                  os.environ.get("XLA_FLAGS", "")).split()
+    kept = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    ).split()
     if devices > 1:
         kept.append(f"--xla_force_host_platform_device_count={devices}")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join([*kept, *flags]),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": " ".join([*kept, *flags]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _path(word: str, cwd: Path) -> str:
@@ -229,11 +332,17 @@ def session_env(tmp_path_factory) -> tuple[tuple[str, ...], dict]:
     root = tmp_path_factory.getbasetemp()
     cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"
     cache.mkdir(exist_ok=True)
-    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(abs)(1)"],
-                           env=_env(1, FAST_COMPILE), capture_output=True, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.jit(abs)(1)"],
+        env=_env(1, FAST_COMPILE),
+        capture_output=True,
+        check=False,
+    )
     return FAST_COMPILE if probe.returncode == 0 else (), {
-        "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -245,8 +354,9 @@ def test_readme_command_runs(group, tmp_path, session_env):
     for step in GROUPS[group]:
         argv, env = command_line(step, tmp_path, flags)
         env.update(variables)
-        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=900, check=False)
+        proc = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
         output = proc.stdout[-4000:] + proc.stderr[-4000:]
         assert proc.returncode == 0, f"{shlex.join(argv)}\n{output}"
         assert "Traceback" not in proc.stderr, f"{shlex.join(argv)}\n{output}"

@@ -35,9 +35,15 @@ def test_mesh_sizes_and_errors():
         make_mesh(data=-1, fsdp=-1)
 
 
-@pytest.mark.parametrize("options", [
-    {"pattern": "M*E-"}, {"pattern": "ME", "expert_act": "swiglu", "mlp_act": "swiglu"},
-    {"pattern": "E-", "moe_latent": 8, "tie_embeddings": True}, {"pattern": "*-", "shared_ffn": 0}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pattern": "M*E-"},
+        {"pattern": "ME", "expert_act": "swiglu", "mlp_act": "swiglu"},
+        {"pattern": "E-", "moe_latent": 8, "tie_embeddings": True},
+        {"pattern": "*-", "shared_ffn": 0},
+    ],
+)
 def test_every_parameter_has_a_rule(options):
     _, state = init_state(tiny(**options), optax.adamw(1e-3), seed=0)
     assert unmatched_params(state.params) == []
@@ -53,8 +59,14 @@ def _total_bytes(tree):
 
 
 def test_fsdp8_splits_every_matrix_and_its_moments():
-    cfg = tiny(pattern="M*E-M*E-", d_model=64, vocab_size=128, dtype="float32",
-               param_dtype="float32", n_groups=2)
+    cfg = tiny(
+        pattern="M*E-M*E-",
+        d_model=64,
+        vocab_size=128,
+        dtype="float32",
+        param_dtype="float32",
+        n_groups=2,
+    )
     _, state = init_state(cfg, optax.adamw(1e-3), seed=0, mesh=make_mesh(data=1, fsdp=8))
     matrices = 0
     for tree in (state.params, state.opt_state):
@@ -71,8 +83,7 @@ def test_fsdp8_splits_every_matrix_and_its_moments():
 
 def test_tensor_parallel_splits_whole_heads_groups_and_ffn():
     cfg = tiny(pattern="M*E-", dtype="float32", param_dtype="float32")
-    _, state = init_state(cfg, optax.sgd(1e-3), seed=0,
-                          mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    _, state = init_state(cfg, optax.sgd(1e-3), seed=0, mesh=make_mesh(data=2, fsdp=2, tensor=2))
     blocks = state.params["periods"]["blocks"]
     specs = {
         (0, "zx_proj", "kernel"): P(None, "fsdp", None, "tensor", None),
@@ -110,8 +121,7 @@ def test_dimensions_the_mesh_does_not_divide_are_reported(caplog):
     assert any("embeddings.embedding: vocab dimension of 66" in r for r in report)
     assert len(caplog.records) == len(report)
     blocks = state.params["periods"]["blocks"]
-    assert blocks[0]["mixer"]["zx_proj"]["kernel"].sharding.spec == P(None, None, None, None,
-                                                                      None)
+    assert blocks[0]["mixer"]["zx_proj"]["kernel"].sharding.spec == P(None, None, None, None, None)
 
 
 def test_sharded_forward_and_grads_equal_single_device():
@@ -121,7 +131,7 @@ def test_sharded_forward_and_grads_equal_single_device():
 
     def loss(m, x):
         logits, aux = m(x, return_aux=True)
-        return (logits ** 2).mean() + aux.lb_loss
+        return (logits**2).mean() + aux.lb_loss
 
     want_loss, want_grads = nnx.jit(nnx.value_and_grad(loss))(model, x)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
@@ -131,7 +141,8 @@ def test_sharded_forward_and_grads_equal_single_device():
     sharded = nnx.merge(graphdef, jax.device_put(state, tree_shardings(state, mesh)))
     with jax.set_mesh(mesh):
         got_loss, got_grads = nnx.jit(nnx.value_and_grad(loss))(
-            sharded, jax.device_put(x, batch_sharding(mesh)))
+            sharded, jax.device_put(x, batch_sharding(mesh))
+        )
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-10)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
@@ -144,19 +155,29 @@ def _packed_batch(seed, batch=8, length=24, vocab=64):
     cuts = np.sort(rng.integers(1, length, (batch, 2)), axis=1)  # three documents per row
     pos = np.arange(length)
     segment_ids = (pos >= cuts[:, :1]).astype(np.int32) + (pos >= cuts[:, 1:]).astype(np.int32)
-    return {"tokens": jnp.asarray(tokens[:, :-1], jnp.int32),
-            "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-            "loss_mask": jnp.asarray(rng.random((batch, length)) < 0.9),
-            "segment_ids": jnp.asarray(segment_ids)}
+    return {
+        "tokens": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "loss_mask": jnp.asarray(rng.random((batch, length)) < 0.9),
+        "segment_ids": jnp.asarray(segment_ids),
+    }
 
 
 def _run(cfg, tx, mesh, batches, steps, ckpt_dir=None):
     """Losses of `steps` train steps on `mesh` (None = one device); with ckpt_dir, the state is
     saved after the first half and restored from disk (onto the mesh) before the rest."""
     graphdef, state = init_state(cfg, tx, seed=0, mesh=mesh)
-    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-2), lb_coef=0.01,
-                           z_coef=0.001, router_bias_rate=0.01, has_moe=cfg.has("E"), mesh=mesh,
-                           state=state)
+    step = make_train_step(
+        graphdef,
+        tx,
+        optax.constant_schedule(1e-2),
+        lb_coef=0.01,
+        z_coef=0.001,
+        router_bias_rate=0.01,
+        has_moe=cfg.has("E"),
+        mesh=mesh,
+        state=state,
+    )
     losses = []
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for i in range(steps):
@@ -168,17 +189,21 @@ def _run(cfg, tx, mesh, batches, steps, ckpt_dir=None):
             if ckpt_dir is not None and i == steps // 2 - 1:
                 ckpt = Checkpointer(ckpt_dir, async_save=False)
                 ckpt.save(i + 1, state)
-                like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                   sharding=x.sharding), state)
+                like = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+                )
                 state, _ = ckpt.restore(i + 1, like)
                 ckpt.close()
                 assert jax.tree.map(lambda x: x.sharding, state) == jax.tree.map(
-                    lambda x: x.sharding, like)
+                    lambda x: x.sharding, like
+                )
     return np.array(losses), state
 
 
-@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "expert": 4},
-                                   {"data": 2, "context": 4}])
+@pytest.mark.parametrize(
+    "sizes",
+    [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "expert": 4}, {"data": 2, "context": 4}],
+)
 def test_train_steps_on_a_mesh_equal_one_device(sizes, tmp_path):
     cfg = tiny(pattern="M*E-", dtype="float32", param_dtype="float32", ssd_impl="chunked")
     tx = optax.adamw(1e-2)

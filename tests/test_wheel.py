@@ -28,14 +28,19 @@ def _copy_sources(dest):
     metadata files and the top-level folder of every package pyproject.toml lists."""
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         setuptools = tomllib.load(f)["tool"]["setuptools"]
-    folders = {setuptools.get("package-dir", {}).get(p, p.replace(".", "/")).split("/")[0]
-               for p in setuptools["packages"]}
+    folders = {
+        setuptools.get("package-dir", {}).get(p, p.replace(".", "/")).split("/")[0]
+        for p in setuptools["packages"]
+    }
     os.makedirs(dest)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), dest)
     for folder in folders:
-        shutil.copytree(os.path.join(ROOT, folder), os.path.join(dest, folder),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            os.path.join(ROOT, folder),
+            os.path.join(dest, folder),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
 
 
 def _packages_on_disk():
@@ -55,8 +60,18 @@ def _packages_on_disk():
 def test_installed_wheel_trains_outside_the_repository(tmp_path):
     _copy_sources(tmp_path / "src")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", str(tmp_path / "src"),
-          "-w", str(tmp_path / "wheels")])
+    _run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(tmp_path / "src"),
+            "-w",
+            str(tmp_path / "wheels"),
+        ]
+    )
     (wheel,) = (tmp_path / "wheels").glob("hybridjax-*.whl")
     missing = _packages_on_disk() - set(zipfile.ZipFile(wheel).namelist())
     assert not missing, f"not in the wheel (list them in pyproject.toml): {sorted(missing)}"
@@ -69,8 +84,20 @@ def test_installed_wheel_trains_outside_the_repository(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
     # One MLP layer: what is checked here is the install, and this compiles fastest.
     tiny = [o for o in TINY if not o.startswith("model.pattern=")]
-    _run([sys.executable, "-m", "hybridjax.train", *tiny, *TINY_MQAR, "model.pattern=-",
-          "trainer.steps=2", "hydra.run.dir=run"], cwd=work, env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "hybridjax.train",
+            *tiny,
+            *TINY_MQAR,
+            "model.pattern=-",
+            "trainer.steps=2",
+            "hydra.run.dir=run",
+        ],
+        cwd=work,
+        env=env,
+    )
     with open(work / "run" / ".hydra" / "hydra.yaml") as f:
         sources = yaml.safe_load(f)["hydra"]["runtime"]["config_sources"]
     main = next(s["path"] for s in sources if s["provider"] == "main")

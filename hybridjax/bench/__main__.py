@@ -4,19 +4,26 @@ profile."""
 import importlib
 import sys
 
-BENCHMARKS = {"ssd": "hybridjax.bench.ssd", "step": "hybridjax.bench.step",
-              "mesh": "hybridjax.bench.mesh", "attention": "hybridjax.bench.attention",
-              "profile": "hybridjax.bench.profile"}
+BENCHMARKS = {
+    "ssd": "hybridjax.bench.ssd",
+    "step": "hybridjax.bench.step",
+    "mesh": "hybridjax.bench.mesh",
+    "attention": "hybridjax.bench.attention",
+    "profile": "hybridjax.bench.profile",
+}
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  if not argv or argv[0] not in BENCHMARKS:
-    print(f"usage: python -m hybridjax.bench {{{','.join(BENCHMARKS)}}} [options] "
-          f"(add --help after the name for its options)", file=sys.stderr)
-    return 2
-  return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in BENCHMARKS:
+        print(
+            f"usage: python -m hybridjax.bench {{{','.join(BENCHMARKS)}}} [options] "
+            f"(add --help after the name for its options)",
+            file=sys.stderr,
+        )
+        return 2
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -35,8 +35,10 @@ def parse_shape(text):
     dims = {}
     for tok in text.replace(" ", "").split(","):
         if len(tok) < 2 or tok[0] not in "blhkd" or not tok[1:].isdigit():
-            raise ValueError(f"--shapes: bad token {tok!r} in {text!r}; want e.g. "
-                             "b1,l16384,h16,k8,d128 (batch, length, heads, kv heads, head_dim)")
+            raise ValueError(
+                f"--shapes: bad token {tok!r} in {text!r}; want e.g. "
+                "b1,l16384,h16,k8,d128 (batch, length, heads, kv heads, head_dim)"
+            )
         dims[tok[0]] = int(tok[1:])
     missing = [c for c in "blhkd" if c not in dims]
     if missing:
@@ -83,21 +85,27 @@ def measure(impl, kw, inputs, dy, seg, timing, with_backward):
     fwd, fwd_bwd = jax_fns(impl, kw, seg)
     t0 = time.perf_counter()
     out = jax.block_until_ready(fwd(*inputs))
-    row = {"first_call_s": time.perf_counter() - t0,
-           "fwd_ms": median_ms(lambda: fwd(*inputs), jax.block_until_ready, *timing)}
+    row = {
+        "first_call_s": time.perf_counter() - t0,
+        "fwd_ms": median_ms(lambda: fwd(*inputs), jax.block_until_ready, *timing),
+    }
     if with_backward:
         compiled = fwd_bwd.lower(inputs, dy).compile()
         row["temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / GIB
         jax.block_until_ready(compiled(inputs, dy))
-        row["fwd_bwd_ms"] = median_ms(lambda: compiled(inputs, dy), jax.block_until_ready,
-                                      *timing)
+        row["fwd_bwd_ms"] = median_ms(lambda: compiled(inputs, dy), jax.block_until_ready, *timing)
     return row, out
 
 
 def table(rows):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = [("| shape | mask | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | "
-              "temp GiB | note |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| shape | mask | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | "
+            "temp GiB | note |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | failed: {r['error']} |")
@@ -107,23 +115,50 @@ def table(rows):
             f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['fwd_ms']:.3f} | {fmt(fb, '.3f')} | "
             f"{r['flops'] / r['fwd_ms'] / 1e9:.3g} | "
             f"{fmt(None if fb is None else 3.5 * r['flops'] / fb / 1e9, '.3g')} | "
-            f"{fmt(r.get('temp_gib'), '.3f')} | {r['note']} |")
+            f"{fmt(r.get('temp_gib'), '.3f')} | {r['note']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m hybridjax.bench attention", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
-                    help="shapes like b1,l16384,h16,k8,d128 (default: %(default)s)")
-    ap.add_argument("--impls", nargs="+", choices=ALL_IMPLS, default=None,
-                    help="default: cudnn and pallas on a GPU, blockwise")
-    ap.add_argument("--doc-len", type=int, default=4096,
-                    help="tokens per packed document (default: %(default)s)")
-    ap.add_argument("--blocks", type=int, nargs="+", default=None,
-                    help="blockwise: a row per block size (default: one row, its own)")
-    ap.add_argument("--pallas-bwd-blocks", type=int, nargs="+", default=None,
-                    help="pallas: a row per backward block size (default: one row, its own)")
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridjax.bench attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        default=DEFAULT_SHAPES,
+        help="shapes like b1,l16384,h16,k8,d128 (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        choices=ALL_IMPLS,
+        default=None,
+        help="default: cudnn and pallas on a GPU, blockwise",
+    )
+    ap.add_argument(
+        "--doc-len",
+        type=int,
+        default=4096,
+        help="tokens per packed document (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="blockwise: a row per block size (default: one row, its own)",
+    )
+    ap.add_argument(
+        "--pallas-bwd-blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="pallas: a row per backward block size (default: one row, its own)",
+    )
     add_timing_args(ap)
     ap.add_argument("--out", default=None, help="directory for the table (attention.md) and rows")
     args = ap.parse_args(argv)
@@ -132,27 +167,38 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     backend = jax.default_backend()
     impls = args.impls or (["cudnn", "pallas"] if backend == "gpu" else []) + ["blockwise"]
-    print(f"jax {jax.__version__} on {backend}: {jax.devices()[0].device_kind}; dtype "
-          f"{dtype.name}; packed documents of {args.doc_len} tokens", flush=True)
+    print(
+        f"jax {jax.__version__} on {backend}: {jax.devices()[0].device_kind}; dtype "
+        f"{dtype.name}; packed documents of {args.doc_len} tokens",
+        flush=True,
+    )
     timing = (args.warmup, args.repeats, args.batch)
     rows = []
     for s in shapes:
         name = "b{b} l{l} h{h} kv{k} d{d}".format(**s)
         keys = jax.random.split(jax.random.key(0), 4)
-        inputs = tuple(jax.random.normal(key, (s["b"], s["l"], h, s["d"]), dtype)
-                       for key, h in zip(keys, (s["h"], s["k"], s["k"])))
+        inputs = tuple(
+            jax.random.normal(key, (s["b"], s["l"], h, s["d"]), dtype)
+            for key, h in zip(keys, (s["h"], s["k"], s["k"]))
+        )
         dy = jax.random.normal(keys[3], inputs[0].shape, dtype)
-        for mask, seg, doc in (("one doc", None, s["l"]),
-                               ("packed", segment_ids(s, args.doc_len), args.doc_len)):
+        for mask, seg, doc in (
+            ("one doc", None, s["l"]),
+            ("packed", segment_ids(s, args.doc_len), args.doc_len),
+        ):
             first = None  # the first impl's output under this mask: the others' reference
             for label, impl, kw in variants(impls, args.blocks, args.pallas_bwd_blocks):
                 if impl == "cudnn" and seg is not None:
                     continue
-                row = {"shape": name, "mask": mask, "impl": label, "note": "",
-                       "flops": 4 * s["b"] * s["h"] * s["d"] * allowed_pairs(s["l"], doc)}
+                row = {
+                    "shape": name,
+                    "mask": mask,
+                    "impl": label,
+                    "note": "",
+                    "flops": 4 * s["b"] * s["h"] * s["d"] * allowed_pairs(s["l"], doc),
+                }
                 try:
-                    result, out = measure(impl, kw, inputs, dy, seg, timing,
-                                          not args.no_backward)
+                    result, out = measure(impl, kw, inputs, dy, seg, timing, not args.no_backward)
                 except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
                     row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
                     print(f"{name}  {mask}  {label}: {row['error']}", flush=True)
@@ -166,9 +212,12 @@ def main(argv=None):
                     row["note"] = f"rel.err vs {first[0]} {err:.1e}"
                 rows.append(row)
                 fb = row.get("fwd_bwd_ms")
-                print(f"{name}  {mask}  {label}: fwd {row['fwd_ms']:.3f} ms  fwd+bwd "
-                      f"{'-' if fb is None else f'{fb:.3f} ms'}  (first call "
-                      f"{row['first_call_s']:.1f} s) {row['note']}", flush=True)
+                print(
+                    f"{name}  {mask}  {label}: fwd {row['fwd_ms']:.3f} ms  fwd+bwd "
+                    f"{'-' if fb is None else f'{fb:.3f} ms'}  (first call "
+                    f"{row['first_call_s']:.1f} s) {row['note']}",
+                    flush=True,
+                )
         del inputs, dy
 
     text = table(rows)
@@ -176,8 +225,10 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "attention.md"), "w") as f:
-            f.write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {dtype.name}, "
-                    f"packed documents of {args.doc_len} tokens\n\n{text}\n")
+            f.write(
+                f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {dtype.name}, "
+                f"packed documents of {args.doc_len} tokens\n\n{text}\n"
+            )
         with open(os.path.join(args.out, "attention.json"), "w") as f:
             json.dump(rows, f, indent=1)
     return 0

@@ -34,7 +34,7 @@ GIB = 2**30
 
 
 def parse_layout(text: str) -> dict:
-    """"1" -> {} (one device); "data=2,fsdp=2" -> {"data": 2, "fsdp": 2}."""
+    """ "1" -> {} (one device); "data=2,fsdp=2" -> {"data": 2, "fsdp": 2}."""
     if text == "1":
         return {}
     sizes = {}
@@ -43,7 +43,8 @@ def parse_layout(text: str) -> dict:
         if axis not in AXES or not size.isdigit():
             raise argparse.ArgumentTypeError(
                 f"layout {text!r}: give '1' or axis=size pairs over {', '.join(AXES)} "
-                f"joined by commas, e.g. 'fsdp=2,tensor=2'")
+                f"joined by commas, e.g. 'fsdp=2,tensor=2'"
+            )
         sizes[axis] = int(size)
     return sizes
 
@@ -52,23 +53,46 @@ def parse_args(argv):
     from hybridjax.bench.step import PRESETS
     from hybridjax.config import REMAT_POLICIES
 
-    ap = argparse.ArgumentParser(prog="python -m hybridjax.bench mesh", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridjax.bench mesh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", choices=list(PRESETS), default="1b")
     ap.add_argument("--layouts", nargs="+", default=["1", "data=2", "fsdp=2"])
-    ap.add_argument("--impl", default="auto",
-                    help="SSD implementation (default: %(default)s: Pallas on a GPU)")
-    ap.add_argument("--batch", type=int, default=None,
-                    help="rows per data-parallel replica (default: the preset's batch)")
-    ap.add_argument("--same-batch", action="store_true",
-                    help="one global batch (--batch rows) for every layout, to compare losses")
-    ap.add_argument("--seq-len", type=int, nargs="+", default=None,
-                    help="one or more sequence lengths, each a row per layout (default: the "
-                         "preset's)")
-    ap.add_argument("--remat", choices=REMAT_POLICIES, default=None,
-                    help="HybridConfig.remat (default: the preset's)")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="device peak for MFU (default: the trainer's table by device kind)")
+    ap.add_argument(
+        "--impl", default="auto", help="SSD implementation (default: %(default)s: Pallas on a GPU)"
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="rows per data-parallel replica (default: the preset's batch)",
+    )
+    ap.add_argument(
+        "--same-batch",
+        action="store_true",
+        help="one global batch (--batch rows) for every layout, to compare losses",
+    )
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one or more sequence lengths, each a row per layout (default: the preset's)",
+    )
+    ap.add_argument(
+        "--remat",
+        choices=REMAT_POLICIES,
+        default=None,
+        help="HybridConfig.remat (default: the preset's)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: the trainer's table by device kind)",
+    )
     ap.add_argument("--steps", type=int, default=5, help="timed steps (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     ap.add_argument("--out", default=None, help="directory for the table (mesh.md) and rows")
@@ -86,8 +110,9 @@ def parse_args(argv):
     return args
 
 
-def build_step(preset: str, sizes: dict, batch: int, seq_len: int, impl: str, remat: str,
-               total_steps: int):
+def build_step(
+    preset: str, sizes: dict, batch: int, seq_len: int, impl: str, remat: str, total_steps: int
+):
     """(compiled train step, state, batch, mesh, compile seconds) of the preset's model on the
     mesh `sizes` ({} = one device, no mesh), as the trainer builds it."""
     import jax
@@ -105,9 +130,18 @@ def build_step(preset: str, sizes: dict, batch: int, seq_len: int, impl: str, re
     coefs = LossConfig()
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         graphdef, state = init_state(config, tx, seed=0, mesh=mesh)
-        step = make_train_step(graphdef, tx, schedule, lb_coef=coefs.lb_coef,
-                               z_coef=coefs.z_coef, router_bias_rate=coefs.router_bias_rate,
-                               has_moe=config.has("E"), donate=True, mesh=mesh, state=state)
+        step = make_train_step(
+            graphdef,
+            tx,
+            schedule,
+            lb_coef=coefs.lb_coef,
+            z_coef=coefs.z_coef,
+            router_bias_rate=coefs.router_bias_rate,
+            has_moe=config.has("E"),
+            donate=True,
+            mesh=mesh,
+            state=state,
+        )
         data = make_batch(config.vocab_size, batch, seq_len)
         if mesh is not None:
             data = jax.device_put(data, batch_sharding(mesh))
@@ -130,28 +164,42 @@ def measure(layout: str, seq_len: int, args) -> dict:
     if n > len(jax.devices()):
         return {**row, "error": f"needs {n} devices, this host has {len(jax.devices())}"}
     compiled, state, data, _, row["compile_s"] = build_step(
-        args.preset, sizes, batch, seq_len, args.impl, args.remat, args.warmup + args.steps)
+        args.preset, sizes, batch, seq_len, args.impl, args.remat, args.warmup + args.steps
+    )
     row["collectives"] = collective_counts(compiled.as_text())
-    row["state_gib_per_device"] = sum(
-        x.addressable_shards[0].data.nbytes
-        for x in jax.tree.leaves((state.params, state.opt_state))) / GIB
+    row["state_gib_per_device"] = (
+        sum(
+            x.addressable_shards[0].data.nbytes
+            for x in jax.tree.leaves((state.params, state.opt_state))
+        )
+        / GIB
+    )
     times, losses, _ = run_steps(compiled, state, data, args.warmup, args.steps)
     config = PRESETS[args.preset]["config"]
     step_s = statistics.median(times)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()[:n]]
     peak = peak_tflops(args)
-    row.update(step_ms=1e3 * step_s, tokens_per_s=batch * seq_len / step_s,
-               peak_gib=None if None in peaks else max(peaks) / GIB,
-               loss_first=losses[0], loss_last=losses[-1])
-    row["mfu"] = None if peak is None else (
-        packed_flops_per_token(config, seq_len) * row["tokens_per_s"] / n / (peak * 1e12))
-    print(f"[{layout}, {seq_len}] step {row['step_ms']:.1f} ms, {row['tokens_per_s']:,.0f} tokens/s, "
-          f"state {row['state_gib_per_device']:.2f} GiB/device, losses {losses}", flush=True)
+    row.update(
+        step_ms=1e3 * step_s,
+        tokens_per_s=batch * seq_len / step_s,
+        peak_gib=None if None in peaks else max(peaks) / GIB,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+    )
+    row["mfu"] = (
+        None
+        if peak is None
+        else (packed_flops_per_token(config, seq_len) * row["tokens_per_s"] / n / (peak * 1e12))
+    )
+    print(
+        f"[{layout}, {seq_len}] step {row['step_ms']:.1f} ms, {row['tokens_per_s']:,.0f} tokens/s, "
+        f"state {row['state_gib_per_device']:.2f} GiB/device, losses {losses}",
+        flush=True,
+    )
     return row
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-               "collective-permute")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def collective_counts(hlo: str) -> dict:
@@ -163,11 +211,30 @@ def run_child(args, layout, seq_len):
     """measure(layout, seq_len) in a fresh process: its own peak memory; a crash costs only its row."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, "-m", "hybridjax.bench", "mesh", "--preset", args.preset,
-               "--impl", args.impl, "--batch", str(args.batch), "--seq-len", str(seq_len),
-               "--remat", args.remat,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--layouts", layout,
-               "--result", path] + (["--same-batch"] if args.same_batch else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "hybridjax.bench",
+            "mesh",
+            "--preset",
+            args.preset,
+            "--impl",
+            args.impl,
+            "--batch",
+            str(args.batch),
+            "--seq-len",
+            str(seq_len),
+            "--remat",
+            args.remat,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--layouts",
+            layout,
+            "--result",
+            path,
+        ] + (["--same-batch"] if args.same_batch else [])
         rc = subprocess.run(cmd, check=False).returncode
         if os.path.exists(path):
             with open(path) as f:
@@ -180,13 +247,19 @@ def table(rows, args) -> str:
 
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     ones = {r["seq_len"]: r for r in rows if r.get("devices") == 1 and "error" not in r}
-    lines = [(f"preset {args.preset}, SSD {args.impl}, remat {args.remat}, {DOCS_PER_ROW} "
-              f"documents per row, median of {args.steps} steps after {args.warmup} warm-up "
-              f"steps; scaling: tokens/s per device over one device's at the same length"),
-             ("| layout | devices | batch | sequence | step ms | tokens/s | tokens/s per device | "
-              "scaling | MFU | params+opt GiB/device | peak GiB (busiest device) | loss first | "
-              "loss last |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"preset {args.preset}, SSD {args.impl}, remat {args.remat}, {DOCS_PER_ROW} "
+            f"documents per row, median of {args.steps} steps after {args.warmup} warm-up "
+            f"steps; scaling: tokens/s per device over one device's at the same length"
+        ),
+        (
+            "| layout | devices | batch | sequence | step ms | tokens/s | tokens/s per device | "
+            "scaling | MFU | params+opt GiB/device | peak GiB (busiest device) | loss first | "
+            "loss last |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['layout']} | | | {r['seq_len']} | {r['error']} |")
@@ -199,10 +272,17 @@ def table(rows, args) -> str:
             f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {per_device:,.0f} | {scaling} | "
             f"{fmt(r['mfu'], '.1%')} | "
             f"{r['state_gib_per_device']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
-            f"{r['loss_first']:.5f} | {r['loss_last']:.5f} |")
-    lines.append("\ncollectives in the compiled step: " + "; ".join(
-        f"{r['layout']} at {r['seq_len']}: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v)
-        for r in rows if "error" not in r))
+            f"{r['loss_first']:.5f} | {r['loss_last']:.5f} |"
+        )
+    lines.append(
+        "\ncollectives in the compiled step: "
+        + "; ".join(
+            f"{r['layout']} at {r['seq_len']}: "
+            + ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v)
+            for r in rows
+            if "error" not in r
+        )
+    )
     return "\n".join(lines)
 
 
@@ -213,13 +293,15 @@ def main(argv=None):
         try:
             row = measure(args.layouts[0], args.seq_len[0], args)
         except Exception as e:  # noqa: BLE001 - one failing layout must not end the table
-            row = {"layout": args.layouts[0], "seq_len": args.seq_len[0],
-                   "error": f"{type(e).__name__}: {str(e).strip()[:1000]}"}
+            row = {
+                "layout": args.layouts[0],
+                "seq_len": args.seq_len[0],
+                "error": f"{type(e).__name__}: {str(e).strip()[:1000]}",
+            }
         with open(args.result, "w") as f:
             json.dump(row, f)
         return 0
-    rows = [run_child(args, layout, seq_len)
-            for seq_len in args.seq_len for layout in args.layouts]
+    rows = [run_child(args, layout, seq_len) for seq_len in args.seq_len for layout in args.layouts]
     text = table(rows, args)
     print("\n" + text)
     if args.out:

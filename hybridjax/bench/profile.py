@@ -44,15 +44,22 @@ def parse_args(argv):
     from hybridjax.bench.step import PRESETS
     from hybridjax.config import REMAT_POLICIES
 
-    ap = argparse.ArgumentParser(prog="python -m hybridjax.bench profile", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridjax.bench profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", choices=list(PRESETS), default="1b")
     ap.add_argument("--layout", default="1", help="'1' (one device) or mesh sizes, e.g. context=2")
     ap.add_argument("--impl", default="auto", help="SSD implementation (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=None, help="rows (default: the preset's)")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
-    ap.add_argument("--remat", choices=REMAT_POLICIES, default=None,
-                    help="HybridConfig.remat (default: the preset's)")
+    ap.add_argument(
+        "--remat",
+        choices=REMAT_POLICIES,
+        default=None,
+        help="HybridConfig.remat (default: the preset's)",
+    )
     ap.add_argument("--steps", type=int, default=3, help="traced steps (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     ap.add_argument("--top", type=int, default=15, help="single ops listed (default: 15)")
@@ -99,7 +106,7 @@ def _after_shape(rest: str) -> str:
     for i, ch in enumerate(rest):
         depth += {"(": 1, ")": -1}.get(ch, 0)
         if depth == 0:
-            return rest[i + 1:].lstrip()
+            return rest[i + 1 :].lstrip()
     return rest
 
 
@@ -107,13 +114,21 @@ def classify(opcode: str, op_name: str, body: str, kernel: str) -> tuple[str, st
     """(layer scope, pass, kind of work) of one kernel."""
     parts = re.split(r"[/()]", op_name)
     scope = next((p for p in parts if p in SCOPES), "other")
-    pass_ = ("recompute" if "rematted_computation" in op_name
-             else "backward" if "transpose(" in op_name else "forward")
+    pass_ = (
+        "recompute"
+        if "rematted_computation" in op_name
+        else "backward"
+        if "transpose(" in op_name
+        else "forward"
+    )
     base = opcode.removesuffix("-start").removesuffix("-done")
     if base in COLLECTIVES or any(c in kernel for c in ("nccl", "AllReduce", "AllGather")):
         kind = "collective"
-    elif opcode in ("dot", "convolution") or MATMUL.search(kernel) or (
-            opcode in ("fusion", "custom-call") and "gemm" in body):
+    elif (
+        opcode in ("dot", "convolution")
+        or MATMUL.search(kernel)
+        or (opcode in ("fusion", "custom-call") and "gemm" in body)
+    ):
         kind = "matmul"
     elif opcode == "custom-call":
         kind = "kernel"
@@ -126,13 +141,18 @@ def classify(opcode: str, op_name: str, body: str, kernel: str) -> tuple[str, st
 def device_kernels(trace_dir: str, module: str):
     """[(instruction name, kernel name, microseconds)] of device 0's kernels of `module` in the
     newest Perfetto trace under `trace_dir` (GPU streams; the host executor on a CPU)."""
-    path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                         recursive=True), key=os.path.getmtime)
+    path = max(
+        glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     with gzip.open(path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     gpu0 = {pid for pid, n in names.items() if re.search(r"/device:GPU:0\b", n)}
     kernels = []
     for e in events:
@@ -157,9 +177,15 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
         groups[classify(opcode, op_name, body, kernel)] += us
         singles[(op, opcode, op_name)] += us
     busy = sum(groups.values()) / n_steps / 1e3
-    lines = [(f"step {step_ms:.1f} ms (median of {n_steps} traced), device 0 busy "
-              f"{busy:.1f} ms ({len(kernels) // n_steps} kernels per step)"), "",
-             "| layer | pass | work | ms/step | share of busy |", "|---|---|---|---|---|"]
+    lines = [
+        (
+            f"step {step_ms:.1f} ms (median of {n_steps} traced), device 0 busy "
+            f"{busy:.1f} ms ({len(kernels) // n_steps} kernels per step)"
+        ),
+        "",
+        "| layer | pass | work | ms/step | share of busy |",
+        "|---|---|---|---|---|",
+    ]
     for (scope, pass_, kind), us in sorted(groups.items(), key=lambda kv: -kv[1]):
         ms = us / n_steps / 1e3
         lines.append(f"| {scope} | {pass_} | {kind} | {ms:.2f} | {ms / busy:.1%} |")
@@ -167,8 +193,10 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
     for (scope, _, _), us in groups.items():
         by_layer[scope] += us / n_steps / 1e3
     lines += ["", "| layer | ms/step | share of busy |", "|---|---|---|"]
-    lines += [f"| {s} | {ms:.2f} | {ms / busy:.1%} |"
-              for s, ms in sorted(by_layer.items(), key=lambda kv: -kv[1])]
+    lines += [
+        f"| {s} | {ms:.2f} | {ms / busy:.1%} |"
+        for s, ms in sorted(by_layer.items(), key=lambda kv: -kv[1])
+    ]
     lines += ["", f"| top {top} ops | opcode | ms/step | jax name |", "|---|---|---|---|"]
     for (op, opcode, op_name), us in sorted(singles.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
@@ -178,8 +206,7 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
 def main(argv=None):
     # CUDA graphs ("command buffers") would show up as one opaque kernel per graph: off, before
     # the backend starts. The step then launches kernels one by one, slightly slower.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_gpu_enable_command_buffer=")
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     import statistics
 
@@ -189,8 +216,14 @@ def main(argv=None):
     from hybridjax.bench.step import run_steps
 
     compiled, state, data, _, compile_s = build_step(
-        args.preset, args.sizes, args.batch, args.seq_len, args.impl, args.remat,
-        args.warmup + args.steps)
+        args.preset,
+        args.sizes,
+        args.batch,
+        args.seq_len,
+        args.impl,
+        args.remat,
+        args.warmup + args.steps,
+    )
     hlo = compiled.as_text()
     module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
     _, _, state = run_steps(compiled, state, data, args.warmup, 0)
@@ -205,11 +238,12 @@ def main(argv=None):
     if not kernels:
         print(f"the trace under {args.out} holds no kernel of {module}", file=sys.stderr)
         return 1
-    text = (f"preset {args.preset}, layout {args.layout}, batch {args.batch} x {args.seq_len}, "
-            f"SSD {args.impl}, remat {args.remat}, jax {jax.__version__} on "
-            f"{jax.devices()[0].device_kind}; compiled in {compile_s:.0f} s\n\n"
-            + tables(kernels, hlo_ops(hlo), args.steps, 1e3 * statistics.median(times),
-                     args.top))
+    text = (
+        f"preset {args.preset}, layout {args.layout}, batch {args.batch} x {args.seq_len}, "
+        f"SSD {args.impl}, remat {args.remat}, jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}; compiled in {compile_s:.0f} s\n\n"
+        + tables(kernels, hlo_ops(hlo), args.steps, 1e3 * statistics.median(times), args.top)
+    )
     print(text)
     with open(os.path.join(args.out, "profile.md"), "w") as f:
         f.write(text + "\n")

@@ -36,216 +36,321 @@ from hybridjax.train_config import LossConfig
 from hybridjax.train_step import init_state, make_train_step
 
 PRESETS = {
-  # 1.03B parameters in the NemotronH-8B layout at d_model 2048: its repeating unit "M-M-M-M*-"
-  # three times = 12 Mamba-2, 3 attention (GQA, NoPE) and 12 relu2 MLP layers. Without remat the
-  # step needs hundreds of GiB; with full remat per period XLA (CPU compile, chunked SSD) plans
-  # ~17 GiB of temporaries per sequence of 4096 besides 11.5 GiB of params and AdamW moments:
-  # b4 leaves room inside the 75% of an H200 that jax preallocates, b8 would not.
-  "1b": {"config": HybridConfig(
-      vocab_size=32768, d_model=2048, pattern="M-M-M-M*-" * 3, dtype="bfloat16",
-      param_dtype="float32", remat="full", mamba_heads=64, mamba_head_dim=64, ssm_state=128,
-      n_groups=8, chunk_size=256, attn_heads=16, kv_heads=8, head_dim=128, ffn=10240),
-      "batch": 4, "seq_len": 4096},
-  # A Nemotron-3-style MoE hybrid, 2.4B parameters: "MEMEM*ME" three times = 9 Mamba-2, 3
-  # attention and 12 MoE layers (64 relu2 experts of 768, top-6, sigmoid router, a shared expert
-  # of 1536).
-  "moe": {"config": HybridConfig(
-      vocab_size=32768, d_model=2048, pattern="MEMEM*ME" * 3, dtype="bfloat16",
-      param_dtype="float32", remat="full", mamba_heads=64, mamba_head_dim=64, ssm_state=128,
-      n_groups=8, chunk_size=256, attn_heads=16, kv_heads=8, head_dim=128, n_experts=64,
-      top_k=6, moe_ffn=768, shared_ffn=1536),
-      "batch": 4, "seq_len": 4096},
-  # Each layer kind, scanned over two periods, at toy sizes: a CPU smoke test.
-  "tiny": {"config": HybridConfig(
-      vocab_size=256, d_model=64, pattern="M*-" * 2, dtype="bfloat16", param_dtype="float32",
-      remat="full", mamba_heads=4, mamba_head_dim=16, ssm_state=16, n_groups=2, chunk_size=32,
-      attn_heads=4, kv_heads=2, head_dim=16, ffn=128),
-      "batch": 2, "seq_len": 128},
+    # 1.03B parameters in the NemotronH-8B layout at d_model 2048: its repeating unit "M-M-M-M*-"
+    # three times = 12 Mamba-2, 3 attention (GQA, NoPE) and 12 relu2 MLP layers. Without remat the
+    # step needs hundreds of GiB; with full remat per period XLA (CPU compile, chunked SSD) plans
+    # ~17 GiB of temporaries per sequence of 4096 besides 11.5 GiB of params and AdamW moments:
+    # b4 leaves room inside the 75% of an H200 that jax preallocates, b8 would not.
+    "1b": {
+        "config": HybridConfig(
+            vocab_size=32768,
+            d_model=2048,
+            pattern="M-M-M-M*-" * 3,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="full",
+            mamba_heads=64,
+            mamba_head_dim=64,
+            ssm_state=128,
+            n_groups=8,
+            chunk_size=256,
+            attn_heads=16,
+            kv_heads=8,
+            head_dim=128,
+            ffn=10240,
+        ),
+        "batch": 4,
+        "seq_len": 4096,
+    },
+    # A Nemotron-3-style MoE hybrid, 2.4B parameters: "MEMEM*ME" three times = 9 Mamba-2, 3
+    # attention and 12 MoE layers (64 relu2 experts of 768, top-6, sigmoid router, a shared expert
+    # of 1536).
+    "moe": {
+        "config": HybridConfig(
+            vocab_size=32768,
+            d_model=2048,
+            pattern="MEMEM*ME" * 3,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="full",
+            mamba_heads=64,
+            mamba_head_dim=64,
+            ssm_state=128,
+            n_groups=8,
+            chunk_size=256,
+            attn_heads=16,
+            kv_heads=8,
+            head_dim=128,
+            n_experts=64,
+            top_k=6,
+            moe_ffn=768,
+            shared_ffn=1536,
+        ),
+        "batch": 4,
+        "seq_len": 4096,
+    },
+    # Each layer kind, scanned over two periods, at toy sizes: a CPU smoke test.
+    "tiny": {
+        "config": HybridConfig(
+            vocab_size=256,
+            d_model=64,
+            pattern="M*-" * 2,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="full",
+            mamba_heads=4,
+            mamba_head_dim=16,
+            ssm_state=16,
+            n_groups=2,
+            chunk_size=32,
+            attn_heads=4,
+            kv_heads=2,
+            head_dim=16,
+            ffn=128,
+        ),
+        "batch": 2,
+        "seq_len": 128,
+    },
 }
 DOCS_PER_ROW = 4
 GIB = 2**30
 
 
 def parse_args(argv):
-  ap = argparse.ArgumentParser(prog="python -m hybridjax.bench step", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--preset", choices=list(PRESETS), default="1b")
-  ap.add_argument("--impls", nargs="+", choices=SSD_IMPLS, default=["chunked", "pallas"],
-                  help="SSD implementations (HybridConfig.ssd_impl) (default: %(default)s)")
-  ap.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
-  ap.add_argument("--warmup", type=int, default=3,
-                  help="untimed steps after compiling (default: %(default)s)")
-  ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: preset)")
-  ap.add_argument("--seq-len", type=int, default=None, help="default: preset")
-  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                  help="compute dtype; parameters stay float32")
-  ap.add_argument("--remat", default=None, choices=REMAT_POLICIES, help="default: preset")
-  ap.add_argument("--peak-tflops", type=float, default=None,
-                  help="device peak for MFU (default: the trainer's table by device kind)")
-  ap.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a child's JSON row
-  args = ap.parse_args(argv)
-  if args.steps < 1 or args.warmup < 0:
-    ap.error("--steps must be >= 1 and --warmup >= 0")
-  preset = PRESETS[args.preset]
-  args.batch = args.batch or preset["batch"]
-  args.seq_len = args.seq_len or preset["seq_len"]
-  args.remat = args.remat or preset["config"].remat
-  return args
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridjax.bench step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--preset", choices=list(PRESETS), default="1b")
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        choices=SSD_IMPLS,
+        default=["chunked", "pallas"],
+        help="SSD implementations (HybridConfig.ssd_impl) (default: %(default)s)",
+    )
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps after compiling (default: %(default)s)"
+    )
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: preset)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: preset")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="compute dtype; parameters stay float32",
+    )
+    ap.add_argument("--remat", default=None, choices=REMAT_POLICIES, help="default: preset")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: the trainer's table by device kind)",
+    )
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a child's JSON row
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or preset["batch"]
+    args.seq_len = args.seq_len or preset["seq_len"]
+    args.remat = args.remat or preset["config"].remat
+    return args
 
 
 def make_batch(vocab_size, batch, seq_len, seed=0):
-  """Random tokens packed DOCS_PER_ROW documents to a row, in the trainer's batch contract."""
-  rng = np.random.default_rng(seed)
-  rows = []
-  for _ in range(batch):
-    starts = np.sort(rng.choice(np.arange(1, seq_len), DOCS_PER_ROW - 1, replace=False))
-    seg = 1 + np.searchsorted(starts, np.arange(seq_len), side="right")
-    toks = rng.integers(0, vocab_size, seq_len)
-    rows.append(row_to_example({"tokens": toks, "tokens_segment_ids": seg}, pad_id=0))
-  return jax.device_put({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    """Random tokens packed DOCS_PER_ROW documents to a row, in the trainer's batch contract."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        starts = np.sort(rng.choice(np.arange(1, seq_len), DOCS_PER_ROW - 1, replace=False))
+        seg = 1 + np.searchsorted(starts, np.arange(seq_len), side="right")
+        toks = rng.integers(0, vocab_size, seq_len)
+        rows.append(row_to_example({"tokens": toks, "tokens_segment_ids": seg}, pad_id=0))
+    return jax.device_put({k: np.stack([r[k] for r in rows]) for k in rows[0]})
 
 
 def skip_reason(config, batch, seq_len):
-  """Why this config's SSD cannot run here, or None (only the Pallas kernel has limits)."""
-  if config.ssd_impl != "pallas":
-    return None
-  from hybridjax.kernels import pallas_unsupported_reason
-  x = jax.ShapeDtypeStruct((batch, seq_len, config.mamba_heads, config.mamba_head_dim),
-                           jnp.dtype(config.dtype))
-  B = jax.ShapeDtypeStruct((batch, seq_len, config.n_groups, config.ssm_state), x.dtype)
-  return pallas_unsupported_reason(x, None, None, B, B, chunk_size=config.chunk_size)
+    """Why this config's SSD cannot run here, or None (only the Pallas kernel has limits)."""
+    if config.ssd_impl != "pallas":
+        return None
+    from hybridjax.kernels import pallas_unsupported_reason
+
+    x = jax.ShapeDtypeStruct(
+        (batch, seq_len, config.mamba_heads, config.mamba_head_dim), jnp.dtype(config.dtype)
+    )
+    B = jax.ShapeDtypeStruct((batch, seq_len, config.n_groups, config.ssm_state), x.dtype)
+    return pallas_unsupported_reason(x, None, None, B, B, chunk_size=config.chunk_size)
 
 
 def peak_tflops(args):
-  kind = jax.devices()[0].device_kind
-  return args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    kind = jax.devices()[0].device_kind
+    return args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
 def packed_flops_per_token(config, seq_len):
-  """Model FLOPs per token of a `make_batch` row: attention spans one document (seq_len over
-  DOCS_PER_ROW tokens), not the row."""
-  return flops_per_token(config, max(seq_len // DOCS_PER_ROW, 1))
+    """Model FLOPs per token of a `make_batch` row: attention spans one document (seq_len over
+    DOCS_PER_ROW tokens), not the row."""
+    return flops_per_token(config, max(seq_len // DOCS_PER_ROW, 1))
 
 
 def measure(impl, args):
-  """One row of the table: {"impl", ...measurements} or {"impl", "error"}."""
-  config = PRESETS[args.preset]["config"].replace(ssd_impl=impl, dtype=args.dtype,
-                                                  remat=args.remat)
-  total, active = param_counts(config)
-  flops = packed_flops_per_token(config, args.seq_len)
-  peak = peak_tflops(args)
-  period = pattern_period(config.pattern)
-  print(f"[{impl}] jax {jax.__version__} on {jax.default_backend()}: "
+    """One row of the table: {"impl", ...measurements} or {"impl", "error"}."""
+    config = PRESETS[args.preset]["config"].replace(
+        ssd_impl=impl, dtype=args.dtype, remat=args.remat
+    )
+    total, active = param_counts(config)
+    flops = packed_flops_per_token(config, args.seq_len)
+    peak = peak_tflops(args)
+    period = pattern_period(config.pattern)
+    print(
+        f"[{impl}] jax {jax.__version__} on {jax.default_backend()}: "
         f"{jax.devices()[0].device_kind}; preset {args.preset}: {config.n_layers} layers "
         f"{period!r} x {config.n_layers // len(period)}, d_model {config.d_model}, "
         f"{total:,} params ({active:,} active), {flops / 1e9:.3g} GFLOP/token ({DOCS_PER_ROW} documents per row); "
         f"batch {args.batch} x {args.seq_len}, {config.dtype} compute / {config.param_dtype} "
-        f"params, remat {config.remat}", flush=True)
-  row = {"impl": impl, "peak_tflops": peak}
-  reason = skip_reason(config, args.batch, args.seq_len)
-  if reason is not None:
-    print(f"[{impl}] skipped: {reason}", flush=True)
-    return {**row, "error": f"skipped: {reason}"}
-  try:
-    tx, schedule = make_optimizer(OptimConfig(), args.warmup + args.steps)
-    graphdef, state = init_state(config, tx, seed=0)
-    coefs = LossConfig()
-    step = make_train_step(graphdef, tx, schedule, lb_coef=coefs.lb_coef, z_coef=coefs.z_coef,
-                           router_bias_rate=coefs.router_bias_rate, has_moe=config.has("E"),
-                           donate=jax.default_backend() != "cpu")
-    batch = make_batch(config.vocab_size, args.batch, args.seq_len)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    row["compile_s"] = time.perf_counter() - t0
-    print(f"[{impl}] compiled in {row['compile_s']:.1f} s", flush=True)
-    times, losses, _ = run_steps(compiled, state, batch, args.warmup, args.steps)
-  except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
-    msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-    print(f"[{impl}] failed ({msg})", flush=True)
-    return {**row, "error": msg}
-  step_s = statistics.median(times)
-  tokens_per_s = args.batch * args.seq_len / step_s
-  mem = compiled.memory_analysis()
-  row.update(step_ms=1e3 * step_s, tokens_per_s=tokens_per_s, tflops=flops * tokens_per_s / 1e12,
-             peak_gib=peak_memory_bytes() / GIB,
-             temp_gib=None if mem is None else mem.temp_size_in_bytes / GIB,
-             loss_first=losses[0], loss_last=losses[-1])
-  row["mfu"] = None if peak is None else row["tflops"] / peak
-  print(f"[{impl}] step {row['step_ms']:.1f} ms (median of {len(times)}), "
-        f"{tokens_per_s:,.0f} tokens/s, loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
-  return row
+        f"params, remat {config.remat}",
+        flush=True,
+    )
+    row = {"impl": impl, "peak_tflops": peak}
+    reason = skip_reason(config, args.batch, args.seq_len)
+    if reason is not None:
+        print(f"[{impl}] skipped: {reason}", flush=True)
+        return {**row, "error": f"skipped: {reason}"}
+    try:
+        tx, schedule = make_optimizer(OptimConfig(), args.warmup + args.steps)
+        graphdef, state = init_state(config, tx, seed=0)
+        coefs = LossConfig()
+        step = make_train_step(
+            graphdef,
+            tx,
+            schedule,
+            lb_coef=coefs.lb_coef,
+            z_coef=coefs.z_coef,
+            router_bias_rate=coefs.router_bias_rate,
+            has_moe=config.has("E"),
+            donate=jax.default_backend() != "cpu",
+        )
+        batch = make_batch(config.vocab_size, args.batch, args.seq_len)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        row["compile_s"] = time.perf_counter() - t0
+        print(f"[{impl}] compiled in {row['compile_s']:.1f} s", flush=True)
+        times, losses, _ = run_steps(compiled, state, batch, args.warmup, args.steps)
+    except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
+        msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        print(f"[{impl}] failed ({msg})", flush=True)
+        return {**row, "error": msg}
+    step_s = statistics.median(times)
+    tokens_per_s = args.batch * args.seq_len / step_s
+    mem = compiled.memory_analysis()
+    row.update(
+        step_ms=1e3 * step_s,
+        tokens_per_s=tokens_per_s,
+        tflops=flops * tokens_per_s / 1e12,
+        peak_gib=peak_memory_bytes() / GIB,
+        temp_gib=None if mem is None else mem.temp_size_in_bytes / GIB,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+    )
+    row["mfu"] = None if peak is None else row["tflops"] / peak
+    print(
+        f"[{impl}] step {row['step_ms']:.1f} ms (median of {len(times)}), "
+        f"{tokens_per_s:,.0f} tokens/s, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+        flush=True,
+    )
+    return row
 
 
 def run_steps(compiled, state, batch, warmup, steps):
-  """(times of the `steps` timed calls in s, every call's loss, the last state): `warmup` untimed
-  calls first. The state is donated to each call and replaced by its output."""
-  times, losses = [], []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(state, batch))
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-    losses.append(float(metrics["loss"]))
-  return times, losses, state
+    """(times of the `steps` timed calls in s, every call's loss, the last state): `warmup` untimed
+    calls first. The state is donated to each call and replaced by its output."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(metrics["loss"]))
+    return times, losses, state
 
 
 def run_child(argv, impl):
-  """measure(impl) in a fresh process: its own peak memory, and a crash costs only its row."""
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "row.json")
-    cmd = [sys.executable, "-m", "hybridjax.bench", "step", *argv, "--impls", impl,
-           "--result", path]
-    rc = subprocess.run(cmd, check=False).returncode
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-  print(f"[{impl}] failed (its process exited with code {rc})", flush=True)
-  return {"impl": impl, "error": f"process exited with code {rc}"}
+    """measure(impl) in a fresh process: its own peak memory, and a crash costs only its row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "row.json")
+        cmd = [
+            sys.executable,
+            "-m",
+            "hybridjax.bench",
+            "step",
+            *argv,
+            "--impls",
+            impl,
+            "--result",
+            path,
+        ]
+        rc = subprocess.run(cmd, check=False).returncode
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    print(f"[{impl}] failed (its process exited with code {rc})", flush=True)
+    return {"impl": impl, "error": f"process exited with code {rc}"}
 
 
 def print_table(rows):
-  fmt = lambda v, spec: "-" if v is None else format(v, spec)
-  done = [r for r in rows if "error" not in r]
-  base = next((r for r in done if r["impl"] == "chunked"), None)
-  peak = next((r["peak_tflops"] for r in rows if r.get("peak_tflops")), None)
-  print(f"\nMFU against a dense bf16 peak of {fmt(peak, '.0f')} TFLOP/s per device; "
-        f"peak mem: device peak (CPU: process RSS); temp: XLA's temporary buffers of the step")
-  print("| impl | compile s | step ms | tokens/s | TFLOP/s | MFU | peak mem GiB | temp GiB | "
-        "loss first | loss last | step / chunked |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in done:
-    ratio = f"{r['step_ms'] / base['step_ms']:.3f}" if base else "-"
-    print(f"| {r['impl']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-          f"{r['tflops']:.4g} | {fmt(r['mfu'], '.1%')} | {r['peak_gib']:.2f} | "
-          f"{fmt(r['temp_gib'], '.2f')} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | "
-          f"{ratio} |")
-  for r in rows:
-    if "error" in r:
-      print(f"| {r['impl']} | {r['error']} |")
-  pallas = next((r for r in done if r["impl"] == "pallas"), None)
-  if base and pallas:
-    ratio = pallas["step_ms"] / base["step_ms"]
-    print(f"\npallas / chunked step time: {ratio:.3f} ({(1 - ratio) * 100:+.1f}% time saved, "
-          f"{1 / ratio:.3f}x throughput); peak memory {pallas['peak_gib']:.2f} vs "
-          f"{base['peak_gib']:.2f} GiB")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    done = [r for r in rows if "error" not in r]
+    base = next((r for r in done if r["impl"] == "chunked"), None)
+    peak = next((r["peak_tflops"] for r in rows if r.get("peak_tflops")), None)
+    print(
+        f"\nMFU against a dense bf16 peak of {fmt(peak, '.0f')} TFLOP/s per device; "
+        f"peak mem: device peak (CPU: process RSS); temp: XLA's temporary buffers of the step"
+    )
+    print(
+        "| impl | compile s | step ms | tokens/s | TFLOP/s | MFU | peak mem GiB | temp GiB | "
+        "loss first | loss last | step / chunked |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in done:
+        ratio = f"{r['step_ms'] / base['step_ms']:.3f}" if base else "-"
+        print(
+            f"| {r['impl']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tflops']:.4g} | {fmt(r['mfu'], '.1%')} | {r['peak_gib']:.2f} | "
+            f"{fmt(r['temp_gib'], '.2f')} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | "
+            f"{ratio} |"
+        )
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['error']} |")
+    pallas = next((r for r in done if r["impl"] == "pallas"), None)
+    if base and pallas:
+        ratio = pallas["step_ms"] / base["step_ms"]
+        print(
+            f"\npallas / chunked step time: {ratio:.3f} ({(1 - ratio) * 100:+.1f}% time saved, "
+            f"{1 / ratio:.3f}x throughput); peak memory {pallas['peak_gib']:.2f} vs "
+            f"{base['peak_gib']:.2f} GiB"
+        )
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
-  impls = list(dict.fromkeys(args.impls))
-  if len(impls) == 1:
-    rows = [measure(impls[0], args)]
-  else:  # the parent touches no device, so each child has the accelerator to itself
-    print(f"running {', '.join(impls)} one process each", flush=True)
-    rows = [run_child(argv, impl) for impl in impls]
-  if args.result:
-    with open(args.result, "w") as f:
-      json.dump(rows[0], f)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    impls = list(dict.fromkeys(args.impls))
+    if len(impls) == 1:
+        rows = [measure(impls[0], args)]
+    else:  # the parent touches no device, so each child has the accelerator to itself
+        print(f"running {', '.join(impls)} one process each", flush=True)
+        rows = [run_child(argv, impl) for impl in impls]
+    if args.result:
+        with open(args.result, "w") as f:
+            json.dump(rows[0], f)
+        return 0
+    print_table(rows)
     return 0
-  print_table(rows)
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

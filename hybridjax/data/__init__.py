@@ -1,8 +1,8 @@
 """Data room: grain pipelines for synthetic recall tasks (MQAR, NIAH) and language modelling.
 
-    ds = make_dataset(MQARConfig(), split="train", seed=0, batch_size=64, seq_len=128)
-    it = iter(ds); batch = next(it)       # dict of numpy arrays, see pipeline.py
-    state = it.get_state(); it.set_state(state)
+ds = make_dataset(MQARConfig(), split="train", seed=0, batch_size=64, seq_len=128)
+it = iter(ds); batch = next(it)       # dict of numpy arrays, see pipeline.py
+state = it.get_state(); it.set_state(state)
 """
 
 from hybridjax.data.mqar import MQARConfig, mqar_example
@@ -20,7 +20,20 @@ from hybridjax.data.text import MemmapConfig, TextConfig
 from hybridjax.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "CONFIGS", "ByteTokenizer", "DataConfig", "HFTokenizer", "MQARConfig", "MemmapConfig",
-    "NIAHConfig", "TextConfig", "bucket_names", "config_from_dict", "load_tokenizer",
-    "make_dataset", "mqar_example", "niah_example", "pack_documents", "vocab_size",
+    "CONFIGS",
+    "ByteTokenizer",
+    "DataConfig",
+    "HFTokenizer",
+    "MQARConfig",
+    "MemmapConfig",
+    "NIAHConfig",
+    "TextConfig",
+    "bucket_names",
+    "config_from_dict",
+    "load_tokenizer",
+    "make_dataset",
+    "mqar_example",
+    "niah_example",
+    "pack_documents",
+    "vocab_size",
 ]

@@ -40,7 +40,9 @@ def bucket_lengths(lengths, seq_len, field: str, task: str) -> tuple:
         raise ValueError(f"seq_len: {seq_len} is shorter than {field} ({max(lengths)})")
     if lengths is None:
         if seq_len is None:
-            raise ValueError(f"seq_len: needed to name {task} buckets when {field} is None "
-                             "(examples then fill the row)")
+            raise ValueError(
+                f"seq_len: needed to name {task} buckets when {field} is None "
+                "(examples then fill the row)"
+            )
         return (seq_len,)
     return tuple(lengths)

@@ -44,9 +44,11 @@ class MQARConfig:
         for p in self.num_pairs:
             check_positive("MQARConfig.num_pairs", p)
             if p > self.vocab_size // 2 - 1:
-                raise ValueError(f"MQARConfig.num_pairs: {p} pairs need {p} distinct keys but "
-                                 f"vocab_size={self.vocab_size} gives only "
-                                 f"{self.vocab_size // 2 - 1} (keys come from [1, vocab_size/2))")
+                raise ValueError(
+                    f"MQARConfig.num_pairs: {p} pairs need {p} distinct keys but "
+                    f"vocab_size={self.vocab_size} gives only "
+                    f"{self.vocab_size // 2 - 1} (keys come from [1, vocab_size/2))"
+                )
         if self.seq_lens is not None:
             for length in self.seq_lens:
                 check_positive("MQARConfig.seq_lens", length)
@@ -58,15 +60,23 @@ class MQARConfig:
         lengths = bucket_lengths(self.seq_lens, seq_len, "MQARConfig.seq_lens", "MQAR")
         pairs = self.num_pairs
         if len(pairs) != len(lengths) and 1 not in (len(pairs), len(lengths)):
-            raise ValueError(f"MQARConfig.seq_lens: {len(lengths)} lengths cannot be zipped with "
-                             f"{len(pairs)} num_pairs; give one value or as many as num_pairs")
+            raise ValueError(
+                f"MQARConfig.seq_lens: {len(lengths)} lengths cannot be zipped with "
+                f"{len(pairs)} num_pairs; give one value or as many as num_pairs"
+            )
         n = max(len(pairs), len(lengths))
-        buckets = tuple(zip(pairs * n if len(pairs) == 1 else pairs,
-                            lengths * n if len(lengths) == 1 else lengths))
+        buckets = tuple(
+            zip(
+                pairs * n if len(pairs) == 1 else pairs,
+                lengths * n if len(lengths) == 1 else lengths,
+            )
+        )
         for p, length in buckets:
             if 4 * p > length:
-                raise ValueError(f"MQARConfig.num_pairs: {p} pairs need a length >= 4 * {p} = "
-                                 f"{4 * p}, got length {length}")
+                raise ValueError(
+                    f"MQARConfig.num_pairs: {p} pairs need a length >= 4 * {p} = "
+                    f"{4 * p}, got length {length}"
+                )
         return buckets
 
     @staticmethod
@@ -75,13 +85,25 @@ class MQARConfig:
 
     def generate(self, rng: np.random.Generator, bucket: tuple[int, int]) -> dict:
         num_pairs, seq_len = bucket
-        return mqar_example(rng, vocab_size=self.vocab_size, seq_len=seq_len,
-                            num_pairs=num_pairs, power_a=self.power_a,
-                            random_non_queries=self.random_non_queries)
+        return mqar_example(
+            rng,
+            vocab_size=self.vocab_size,
+            seq_len=seq_len,
+            num_pairs=num_pairs,
+            power_a=self.power_a,
+            random_non_queries=self.random_non_queries,
+        )
 
 
-def mqar_example(rng: np.random.Generator, *, vocab_size: int, seq_len: int, num_pairs: int,
-                 power_a: float = 0.01, random_non_queries: bool = True) -> dict:
+def mqar_example(
+    rng: np.random.Generator,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    num_pairs: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+) -> dict:
     """One example: {"tokens", "targets"} int32 (seq_len,), "loss_mask" float32 (seq_len,)."""
     half = vocab_size // 2
     keys = 1 + rng.permutation(half - 1)[:num_pairs]
@@ -91,7 +113,7 @@ def mqar_example(rng: np.random.Generator, *, vocab_size: int, seq_len: int, num
     # Power-law gaps without replacement: the top-p of log-weights + Gumbel noise is a draw of p
     # distinct items with P ~ weight (the same law as numpy's choice(replace=False, p=...)).
     scores = (power_a - 1.0) * np.log(np.arange(1, space + 1)) + rng.gumbel(size=space)
-    gaps = np.argpartition(scores, space - num_pairs)[space - num_pairs:]
+    gaps = np.argpartition(scores, space - num_pairs)[space - num_pairs :]
     query_pos = context + 2 * gaps
 
     seq = np.zeros(seq_len + 1, np.int32)  # one longer: the last target is its final token

@@ -43,21 +43,33 @@ class NIAHConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "context_lens",
-             as_tuple("NIAHConfig.context_lens", self.context_lens, int, allow_none=True))
+        set_(
+            self,
+            "context_lens",
+            as_tuple("NIAHConfig.context_lens", self.context_lens, int, allow_none=True),
+        )
         set_(self, "depths", as_tuple("NIAHConfig.depths", self.depths, float))
-        set_(self, "eval_context_lens", as_tuple("NIAHConfig.eval_context_lens",
-                                                 self.eval_context_lens, int, allow_none=True))
-        set_(self, "eval_depths", as_tuple("NIAHConfig.eval_depths", self.eval_depths, float,
-                                           allow_none=True))
+        set_(
+            self,
+            "eval_context_lens",
+            as_tuple("NIAHConfig.eval_context_lens", self.eval_context_lens, int, allow_none=True),
+        )
+        set_(
+            self,
+            "eval_depths",
+            as_tuple("NIAHConfig.eval_depths", self.eval_depths, float, allow_none=True),
+        )
         check_positive("NIAHConfig.num_eval_examples", self.num_eval_examples)
         if self.vocab_size < FIRST_ORDINARY + 1 + self.num_distractors:
-            raise ValueError(f"NIAHConfig.vocab_size: must be >= {FIRST_ORDINARY + 1} + "
-                             f"num_distractors ({FIRST_ORDINARY} ids are special and every "
-                             f"needle needs its own key), got {self.vocab_size}")
+            raise ValueError(
+                f"NIAHConfig.vocab_size: must be >= {FIRST_ORDINARY + 1} + "
+                f"num_distractors ({FIRST_ORDINARY} ids are special and every "
+                f"needle needs its own key), got {self.vocab_size}"
+            )
         if self.num_distractors < 0:
-            raise ValueError(f"NIAHConfig.num_distractors: must be >= 0, got "
-                             f"{self.num_distractors}")
+            raise ValueError(
+                f"NIAHConfig.num_distractors: must be >= 0, got {self.num_distractors}"
+            )
         for field in ("depths", "eval_depths"):
             for depth in getattr(self, field) or ():
                 check_fraction(f"NIAHConfig.{field}", depth)
@@ -70,11 +82,14 @@ class NIAHConfig:
         # (length - 7) // 3 places besides the needle's own.
         need = NEEDLE_LEN * self.num_distractors + 7 if self.num_distractors else 5
         if length < need:
-            raise ValueError(f"NIAHConfig.{field}: {length} is too short for a needle, "
-                             f"{self.num_distractors} distractors and the query (needs >= {need})")
+            raise ValueError(
+                f"NIAHConfig.{field}: {length} is too short for a needle, "
+                f"{self.num_distractors} distractors and the query (needs >= {need})"
+            )
 
-    def buckets(self, seq_len: int | None = None, split: str = "train"
-                ) -> tuple[tuple[int, float], ...]:
+    def buckets(
+        self, seq_len: int | None = None, split: str = "train"
+    ) -> tuple[tuple[int, float], ...]:
         """(context length, depth) per bucket of `split`. `seq_len` is the row length: it stands
         in for lengths of None and must hold every example."""
         evaluating = split == "eval" and self.eval_context_lens is not None
@@ -83,7 +98,9 @@ class NIAHConfig:
         if lengths is None and seq_len is not None:
             self._check_length(seq_len)
         lengths = bucket_lengths(lengths, seq_len, f"NIAHConfig.{field}", "NIAH")
-        depths = self.eval_depths if split == "eval" and self.eval_depths is not None else self.depths
+        depths = (
+            self.eval_depths if split == "eval" and self.eval_depths is not None else self.depths
+        )
         return tuple(itertools.product(lengths, depths))
 
     @staticmethod
@@ -92,8 +109,13 @@ class NIAHConfig:
 
     def generate(self, rng: np.random.Generator, bucket: tuple[int, float]) -> dict:
         context_len, depth = bucket
-        return niah_example(rng, vocab_size=self.vocab_size, context_len=context_len,
-                            depth=depth, num_distractors=self.num_distractors)
+        return niah_example(
+            rng,
+            vocab_size=self.vocab_size,
+            context_len=context_len,
+            depth=depth,
+            num_distractors=self.num_distractors,
+        )
 
 
 def needle_position(context_len: int, depth: float) -> int:
@@ -101,8 +123,14 @@ def needle_position(context_len: int, depth: float) -> int:
     return round(depth * (context_len - QUERY_LEN - NEEDLE_LEN))
 
 
-def niah_example(rng: np.random.Generator, *, vocab_size: int, context_len: int, depth: float,
-                 num_distractors: int = 0) -> dict:
+def niah_example(
+    rng: np.random.Generator,
+    *,
+    vocab_size: int,
+    context_len: int,
+    depth: float,
+    num_distractors: int = 0,
+) -> dict:
     """One example: {"tokens", "targets"} int32 (context_len,), "loss_mask" float32."""
     tokens = rng.integers(FIRST_ORDINARY, vocab_size, size=context_len + 1).astype(np.int32)
     num_needles = 1 + num_distractors

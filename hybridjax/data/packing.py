@@ -21,8 +21,9 @@ import numpy as np
 
 def pack_documents(documents: grain.IterDataset, seq_len: int, pad_id: int) -> grain.IterDataset:
     """1-D int arrays (one per document, BOS/EOS already added) -> rows of the batch contract."""
-    rows = _JsonSafeConcatThenSplit(documents.map(lambda doc: {"tokens": doc}),
-                                    length_struct={"tokens": seq_len})
+    rows = _JsonSafeConcatThenSplit(
+        documents.map(lambda doc: {"tokens": doc}), length_struct={"tokens": seq_len}
+    )
     return rows.map(functools.partial(row_to_example, pad_id=pad_id))
 
 
@@ -35,8 +36,12 @@ def row_to_example(row: dict, pad_id: int) -> dict:
     targets[:-1] = np.where(same_doc, tokens[1:], pad_id)
     loss_mask = np.zeros(tokens.shape, np.float32)
     loss_mask[:-1] = same_doc
-    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-            "segment_ids": segment_ids}
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "segment_ids": segment_ids,
+    }
 
 
 class _JsonSafeConcatThenSplit(grain.experimental.ConcatThenSplitIterDataset):

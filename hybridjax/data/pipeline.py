@@ -39,13 +39,24 @@ _BATCH_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 _DOC_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
 
 
-def make_dataset(config: DataConfig, *, split: str, seed: int, batch_size: int, seq_len: int,
-                 shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+def make_dataset(
+    config: DataConfig,
+    *,
+    split: str,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
     """Batches of `config`'s data. With shard_count > 1 (one shard per process), each shard
     yields its own disjoint part of the stream, batch_size rows per batch."""
     check_choice("split", split, SPLITS)
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
-                        ("shard_count", shard_count)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("shard_count", shard_count),
+    ):
         _check_int(name, value)
         check_positive(name, value)
     _check_int("seed", seed)
@@ -53,17 +64,24 @@ def make_dataset(config: DataConfig, *, split: str, seed: int, batch_size: int, 
         raise ValueError(f"seed: must be >= 0, got {seed}")
     _check_int("shard_index", shard_index)
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index: must be in [0, shard_count={shard_count}), "
-                         f"got {shard_index}")
+        raise ValueError(
+            f"shard_index: must be in [0, shard_count={shard_count}), got {shard_index}"
+        )
     shard = slice(shard_index, None, shard_count)
     stream_seed = int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
 
     if isinstance(config, (MQARConfig, NIAHConfig)):
         buckets = _buckets(config, seq_len, split)
         count = sys.maxsize if split == "train" else config.num_eval_examples
-        examples = grain.MapDataset.range(count).seed(stream_seed).random_map(
-            functools.partial(_synthetic_example, config=config, buckets=buckets,
-                              row_len=seq_len))
+        examples = (
+            grain.MapDataset.range(count)
+            .seed(stream_seed)
+            .random_map(
+                functools.partial(
+                    _synthetic_example, config=config, buckets=buckets, row_len=seq_len
+                )
+            )
+        )
         return _batched(examples[shard], split, batch_size, SYNTHETIC_PAD, _BATCH_READ)
 
     if isinstance(config, MemmapConfig):
@@ -84,12 +102,13 @@ def make_dataset(config: DataConfig, *, split: str, seed: int, batch_size: int, 
         rows = pack_documents(token_docs, seq_len, tokenizer.pad_id)
         return _batched(rows, split, batch_size, tokenizer.pad_id, None)
 
-    raise ValueError(f"config: expected one of {', '.join(c.__name__ for c in CONFIGS.values())}, "
-                     f"got {type(config).__name__}")
+    raise ValueError(
+        f"config: expected one of {', '.join(c.__name__ for c in CONFIGS.values())}, "
+        f"got {type(config).__name__}"
+    )
 
 
-def bucket_names(config: DataConfig, seq_len: int | None = None, split: str = "train"
-                 ) -> list[str]:
+def bucket_names(config: DataConfig, seq_len: int | None = None, split: str = "train") -> list[str]:
     """Labels of `split`'s "bucket" ids, e.g. "pairs=16,len=128"; [] for text / memmap data.
     `seq_len` (the row length) is needed when the config leaves example lengths to it."""
     if isinstance(config, (MQARConfig, NIAHConfig)):
@@ -113,8 +132,9 @@ def config_from_dict(mapping: Mapping) -> DataConfig:
     allowed = [f.name for f in dataclasses.fields(cls)]
     for key in fields:
         if key not in allowed:
-            raise ValueError(f"{key}: not a field of {cls.__name__}; fields are "
-                             f"{', '.join(allowed)}")
+            raise ValueError(
+                f"{key}: not a field of {cls.__name__}; fields are {', '.join(allowed)}"
+            )
     return cls(**fields)
 
 
@@ -129,6 +149,7 @@ def encode_document(text: str, tokenizer) -> np.ndarray:
 
 
 # --- internals -----------------------------------------------------------------------------------
+
 
 def _buckets(config: MQARConfig | NIAHConfig, seq_len: int | None, split: str) -> tuple:
     """A synthetic task's buckets in `split`: NIAH's eval grid may differ from its training one."""
@@ -158,7 +179,8 @@ def _batched(rows, split: str, batch_size: int, pad_id: int, read_options):
         batches = rows.batch(batch_size, drop_remainder=True)
     else:
         batches = rows.batch(batch_size).map(
-            functools.partial(_pad_batch, batch_size=batch_size, pad_id=pad_id))
+            functools.partial(_pad_batch, batch_size=batch_size, pad_id=pad_id)
+        )
     if isinstance(batches, grain.MapDataset):
         batches = batches.to_iter_dataset(read_options)
     return batches
@@ -178,8 +200,12 @@ def _pad_batch(batch: dict, batch_size: int, pad_id: int) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(config: TextConfig):
-    return load_tokenizer(config.tokenizer, bos_token=config.bos_token,
-                          eos_token=config.eos_token, pad_token=config.pad_token)
+    return load_tokenizer(
+        config.tokenizer,
+        bos_token=config.bos_token,
+        eos_token=config.eos_token,
+        pad_token=config.pad_token,
+    )
 
 
 def _check_int(name: str, value):

@@ -37,14 +37,22 @@ class HFTokenizer:
     loss_mask 0, so the id only has to be in range.
     """
 
-    def __init__(self, path: str, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ):
         import tokenizers  # the `tokenizers` package that ships with transformers
 
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise ValueError(f"tokenizer: no tokenizer file at {file!r}; give 'byte' or the path "
-                             "of a tokenizer.json (or of a folder holding one)")
+            raise ValueError(
+                f"tokenizer: no tokenizer file at {file!r}; give 'byte' or the path "
+                "of a tokenizer.json (or of a folder holding one)"
+            )
         self.path = file
         self._tok = tokenizers.Tokenizer.from_file(file)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -69,14 +77,28 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in np.asarray(ids)], skip_special_tokens=True)
 
 
-def load_tokenizer(name: str, *, bos_token: str | None = None, eos_token: str | None = None,
-                   pad_token: str | None = None) -> ByteTokenizer | HFTokenizer:
+def load_tokenizer(
+    name: str,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+) -> ByteTokenizer | HFTokenizer:
     """'byte' -> ByteTokenizer (token names must be None); else a local `tokenizers` file."""
     if name == "byte":
-        given = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token),
-                                   ("pad_token", pad_token)) if v is not None}
+        given = {
+            k: v
+            for k, v in (
+                ("bos_token", bos_token),
+                ("eos_token", eos_token),
+                ("pad_token", pad_token),
+            )
+            if v is not None
+        }
         if given:
-            raise ValueError(f"{next(iter(given))}: the byte tokenizer has fixed special ids "
-                             "(PAD=256, BOS=257, EOS=258); leave the token names unset")
+            raise ValueError(
+                f"{next(iter(given))}: the byte tokenizer has fixed special ids "
+                "(PAD=256, BOS=257, EOS=258); leave the token names unset"
+            )
         return ByteTokenizer()
     return HFTokenizer(name, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)

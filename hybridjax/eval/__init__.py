@@ -14,6 +14,13 @@ from hybridjax.eval.lm import (
 from hybridjax.eval.recall import recall_accuracy, recall_counts, recall_metrics
 
 __all__ = [
-    "cross_entropy_sums", "lm_metrics", "loss_sums", "masked_mean_cross_entropy", "perplexity",
-    "recall_accuracy", "recall_counts", "recall_metrics", "token_cross_entropy",
+    "cross_entropy_sums",
+    "lm_metrics",
+    "loss_sums",
+    "masked_mean_cross_entropy",
+    "perplexity",
+    "recall_accuracy",
+    "recall_counts",
+    "recall_metrics",
+    "token_cross_entropy",
 ]

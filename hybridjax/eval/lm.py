@@ -51,5 +51,9 @@ def lm_metrics(loss_sum, weight_sum) -> dict:
     when nothing was counted. With the byte tokenizer, bits_per_token is bits per byte."""
     loss_sum, weight_sum = float(loss_sum), float(weight_sum)
     loss = loss_sum / weight_sum if weight_sum > 0 else float("nan")
-    return {"loss": loss, "perplexity": perplexity(loss),
-            "bits_per_token": loss / math.log(2), "tokens": weight_sum}
+    return {
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_token": loss / math.log(2),
+        "tokens": weight_sum,
+    }

@@ -20,8 +20,13 @@ def recall_counts(logits_or_predictions, batch, num_buckets: int = 1):
     """
     targets, loss_mask = batch["targets"], batch["loss_mask"]
     bucket = batch.get("bucket")
-    xp = jnp if any(isinstance(a, jax.Array) for a in (logits_or_predictions, targets,
-                                                           loss_mask, bucket)) else np
+    xp = (
+        jnp
+        if any(
+            isinstance(a, jax.Array) for a in (logits_or_predictions, targets, loss_mask, bucket)
+        )
+        else np
+    )
     predictions = _predictions(xp, logits_or_predictions, targets)
     answer = xp.asarray(loss_mask) > 0
     right = (predictions == xp.asarray(targets)) & answer
@@ -31,8 +36,10 @@ def recall_counts(logits_or_predictions, batch, num_buckets: int = 1):
         bucket = xp.zeros(right.shape[0], np.int32)
     bucket = xp.asarray(bucket)
     if xp is np and bucket.size and (bucket.min() < 0 or bucket.max() >= num_buckets):
-        raise ValueError(f"num_buckets: bucket ids run to {bucket.max()}, so num_buckets must be "
-                         f"> {bucket.max()}, got {num_buckets}")
+        raise ValueError(
+            f"num_buckets: bucket ids run to {bucket.max()}, so num_buckets must be "
+            f"> {bucket.max()}, got {num_buckets}"
+        )
     in_bucket = bucket[:, None] == xp.arange(num_buckets)[None, :]
     correct = (in_bucket * right_per_row[:, None]).sum(0)
     total = (in_bucket * answers_per_row[:, None]).sum(0)
@@ -51,8 +58,7 @@ def recall_metrics(correct, total, bucket_names=None) -> dict:
     if len(names) != len(total):
         raise ValueError(f"bucket_names: {len(names)} names for {len(total)} buckets")
     answers = int(total.sum())
-    metrics = {"accuracy": correct.sum() / answers if answers else float("nan"),
-               "answers": answers}
+    metrics = {"accuracy": correct.sum() / answers if answers else float("nan"), "answers": answers}
     for name, c, t in zip(names, correct, total):
         if t:
             metrics[f"accuracy/{name}"] = float(c / t)
@@ -80,5 +86,7 @@ def _predictions(xp, logits_or_predictions, targets):
         return x.argmax(-1)
     if x.ndim == np.ndim(targets):
         return x
-    raise ValueError(f"logits_or_predictions: shape {x.shape} is neither logits (B, L, V) nor "
-                     f"predictions (B, L) for targets of shape {np.shape(targets)}")
+    raise ValueError(
+        f"logits_or_predictions: shape {x.shape} is neither logits (B, L, V) nor "
+        f"predictions (B, L) for targets of shape {np.shape(targets)}"
+    )

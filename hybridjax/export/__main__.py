@@ -51,11 +51,13 @@ def load_trainer_model(path, step: int | None = None):
         if not steps:
             raise FileNotFoundError(f"{checkpoints}: holds no checkpoint")
         if step not in steps:
-            raise FileNotFoundError(f"{checkpoints}: no checkpoint for step {step}; "
-                                    f"saved steps: {sorted(steps)}")
+            raise FileNotFoundError(
+                f"{checkpoints}: no checkpoint for step {step}; saved steps: {sorted(steps)}"
+            )
         # Restored without a target: the train state as saved (pure dicts of arrays).
-        state = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore())).state
+        state = ckpt.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        ).state
     finally:
         ckpt.close()
     model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
@@ -66,8 +68,11 @@ def load_trainer_model(path, step: int | None = None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridjax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hybridjax.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
@@ -78,13 +83,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         model, step = load_trainer_model(args.checkpoint_dir, args.step)
-        out = to_hf(model, args.out_dir, args.dtype, bos_token_id=args.bos_token_id,
-                    eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id)
+        out = to_hf(
+            model,
+            args.out_dir,
+            args.dtype,
+            bos_token_id=args.bos_token_id,
+            eos_token_id=args.eos_token_id,
+            pad_token_id=args.pad_token_id,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported step {step} of {args.checkpoint_dir} to {out} ({args.dtype}); load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(
+        f"exported step {step} of {args.checkpoint_dir} to {out} ({args.dtype}); load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    )
     return 0
 
 

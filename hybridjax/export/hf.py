@@ -45,22 +45,63 @@ EXPORT_DTYPES = ("float32", "bfloat16")
 # HybridConfig fields by how they reach NemotronH. A field in none of these sets is checked by
 # `unsupported_features`: any non-default value is reported as inexpressible, so a feature added
 # to the model later can never be dropped silently (tests/export check every field is listed).
-MAPPED_FIELDS = frozenset({
-    "vocab_size", "d_model", "pattern", "norm_eps", "tie_embeddings", "initializer_range",
-    "mamba_heads", "mamba_head_dim", "ssm_state", "n_groups", "conv_kernel", "chunk_size",
-    "time_step_min", "time_step_max", "time_step_floor", "clamp_dt",
-    "attn_heads", "kv_heads", "head_dim", "rope_theta", "rope_original_max_len",
-    "n_experts", "top_k", "moe_ffn", "shared_ffn", "router", "router_groups",
-    "router_topk_groups", "norm_topk_prob", "routed_scaling_factor", "expert_act", "moe_latent",
-    "ffn", "mlp_act",
-})
+MAPPED_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "d_model",
+        "pattern",
+        "norm_eps",
+        "tie_embeddings",
+        "initializer_range",
+        "mamba_heads",
+        "mamba_head_dim",
+        "ssm_state",
+        "n_groups",
+        "conv_kernel",
+        "chunk_size",
+        "time_step_min",
+        "time_step_max",
+        "time_step_floor",
+        "clamp_dt",
+        "attn_heads",
+        "kv_heads",
+        "head_dim",
+        "rope_theta",
+        "rope_original_max_len",
+        "n_experts",
+        "top_k",
+        "moe_ffn",
+        "shared_ffn",
+        "router",
+        "router_groups",
+        "router_topk_groups",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "expert_act",
+        "moe_latent",
+        "ffn",
+        "mlp_act",
+    }
+)
 # How the model is run or trained, not what it computes (or only meaningful with RoPE, which
 # `rope_theta` already reports).
-RUNTIME_FIELDS = frozenset({
-    "dtype", "param_dtype", "scan_layers", "remat", "ssd_impl", "attn_impl", "moe_dispatch",
-    "capacity_factor", "grouped_matmul", "rope_scaling", "rope_factor", "ep_capacity_factor",
-    "loss_chunk_size",
-})
+RUNTIME_FIELDS = frozenset(
+    {
+        "dtype",
+        "param_dtype",
+        "scan_layers",
+        "remat",
+        "ssd_impl",
+        "attn_impl",
+        "moe_dispatch",
+        "capacity_factor",
+        "grouped_matmul",
+        "rope_scaling",
+        "rope_factor",
+        "ep_capacity_factor",
+        "loss_chunk_size",
+    }
+)
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -68,35 +109,46 @@ def unsupported_features(cfg: HybridConfig) -> list[str]:
     """Every feature of `cfg` that a NemotronH checkpoint cannot express (empty when exportable)."""
     bad = []
     for letter in sorted(set(cfg.pattern) - LAYER_TYPES.keys()):
-        bad.append(f"pattern letter {letter!r}: NemotronH layers are only M (Mamba-2), "
-                   "* (attention), E (MoE), - (MLP)")
+        bad.append(
+            f"pattern letter {letter!r}: NemotronH layers are only M (Mamba-2), "
+            "* (attention), E (MoE), - (MLP)"
+        )
     if cfg.has("M") and not cfg.clamp_dt:
-        bad.append("clamp_dt=False: transformers NemotronH always clamps dt below at "
-                   "time_step_min")
+        bad.append("clamp_dt=False: transformers NemotronH always clamps dt below at time_step_min")
     if cfg.has("*") and cfg.rope_theta is not None:
-        bad.append(f"rope_theta={cfg.rope_theta}: NemotronH attention has no position encoding "
-                   "(NoPE); RoPE attention cannot be expressed")
+        bad.append(
+            f"rope_theta={cfg.rope_theta}: NemotronH attention has no position encoding "
+            "(NoPE); RoPE attention cannot be expressed"
+        )
     acts = {}
     if cfg.has("E"):
         acts["expert_act"] = cfg.expert_act
         if cfg.router != "sigmoid":
-            bad.append(f"router={cfg.router!r}: the NemotronH router is 'sigmoid' "
-                       "(with e_score_correction_bias)")
+            bad.append(
+                f"router={cfg.router!r}: the NemotronH router is 'sigmoid' "
+                "(with e_score_correction_bias)"
+            )
         if cfg.shared_ffn <= 0:
             bad.append("shared_ffn=0: every NemotronH MoE layer has a shared expert")
         if cfg.n_experts // cfg.router_groups < 2:
-            bad.append(f"n_experts={cfg.n_experts} with router_groups={cfg.router_groups}: "
-                       "transformers scores each expert group by its top-2 experts and needs "
-                       "at least 2 experts per group")
+            bad.append(
+                f"n_experts={cfg.n_experts} with router_groups={cfg.router_groups}: "
+                "transformers scores each expert group by its top-2 experts and needs "
+                "at least 2 experts per group"
+            )
     if cfg.has("-"):
         acts["mlp_act"] = cfg.mlp_act
     for name, act in acts.items():
         if act not in HF_ACTIVATIONS:
-            bad.append(f"{name}={act!r}: NemotronH MLPs and experts are ungated; allowed "
-                       f"{', '.join(repr(a) for a in HF_ACTIVATIONS)}")
+            bad.append(
+                f"{name}={act!r}: NemotronH MLPs and experts are ungated; allowed "
+                f"{', '.join(repr(a) for a in HF_ACTIVATIONS)}"
+            )
     if len(set(acts.values())) > 1 and set(acts.values()) <= set(HF_ACTIVATIONS):
-        bad.append(f"mlp_act={cfg.mlp_act!r} differs from expert_act={cfg.expert_act!r}: "
-                   "NemotronH has one mlp_hidden_act for MLP layers and experts")
+        bad.append(
+            f"mlp_act={cfg.mlp_act!r} differs from expert_act={cfg.expert_act!r}: "
+            "NemotronH has one mlp_hidden_act for MLP layers and experts"
+        )
     default = HybridConfig()
     for field in dataclasses.fields(HybridConfig):
         name = field.name
@@ -111,12 +163,20 @@ def check_exportable(cfg: HybridConfig) -> None:
     """Raise one ValueError that lists every feature NemotronH cannot express."""
     bad = unsupported_features(cfg)
     if bad:
-        raise ValueError("cannot export to a NemotronH checkpoint; these features have no "
-                         "NemotronH equivalent:\n  - " + "\n  - ".join(bad))
+        raise ValueError(
+            "cannot export to a NemotronH checkpoint; these features have no "
+            "NemotronH equivalent:\n  - " + "\n  - ".join(bad)
+        )
 
 
-def hf_config(cfg: HybridConfig, *, dtype: str = "float32", bos_token_id: int | None = None,
-              eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
+def hf_config(
+    cfg: HybridConfig,
+    *,
+    dtype: str = "float32",
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
     """The NemotronH `config.json` for `cfg` (raises if `cfg` is not exportable)."""
     check_exportable(cfg)
     _np_dtype(dtype)  # validates the name
@@ -190,22 +250,49 @@ def hf_config(cfg: HybridConfig, *, dtype: str = "float32", bos_token_id: int | 
 
 # Older config.json spellings that transformers still accepts (NemotronHConfig.__post_init__).
 _ALIASES = {
-    "n_groups": "mamba_n_groups", "conv_kernel": "mamba_d_conv", "chunk_size": "mamba_chunk_size",
-    "time_step_min": "mamba_dt_min", "time_step_max": "mamba_dt_max",
-    "time_step_floor": "mamba_dt_init_floor", "use_conv_bias": "mamba_conv_bias",
-    "layers_block_type": "layer_types", "head_dim": "attention_head_dim",
+    "n_groups": "mamba_n_groups",
+    "conv_kernel": "mamba_d_conv",
+    "chunk_size": "mamba_chunk_size",
+    "time_step_min": "mamba_dt_min",
+    "time_step_max": "mamba_dt_max",
+    "time_step_floor": "mamba_dt_init_floor",
+    "use_conv_bias": "mamba_conv_bias",
+    "layers_block_type": "layer_types",
+    "head_dim": "attention_head_dim",
 }
 _HF_DEFAULTS = {  # NemotronHConfig defaults for fields a config.json may leave out
-    "tie_word_embeddings": False, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-    "mamba_num_heads": 128, "mamba_head_dim": 64, "ssm_state_size": 128, "n_groups": 8,
-    "conv_kernel": 4, "chunk_size": 128, "time_step_min": 1e-3, "time_step_max": 0.1,
-    "time_step_floor": 1e-4, "mamba_hidden_act": "silu", "use_conv_bias": True,
-    "use_bias": False, "mamba_proj_bias": False, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "attention_bias": False,
-    "max_position_embeddings": 4096, "intermediate_size": 21504, "mlp_hidden_act": "relu2",
-    "mlp_bias": False, "n_routed_experts": 8, "num_experts_per_tok": 2,
-    "moe_intermediate_size": 7688, "moe_shared_expert_intermediate_size": 7688,
-    "moe_latent_size": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+    "tie_word_embeddings": False,
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "mamba_num_heads": 128,
+    "mamba_head_dim": 64,
+    "ssm_state_size": 128,
+    "n_groups": 8,
+    "conv_kernel": 4,
+    "chunk_size": 128,
+    "time_step_min": 1e-3,
+    "time_step_max": 0.1,
+    "time_step_floor": 1e-4,
+    "mamba_hidden_act": "silu",
+    "use_conv_bias": True,
+    "use_bias": False,
+    "mamba_proj_bias": False,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "attention_bias": False,
+    "max_position_embeddings": 4096,
+    "intermediate_size": 21504,
+    "mlp_hidden_act": "relu2",
+    "mlp_bias": False,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 7688,
+    "moe_shared_expert_intermediate_size": 7688,
+    "moe_latent_size": None,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
     "routed_scaling_factor": 1.0,
 }
 
@@ -229,8 +316,10 @@ def hybrid_config(hf: dict, **overrides) -> HybridConfig:
     elif layer_types is not None:
         unknown = sorted(set(layer_types) - LETTERS.keys())
         if unknown:
-            raise ValueError(f"layers_block_type: {unknown} are not NemotronH layer types; "
-                             f"expected {sorted(LETTERS)}")
+            raise ValueError(
+                f"layers_block_type: {unknown} are not NemotronH layer types; "
+                f"expected {sorted(LETTERS)}"
+            )
         pattern = "".join(LETTERS[t] for t in layer_types)
     else:
         raise ValueError("config.json has neither layers_block_type nor hybrid_override_pattern")
@@ -246,27 +335,46 @@ def hybrid_config(hf: dict, **overrides) -> HybridConfig:
     if act not in HF_ACTIVATIONS:
         bad.append(f"mlp_hidden_act={act!r}: allowed {', '.join(map(repr, HF_ACTIVATIONS))}")
     if bad:
-        raise ValueError("cannot import this NemotronH checkpoint; these features have no "
-                         "HybridLM equivalent:\n  - " + "\n  - ".join(bad))
+        raise ValueError(
+            "cannot import this NemotronH checkpoint; these features have no "
+            "HybridLM equivalent:\n  - " + "\n  - ".join(bad)
+        )
     hidden, heads = hf["hidden_size"], get("num_attention_heads")
     fields = dict(  # noqa: C408 (keyword form: these are HybridConfig's field names)
-        vocab_size=hf["vocab_size"], d_model=hidden, pattern=pattern,
-        norm_eps=get("layer_norm_epsilon"), tie_embeddings=bool(get("tie_word_embeddings")),
+        vocab_size=hf["vocab_size"],
+        d_model=hidden,
+        pattern=pattern,
+        norm_eps=get("layer_norm_epsilon"),
+        tie_embeddings=bool(get("tie_word_embeddings")),
         initializer_range=get("initializer_range"),
-        mamba_heads=get("mamba_num_heads"), mamba_head_dim=get("mamba_head_dim"),
-        ssm_state=get("ssm_state_size"), n_groups=get("n_groups"),
-        conv_kernel=get("conv_kernel"), chunk_size=get("chunk_size"),
-        time_step_min=get("time_step_min"), time_step_max=get("time_step_max"),
-        time_step_floor=get("time_step_floor"), clamp_dt=True,
-        attn_heads=heads, kv_heads=get("num_key_value_heads") or heads,
-        head_dim=get("head_dim") or hidden // heads, rope_theta=None,
+        mamba_heads=get("mamba_num_heads"),
+        mamba_head_dim=get("mamba_head_dim"),
+        ssm_state=get("ssm_state_size"),
+        n_groups=get("n_groups"),
+        conv_kernel=get("conv_kernel"),
+        chunk_size=get("chunk_size"),
+        time_step_min=get("time_step_min"),
+        time_step_max=get("time_step_max"),
+        time_step_floor=get("time_step_floor"),
+        clamp_dt=True,
+        attn_heads=heads,
+        kv_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or hidden // heads,
+        rope_theta=None,
         rope_original_max_len=get("max_position_embeddings"),
-        n_experts=get("n_routed_experts"), top_k=get("num_experts_per_tok"),
-        moe_ffn=get("moe_intermediate_size"), shared_ffn=get("moe_shared_expert_intermediate_size"),
-        router="sigmoid", router_groups=get("n_group"), router_topk_groups=get("topk_group"),
+        n_experts=get("n_routed_experts"),
+        top_k=get("num_experts_per_tok"),
+        moe_ffn=get("moe_intermediate_size"),
+        shared_ffn=get("moe_shared_expert_intermediate_size"),
+        router="sigmoid",
+        router_groups=get("n_group"),
+        router_topk_groups=get("topk_group"),
         norm_topk_prob=bool(get("norm_topk_prob")),
-        routed_scaling_factor=get("routed_scaling_factor"), expert_act=act,
-        moe_latent=get("moe_latent_size"), ffn=get("intermediate_size"), mlp_act=act,
+        routed_scaling_factor=get("routed_scaling_factor"),
+        expert_act=act,
+        moe_latent=get("moe_latent_size"),
+        ffn=get("intermediate_size"),
+        mlp_act=act,
     )
     return HybridConfig(**{**fields, **overrides})
 
@@ -284,11 +392,18 @@ def tensor_specs(cfg: HybridConfig) -> list[TensorSpec]:
     d, v = cfg.d_model, cfg.vocab_size
     specs = [TensorSpec("embeddings.embedding", "backbone.embeddings.weight", "same", (v, d))]
     for i, letter in enumerate(cfg.pattern):
-        specs.append(TensorSpec(f"layers.{i}.norm.weight", f"backbone.layers.{i}.norm.weight",
-                                "same", (d,)))
-        specs += [TensorSpec(_prefixed(f"layers.{i}.mixer.", ours),
-                             f"backbone.layers.{i}.mixer.{hf}", kind, shape)
-                  for ours, hf, kind, shape in _mixer_tensors(cfg, letter)]
+        specs.append(
+            TensorSpec(f"layers.{i}.norm.weight", f"backbone.layers.{i}.norm.weight", "same", (d,))
+        )
+        specs += [
+            TensorSpec(
+                _prefixed(f"layers.{i}.mixer.", ours),
+                f"backbone.layers.{i}.mixer.{hf}",
+                kind,
+                shape,
+            )
+            for ours, hf, kind, shape in _mixer_tensors(cfg, letter)
+        ]
     specs.append(TensorSpec("norm_f.weight", "backbone.norm_f.weight", "same", (d,)))
     # NemotronH always has its own lm_head tensor; a tied model writes the embedding table.
     if cfg.tie_embeddings:
@@ -317,33 +432,51 @@ def _mixer_tensors(cfg: HybridConfig, letter: str) -> list[tuple]:
     if letter == "M":
         h, inner = cfg.mamba_heads, cfg.d_inner
         conv_dim = inner + 2 * cfg.n_groups * cfg.ssm_state
-        return [(("zx_proj.kernel", "bc_proj.kernel", "dt_proj.kernel"), "in_proj.weight",
-                 "linear", (inner + conv_dim + h, d)),
-                (("conv_x.kernel", "conv_bc.kernel"), "conv1d.weight", "conv",
-                 (conv_dim, 1, cfg.conv_kernel)),
-                (("conv_x.bias", "conv_bc.bias"), "conv1d.bias", "same", (conv_dim,)),
-                ("dt_bias", "dt_bias", "same", (h,)),
-                ("A_log", "A_log", "same", (h,)),
-                ("D", "D", "same", (h,)),
-                ("norm.weight", "norm.weight", "same", (inner,)),
-                linear("out_proj", inner, d)]
+        return [
+            (
+                ("zx_proj.kernel", "bc_proj.kernel", "dt_proj.kernel"),
+                "in_proj.weight",
+                "linear",
+                (inner + conv_dim + h, d),
+            ),
+            (
+                ("conv_x.kernel", "conv_bc.kernel"),
+                "conv1d.weight",
+                "conv",
+                (conv_dim, 1, cfg.conv_kernel),
+            ),
+            (("conv_x.bias", "conv_bc.bias"), "conv1d.bias", "same", (conv_dim,)),
+            ("dt_bias", "dt_bias", "same", (h,)),
+            ("A_log", "A_log", "same", (h,)),
+            ("D", "D", "same", (h,)),
+            ("norm.weight", "norm.weight", "same", (inner,)),
+            linear("out_proj", inner, d),
+        ]
     if letter == "*":
         q, kv = cfg.attn_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        return [linear("q_proj", d, q), linear("k_proj", d, kv), linear("v_proj", d, kv),
-                linear("o_proj", q, d)]
+        return [
+            linear("q_proj", d, q),
+            linear("k_proj", d, kv),
+            linear("v_proj", d, kv),
+            linear("o_proj", q, d),
+        ]
     if letter == "-":
         return [linear("up_proj", d, cfg.ffn), linear("down_proj", cfg.ffn, d)]
     if letter == "E":
         e, f, d_in = cfg.n_experts, cfg.moe_ffn, cfg.moe_latent or d
-        tensors = [("gate.weight", "gate.weight", "same", (e, d)),
-                   ("gate.e_score_correction_bias", "gate.e_score_correction_bias", "same", (e,)),
-                   ("experts.up_proj", "experts.{e}.up_proj.weight", "experts", (f, d_in)),
-                   ("experts.down_proj", "experts.{e}.down_proj.weight", "experts", (d_in, f)),
-                   linear("shared_experts.up_proj", d, cfg.shared_ffn),
-                   linear("shared_experts.down_proj", cfg.shared_ffn, d)]
+        tensors = [
+            ("gate.weight", "gate.weight", "same", (e, d)),
+            ("gate.e_score_correction_bias", "gate.e_score_correction_bias", "same", (e,)),
+            ("experts.up_proj", "experts.{e}.up_proj.weight", "experts", (f, d_in)),
+            ("experts.down_proj", "experts.{e}.down_proj.weight", "experts", (d_in, f)),
+            linear("shared_experts.up_proj", d, cfg.shared_ffn),
+            linear("shared_experts.down_proj", cfg.shared_ffn, d),
+        ]
         if cfg.moe_latent:
-            tensors += [linear("fc1_latent_proj", d, cfg.moe_latent),
-                        linear("fc2_latent_proj", cfg.moe_latent, d)]
+            tensors += [
+                linear("fc1_latent_proj", d, cfg.moe_latent),
+                linear("fc2_latent_proj", cfg.moe_latent, d),
+            ]
         return tensors
     raise ValueError(f"pattern letter {letter!r} has no NemotronH layer")
 
@@ -353,21 +486,25 @@ def _mixer_tensors(cfg: HybridConfig, letter: str) -> list[tuple]:
 FP32_TENSORS = ("e_score_correction_bias", "mixer.gate.weight")
 
 
-def to_hf_tensors(cfg: HybridConfig, flat: dict[str, np.ndarray],
-                  dtype: str = "float32") -> dict[str, np.ndarray]:
+def to_hf_tensors(
+    cfg: HybridConfig, flat: dict[str, np.ndarray], dtype: str = "float32"
+) -> dict[str, np.ndarray]:
     """`flat_params` of a HybridLM -> checkpoint tensors (torch layout, `dtype`)."""
     specs = tensor_specs(cfg)
     unused = flat.keys() - {name for s in specs for name in _parts(s)}
     if unused:
-        raise ValueError("cannot export to a NemotronH checkpoint; these parameters have no "
-                         f"NemotronH tensor: {sorted(unused)}")
+        raise ValueError(
+            "cannot export to a NemotronH checkpoint; these parameters have no "
+            f"NemotronH tensor: {sorted(unused)}"
+        )
     np_dtype = _np_dtype(dtype)
     out = {}
     for spec in specs:
         absent = [name for name in _parts(spec) if name not in flat]
         if absent:
-            raise ValueError(f"to_hf: the model has no parameter {absent[0]!r} "
-                             f"(needed for {spec.hf})")
+            raise ValueError(
+                f"to_hf: the model has no parameter {absent[0]!r} (needed for {spec.hf})"
+            )
         value = _join([np.asarray(flat[name]) for name in _parts(spec)], spec)
         for name, t in _to_torch_layout(spec, value).items():
             cast = np.float32 if name.endswith(FP32_TENSORS) else np_dtype
@@ -375,8 +512,9 @@ def to_hf_tensors(cfg: HybridConfig, flat: dict[str, np.ndarray],
     return out
 
 
-def from_hf_tensors(cfg: HybridConfig, tensors: dict[str, np.ndarray],
-                    template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_hf_tensors(
+    cfg: HybridConfig, tensors: dict[str, np.ndarray], template: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Checkpoint tensors -> `flat_params` names and shapes (from `template`, the flat_params of a
     HybridLM built from `cfg`), keeping the checkpoint's values exactly (float32 holds bf16)."""
     tensors = _canonical_names(tensors)
@@ -394,8 +532,9 @@ def from_hf_tensors(cfg: HybridConfig, tensors: dict[str, np.ndarray],
         parts = []
         for n in names:
             if tensors[n].shape != spec.shape:
-                raise ValueError(f"from_hf: {n} has shape {tensors[n].shape}, the config "
-                                 f"implies {spec.shape}")
+                raise ValueError(
+                    f"from_hf: {n} has shape {tensors[n].shape}, the config implies {spec.shape}"
+                )
             parts.append(tensors[n])
         absent = [name for name in _parts(spec) if name not in template]
         if absent:
@@ -405,8 +544,10 @@ def from_hf_tensors(cfg: HybridConfig, tensors: dict[str, np.ndarray],
         flat.update(zip(_parts(spec), _split(joined, likes)))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(f"from_hf: checkpoint tensors do not match the config: missing "
-                         f"{missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"from_hf: checkpoint tensors do not match the config: missing "
+            f"{missing[:8]}, unexpected {unexpected[:8]}"
+        )
     return flat
 
 
@@ -427,8 +568,10 @@ def _split(joined: np.ndarray, likes: list[np.ndarray]) -> list[np.ndarray]:
         return [joined]
     rows = joined.shape[0] if joined.ndim == 2 else 1
     sizes = np.cumsum([like.size // rows for like in likes])[:-1]
-    return [part.reshape(like.shape) for part, like in
-            zip(np.split(joined.reshape(rows, -1), sizes, axis=-1), likes)]
+    return [
+        part.reshape(like.shape)
+        for part, like in zip(np.split(joined.reshape(rows, -1), sizes, axis=-1), likes)
+    ]
 
 
 def _hf_names(spec: TensorSpec, cfg: HybridConfig) -> list[str]:
@@ -475,7 +618,7 @@ def _canonical_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if name.startswith("mtp."):
             continue
         if name.startswith("model."):
-            name = "backbone." + name[len("model."):]
+            name = "backbone." + name[len("model.") :]
         m = _STACKED_EXPERTS.match(name)
         if m and value.ndim == 3:
             for e in range(value.shape[0]):
@@ -487,16 +630,25 @@ def _canonical_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _np_dtype(dtype: str):
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not allowed; choose from "
-                         f"{', '.join(repr(d) for d in EXPORT_DTYPES)}")
+        raise ValueError(
+            f"dtype: {dtype!r} is not allowed; choose from "
+            f"{', '.join(repr(d) for d in EXPORT_DTYPES)}"
+        )
     import ml_dtypes
 
     return np.float32 if dtype == "float32" else ml_dtypes.bfloat16
 
 
 # --- files ----------------------------------------------------------------------------------
-def to_hf(model, out_dir, dtype: str = "float32", *, bos_token_id: int | None = None,
-          eos_token_id: int | None = None, pad_token_id: int | None = None) -> Path:
+def to_hf(
+    model,
+    out_dir,
+    dtype: str = "float32",
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
     """Write `model` (a HybridLM) as a NemotronH checkpoint that
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns `out_dir`.
 
@@ -507,11 +659,21 @@ def to_hf(model, out_dir, dtype: str = "float32", *, bos_token_id: int | None = 
     from hybridjax.model import flat_params
 
     cfg = model.config
-    config = hf_config(cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                       pad_token_id=pad_token_id)
+    config = hf_config(
+        cfg,
+        dtype=dtype,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
     tensors = to_hf_tensors(cfg, flat_params(model), dtype)
-    generation = {"_from_model_config": True, "bos_token_id": bos_token_id,
-                  "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "use_cache": True}
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "use_cache": True,
+    }
     return _write_checkpoint(Path(out_dir), config, generation, tensors)
 
 
@@ -526,13 +688,18 @@ def from_hf(path, **overrides):
 
     not_runtime = sorted(set(overrides) - RUNTIME_FIELDS)
     if not_runtime:
-        raise ValueError(f"from_hf: {not_runtime} are not runtime fields; the checkpoint "
-                         f"defines them. Allowed overrides: {sorted(RUNTIME_FIELDS)}")
+        raise ValueError(
+            f"from_hf: {not_runtime} are not runtime fields; the checkpoint "
+            f"defines them. Allowed overrides: {sorted(RUNTIME_FIELDS)}"
+        )
     path = Path(path)
     cfg = hybrid_config(json.loads((path / "config.json").read_text()), **overrides)
     tensors = _canonical_names(read_safetensors(path))
-    if cfg.tie_embeddings and "lm_head.weight" in tensors and not np.array_equal(
-            tensors["lm_head.weight"], tensors.get("backbone.embeddings.weight")):
+    if (
+        cfg.tie_embeddings
+        and "lm_head.weight" in tensors
+        and not np.array_equal(tensors["lm_head.weight"], tensors.get("backbone.embeddings.weight"))
+    ):
         # transformers ignores tie_word_embeddings for NemotronH and uses its own lm_head
         cfg = cfg.replace(tie_embeddings=False)
     model = HybridLM(cfg, rngs=nnx.Rngs(0))
@@ -557,17 +724,23 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_checkpoint(out: Path, config: dict, generation: dict,
-                      tensors: dict[str, np.ndarray]) -> Path:
+def _write_checkpoint(
+    out: Path, config: dict, generation: dict, tensors: dict[str, np.ndarray]
+) -> Path:
     from safetensors.numpy import save_file
 
     if out.exists():
-        stale = [p.name for p in out.iterdir()
-                 if p.name != "model.safetensors" and (p.suffix == ".safetensors"
-                                                      or p.name.endswith(".index.json"))]
+        stale = [
+            p.name
+            for p in out.iterdir()
+            if p.name != "model.safetensors"
+            and (p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+        ]
         if stale:
-            raise ValueError(f"{out}: holds other weight files {stale}; transformers could load "
-                             "those instead — choose an empty directory")
+            raise ValueError(
+                f"{out}: holds other weight files {stale}; transformers could load "
+                "those instead — choose an empty directory"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

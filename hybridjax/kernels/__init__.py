@@ -4,4 +4,4 @@ call is outside what the kernels handle (None when supported)."""
 
 from hybridjax.kernels.ssd import pallas_unsupported_reason, ssd_pallas
 
-__all__ = ["ssd_pallas", "pallas_unsupported_reason"]
+__all__ = ["pallas_unsupported_reason", "ssd_pallas"]

@@ -60,7 +60,7 @@ class Attention(nnx.Module):
         if self.n_heads % self.n_kv:
             raise ValueError(f"kv_heads: {self.n_kv} must divide attn_heads ({self.n_heads})")
         self.impl = config.attn_impl
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.dtype = jnp.dtype(config.dtype)
         d, hd = config.d_model, self.head_dim
         init = nnx.initializers.normal(config.initializer_range)
@@ -78,15 +78,20 @@ class Attention(nnx.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         c = self.config
         if c.rope_theta is not None:
-            kw = {"theta": c.rope_theta, "scaling": c.rope_scaling, "factor": c.rope_factor,
-                      "original_max_len": c.rope_original_max_len}
+            kw = {
+                "theta": c.rope_theta,
+                "scaling": c.rope_scaling,
+                "factor": c.rope_factor,
+                "original_max_len": c.rope_original_max_len,
+            }
             q, k = apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
         return q, k, v
 
     def _check(self, x, segment_ids, positions):
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"Attention: x has shape {x.shape}, expected (batch, length, "
-                             f"{self.config.d_model})")
+            raise ValueError(
+                f"Attention: x has shape {x.shape}, expected (batch, length, {self.config.d_model})"
+            )
         for name, t in (("segment_ids", segment_ids), ("positions", positions)):
             if t is not None and t.shape != x.shape[:2]:
                 raise ValueError(f"Attention: {name} has shape {t.shape}, expected {x.shape[:2]}")
@@ -109,16 +114,22 @@ class Attention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
         shape = (batch, max_len, self.n_kv, self.head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       pos=jnp.zeros((), jnp.int32), start=jnp.zeros((batch,), jnp.int32))
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            pos=jnp.zeros((), jnp.int32),
+            start=jnp.zeros((batch,), jnp.int32),
+        )
 
     def prefill(self, x, cache: KVCache, *, segment_ids=None, positions=None):
         """A new sequence: x (B, L, d) -> (y, cache holding the prompt's K/V at [0, L))."""
         self._check(x, segment_ids, positions)
         b, l, _ = x.shape
         if l > cache.k.shape[1]:
-            raise ValueError(f"Attention.prefill: prompt length {l} exceeds the cache's max_len "
-                             f"{cache.k.shape[1]}")
+            raise ValueError(
+                f"Attention.prefill: prompt length {l} exceeds the cache's max_len "
+                f"{cache.k.shape[1]}"
+            )
         if positions is None:
             positions = document_positions(segment_ids, b, l)
         q, k, v = self._qkv(x, positions)
@@ -146,7 +157,8 @@ class Attention(nnx.Module):
         new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
         slots = jnp.arange(cache.k.shape[1])
         mask = (slots[None] <= pos) & (slots[None] >= cache.start[:, None])  # (B, S)
-        out = dense_attention(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask[:, None],
-                              scale=self.scale)
+        out = dense_attention(
+            q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask[:, None], scale=self.scale
+        )
         y = self.o_proj(out)
         return y, KVCache(new_k, new_v, pos + 1, cache.start)

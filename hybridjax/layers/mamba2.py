@@ -124,8 +124,9 @@ class GatedRMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones(shape, param_dtype))
 
     def __call__(self, x, z):
-        return gated_rmsnorm(x, z, self.weight[...].reshape(-1), group_size=self.group_size,
-                             eps=self.eps)
+        return gated_rmsnorm(
+            x, z, self.weight[...].reshape(-1), group_size=self.group_size, eps=self.eps
+        )
 
 
 class Mamba2Mixer(nnx.Module):
@@ -146,27 +147,35 @@ class Mamba2Mixer(nnx.Module):
         dtype = self.dtype
 
         in_proj = nnx.initializers.normal(config.initializer_range)(
-            rngs.params(), (d, self.d_inner + self.conv_dim + h), param_dtype)
+            rngs.params(), (d, self.d_inner + self.conv_dim + h), param_dtype
+        )
         zx, bc, dt = jnp.split(in_proj, [2 * self.d_inner, 2 * self.d_inner + 2 * g * n], -1)
         self.zx_proj = Dense(zx.reshape(d, 2, h, p), dtype=dtype)
         self.bc_proj = Dense(bc.reshape(d, 2, g, n), dtype=dtype)
         self.dt_proj = Dense(dt, dtype=dtype)
-        kernel, bias = _torch_conv_init((rngs.params(), rngs.params()), config.conv_kernel,
-                                        self.conv_dim, param_dtype)
+        kernel, bias = _torch_conv_init(
+            (rngs.params(), rngs.params()), config.conv_kernel, self.conv_dim, param_dtype
+        )
         k = config.conv_kernel
-        self.conv_x = DepthwiseConv1d(kernel[:, :self.d_inner].reshape(k, h, p),
-                                      bias[:self.d_inner].reshape(h, p))
-        self.conv_bc = DepthwiseConv1d(kernel[:, self.d_inner:].reshape(k, 2, g, n),
-                                       bias[self.d_inner:].reshape(2, g, n))
+        self.conv_x = DepthwiseConv1d(
+            kernel[:, : self.d_inner].reshape(k, h, p), bias[: self.d_inner].reshape(h, p)
+        )
+        self.conv_bc = DepthwiseConv1d(
+            kernel[:, self.d_inner :].reshape(k, 2, g, n), bias[self.d_inner :].reshape(2, g, n)
+        )
         self.dt_bias = nnx.Param(_init_dt_bias(config)(rngs.params(), (h,), param_dtype))
         self.A_log = nnx.Param(_init_A_log(rngs.params(), (h,), param_dtype))
         self.D = nnx.Param(jnp.ones((h,), param_dtype))
-        self.norm = GatedRMSNorm((h, p), self.d_inner // g, eps=config.norm_eps,
-                                 param_dtype=param_dtype)
+        self.norm = GatedRMSNorm(
+            (h, p), self.d_inner // g, eps=config.norm_eps, param_dtype=param_dtype
+        )
         bound = 1.0 / math.sqrt(self.d_inner)  # kaiming_uniform(a=sqrt(5)) on fan_in = d_inner
         out = jax.random.uniform(rngs.params(), (self.d_inner, d), jnp.float32, -bound, bound)
-        self.out_proj = Dense((out / math.sqrt(config.n_layers)).astype(param_dtype)
-                              .reshape(h, p, d), n_in=2, dtype=dtype)
+        self.out_proj = Dense(
+            (out / math.sqrt(config.n_layers)).astype(param_dtype).reshape(h, p, d),
+            n_in=2,
+            dtype=dtype,
+        )
 
     # --- pieces shared by the forward and the decode step ---------------------------------------
     def _project(self, x):
@@ -175,8 +184,12 @@ class Mamba2Mixer(nnx.Module):
         zx = self.zx_proj(x)
         bc = self.bc_proj(x)
         lead = x.shape[:-1]
-        return (zx[..., 0, :, :], zx[..., 1, :, :].reshape(*lead, self.d_inner),
-                bc.reshape(*lead, -1), self.dt_proj(x))
+        return (
+            zx[..., 0, :, :],
+            zx[..., 1, :, :].reshape(*lead, self.d_inner),
+            bc.reshape(*lead, -1),
+            self.dt_proj(x),
+        )
 
     def _split_bc(self, bc, lead):
         bc = bc.reshape(*lead, 2, self.n_groups, self.d_state)
@@ -200,34 +213,45 @@ class Mamba2Mixer(nnx.Module):
 
     def _check(self, x):
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"Mamba2Mixer: x has shape {x.shape}, expected (batch, length, "
-                             f"{self.config.d_model})")
+            raise ValueError(
+                f"Mamba2Mixer: x has shape {x.shape}, expected (batch, length, "
+                f"{self.config.d_model})"
+            )
 
     def _forward(self, x, segment_ids, return_state):
         self._check(x)
         b, l, _ = x.shape
         if segment_ids is not None and segment_ids.shape != (b, l):
-            raise ValueError(f"Mamba2Mixer: segment_ids has shape {segment_ids.shape}, "
-                             f"expected {(b, l)}")
+            raise ValueError(
+                f"Mamba2Mixer: segment_ids has shape {segment_ids.shape}, expected {(b, l)}"
+            )
         z, xs, bc, dt_raw = self._project(x)
         xs, conv_x_state = self._conv(self.conv_x, xs, segment_ids, return_state)
         bc, conv_bc_state = self._conv(self.conv_bc, bc, segment_ids, return_state)
         B, C = self._split_bc(bc, (b, l))
-        out = ssd(xs.reshape(b, l, self.n_heads, self.head_dim), self._dt(dt_raw), self._A(), B, C,
-                  D=self.D[...].astype(self.acc_dtype), chunk_size=self.config.chunk_size,
-                  segment_ids=segment_ids, return_final_state=return_state,
-                  impl=self.config.ssd_impl)
+        out = ssd(
+            xs.reshape(b, l, self.n_heads, self.head_dim),
+            self._dt(dt_raw),
+            self._A(),
+            B,
+            C,
+            D=self.D[...].astype(self.acc_dtype),
+            chunk_size=self.config.chunk_size,
+            segment_ids=segment_ids,
+            return_final_state=return_state,
+            impl=self.config.ssd_impl,
+        )
         y, ssm_state = out if return_state else (out, None)
-        conv_state = (jnp.concatenate([conv_x_state, conv_bc_state], -1) if return_state
-                      else None)
+        conv_state = jnp.concatenate([conv_x_state, conv_bc_state], -1) if return_state else None
         return self._out(y, z), conv_state, ssm_state
 
     @staticmethod
     def _conv(conv, x, segment_ids, return_state):
         """silu(causal depthwise conv) over flat channels -> (y, final window or None)."""
         kernel, bias = conv.flat()
-        out = causal_conv1d(x, kernel, bias, segment_ids=segment_ids,
-                            return_final_state=return_state)
+        out = causal_conv1d(
+            x, kernel, bias, segment_ids=segment_ids, return_final_state=return_state
+        )
         y, state = out if return_state else (out, None)
         return jax.nn.silu(y), state
 
@@ -243,14 +267,16 @@ class Mamba2Mixer(nnx.Module):
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
         return Mamba2Cache(
             conv=jnp.zeros((batch, self.config.conv_kernel - 1, self.conv_dim), dtype),
-            ssm=jnp.zeros((batch, self.n_heads, self.head_dim, self.d_state), self.acc_dtype))
+            ssm=jnp.zeros((batch, self.n_heads, self.head_dim, self.d_state), self.acc_dtype),
+        )
 
     def prefill(self, x, cache: Mamba2Cache, *, segment_ids=None, positions=None):
         """Run a prompt from a fresh state; -> (y (B, L, d_model), cache after the prompt)."""
         del positions
         y, conv_state, ssm_state = self._forward(x, segment_ids, return_state=True)
-        return y, Mamba2Cache(conv=conv_state.astype(cache.conv.dtype),
-                              ssm=ssm_state.astype(cache.ssm.dtype))
+        return y, Mamba2Cache(
+            conv=conv_state.astype(cache.conv.dtype), ssm=ssm_state.astype(cache.ssm.dtype)
+        )
 
     def decode(self, x, cache: Mamba2Cache, *, positions=None):
         """One token per row: x (B, 1, d_model) -> (y (B, 1, d_model), updated cache)."""
@@ -263,8 +289,11 @@ class Mamba2Mixer(nnx.Module):
         z, xs, bc, dt_raw = self._project(x[:, 0])
         (kx, bx), (kbc, bbc) = self.conv_x.flat(), self.conv_bc.flat()
         xbc, conv_state = causal_conv1d_update(
-            jnp.concatenate([xs, bc], -1), cache.conv.astype(xs.dtype),
-            jnp.concatenate([kx, kbc], -1), jnp.concatenate([bx, bbc], -1))
+            jnp.concatenate([xs, bc], -1),
+            cache.conv.astype(xs.dtype),
+            jnp.concatenate([kx, kbc], -1),
+            jnp.concatenate([bx, bbc], -1),
+        )
         xbc = jax.nn.silu(xbc)
         xs, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + g * n], -1)
         acc = self.acc_dtype
@@ -276,5 +305,6 @@ class Mamba2Mixer(nnx.Module):
         state = cache.ssm.astype(acc) * decay + (dt[:, :, None] * xs)[..., None] * B[:, :, None]
         y = jnp.einsum("bhpn,bhn->bhp", state, C) + self.D[...].astype(acc)[:, None] * xs
         y = self._out(y[:, None], z[:, None])
-        return y, Mamba2Cache(conv=conv_state.astype(cache.conv.dtype),
-                              ssm=state.astype(cache.ssm.dtype))
+        return y, Mamba2Cache(
+            conv=conv_state.astype(cache.conv.dtype), ssm=state.astype(cache.ssm.dtype)
+        )

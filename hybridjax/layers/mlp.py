@@ -50,15 +50,21 @@ def is_gated(name: str) -> bool:
     return name in GATED
 
 
-def linear(config: HybridConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, std=None,
-           kernel_init=None) -> nnx.Linear:
+def linear(
+    config: HybridConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, std=None, kernel_init=None
+) -> nnx.Linear:
     """An nn.Linear-like nnx.Linear without bias, in the config's dtypes; init normal(std)."""
     if kernel_init is None:
-        kernel_init = jax.nn.initializers.normal(
-            config.initializer_range if std is None else std)
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(config.dtype),
-                      param_dtype=jnp.dtype(config.param_dtype), kernel_init=kernel_init,
-                      rngs=rngs)
+        kernel_init = jax.nn.initializers.normal(config.initializer_range if std is None else std)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=kernel_init,
+        rngs=rngs,
+    )
 
 
 class Dense(nnx.Module):
@@ -74,8 +80,9 @@ class Dense(nnx.Module):
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, x):
-        return jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                             axes=self.n_in)
+        return jnp.tensordot(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in
+        )
 
 
 class MLP(nnx.Module):
@@ -86,8 +93,14 @@ class MLP(nnx.Module):
     swiglu, `gate_proj.kernel (d_model, d_ff)`.
     """
 
-    def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs, d_ff: int | None = None,
-                 act: str | None = None):
+    def __init__(
+        self,
+        config: HybridConfig,
+        *,
+        rngs: nnx.Rngs,
+        d_ff: int | None = None,
+        act: str | None = None,
+    ):
         self.d_ff = config.ffn if d_ff is None else d_ff
         self.act = config.mlp_act if act is None else act
         if self.d_ff <= 0:

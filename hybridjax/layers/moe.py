@@ -100,8 +100,17 @@ def router_dtype(config: HybridConfig):
     return jnp.promote_types(jnp.float32, jnp.dtype(config.dtype))
 
 
-def route(logits_TE, bias_E, *, router: str, top_k: int, n_groups: int = 1,
-          topk_groups: int = 1, norm_topk_prob: bool = True, scaling: float = 1.0) -> Routing:
+def route(
+    logits_TE,
+    bias_E,
+    *,
+    router: str,
+    top_k: int,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    norm_topk_prob: bool = True,
+    scaling: float = 1.0,
+) -> Routing:
     """Top-k routing from router logits (T, E), as NemotronHTopkRouter (module docstring)."""
     t, e = logits_TE.shape
     if router == "sigmoid":
@@ -132,8 +141,9 @@ def token_mean(values_T, mask_T=None):
     if mask_T is None:
         return jnp.mean(values_T, axis=0)
     mask = mask_T.reshape(mask_T.shape + (1,) * (values_T.ndim - 1))
-    return (jnp.sum(jnp.where(mask, values_T, 0), axis=0)
-            / jnp.maximum(jnp.sum(mask_T), 1).astype(values_T.dtype))
+    return jnp.sum(jnp.where(mask, values_T, 0), axis=0) / jnp.maximum(jnp.sum(mask_T), 1).astype(
+        values_T.dtype
+    )
 
 
 def expert_load(expert_idx_TK, n_experts: int, dtype=jnp.float32, mask_T=None):
@@ -181,19 +191,29 @@ class Router(nnx.Module):
     def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
         self.config = config
         init = jax.nn.initializers.normal(config.initializer_range)
-        self.weight = nnx.Param(init(rngs.params(), (config.n_experts, config.d_model),
-                                     jnp.dtype(config.param_dtype)))
+        self.weight = nnx.Param(
+            init(rngs.params(), (config.n_experts, config.d_model), jnp.dtype(config.param_dtype))
+        )
         self.e_score_correction_bias = RouterBias(
-            jnp.zeros((config.n_experts,), router_dtype(config)))
+            jnp.zeros((config.n_experts,), router_dtype(config))
+        )
 
     def __call__(self, x_TD) -> Routing:
         c = self.config
         dt = router_dtype(c)
-        logits = jnp.dot(x_TD.astype(dt), self.weight[...].astype(dt).T,
-                         precision=jax.lax.Precision.HIGHEST)
-        return route(logits, self.e_score_correction_bias[...], router=c.router,
-                     top_k=c.top_k, n_groups=c.router_groups, topk_groups=c.router_topk_groups,
-                     norm_topk_prob=c.norm_topk_prob, scaling=c.routed_scaling_factor)
+        logits = jnp.dot(
+            x_TD.astype(dt), self.weight[...].astype(dt).T, precision=jax.lax.Precision.HIGHEST
+        )
+        return route(
+            logits,
+            self.e_score_correction_bias[...],
+            router=c.router,
+            top_k=c.top_k,
+            n_groups=c.router_groups,
+            topk_groups=c.router_topk_groups,
+            norm_topk_prob=c.norm_topk_prob,
+            scaling=c.routed_scaling_factor,
+        )
 
 
 class Experts(nnx.Module):
@@ -208,8 +228,9 @@ class Experts(nnx.Module):
         init = jax.nn.initializers.normal(config.initializer_range)
         pdt = jnp.dtype(config.param_dtype)
         self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), pdt))
-        self.gate_proj = (nnx.Param(init(rngs.params(), (e, d, f), pdt))
-                          if is_gated(config.expert_act) else None)
+        self.gate_proj = (
+            nnx.Param(init(rngs.params(), (e, d, f), pdt)) if is_gated(config.expert_act) else None
+        )
         self.down_proj = nnx.Param(init(rngs.params(), (e, f, d), pdt))
 
     def weights(self) -> dict:
@@ -239,8 +260,11 @@ class MoE(nnx.Module):
             self.fc2_latent_proj = linear(config, config.moe_latent, config.d_model, rngs=rngs)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
-        self.shared_experts = (MLP(config, rngs=rngs, d_ff=config.shared_ffn,
-                                   act=config.expert_act) if config.shared_ffn > 0 else None)
+        self.shared_experts = (
+            MLP(config, rngs=rngs, d_ff=config.shared_ffn, act=config.expert_act)
+            if config.shared_ffn > 0
+            else None
+        )
 
     def __call__(self, x, *, segment_ids=None, positions=None, token_mask=None):
         """x (..., d_model), token_mask (...) bool | None (module doc) -> (y (..., d_model) in
@@ -261,9 +285,16 @@ class MoE(nnx.Module):
         n_real = x_TD.shape[0] if mask_T is None else jnp.maximum(jnp.sum(mask_T), 1)
 
         routed, dropped = routed_experts(
-            h_TD, expert_idx, weights, self.experts.weights(),
-            act_fn=self.experts.act_fn, impl=c.grouped_matmul, dispatch=c.moe_dispatch,
-            capacity_factor=c.capacity_factor, ep_capacity_factor=c.ep_capacity_factor)
+            h_TD,
+            expert_idx,
+            weights,
+            self.experts.weights(),
+            act_fn=self.experts.act_fn,
+            impl=c.grouped_matmul,
+            dispatch=c.moe_dispatch,
+            capacity_factor=c.capacity_factor,
+            ep_capacity_factor=c.ep_capacity_factor,
+        )
         routed = routed.astype(self.dtype)
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)

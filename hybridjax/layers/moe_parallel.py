@@ -90,13 +90,27 @@ def mesh_layout():
         return None, (), 1, 1, 1
     size = mesh.shape
     token_axes = tuple(a for a in TOKEN_AXES if a in size)
-    return (mesh, token_axes, math.prod(size[a] for a in token_axes), size.get("expert", 1),
-            size.get("tensor", 1))
+    return (
+        mesh,
+        token_axes,
+        math.prod(size[a] for a in token_axes),
+        size.get("expert", 1),
+        size.get("tensor", 1),
+    )
 
 
-def routed_experts(x_TD, expert_idx_TK, weights_TK, expert_weights: dict, *, act_fn,
-                   impl: str = "auto", dispatch: str = "dropless", capacity_factor: float = 1.25,
-                   ep_capacity_factor: float | None = None):
+def routed_experts(
+    x_TD,
+    expert_idx_TK,
+    weights_TK,
+    expert_weights: dict,
+    *,
+    act_fn,
+    impl: str = "auto",
+    dispatch: str = "dropless",
+    capacity_factor: float = 1.25,
+    ep_capacity_factor: float | None = None,
+):
     """sum_k weights * expert_k(x): (T, d_out) in the promoted dtype, and the number of
     assignments dropped over all devices (() int32).
 
@@ -107,12 +121,19 @@ def routed_experts(x_TD, expert_idx_TK, weights_TK, expert_weights: dict, *, act
     mesh, token_axes, n_tok, n_ep, n_tp = mesh_layout()
     t, _k = expert_idx_TK.shape
     n_experts, _, ffn = expert_weights["up_proj"].shape
-    kw = {"act_fn": act_fn, "impl": impl, "dispatch": dispatch,
-          "capacity_factor": capacity_factor, "ep_capacity_factor": ep_capacity_factor,
-          "n_ep": n_ep}
+    kw = {
+        "act_fn": act_fn,
+        "impl": impl,
+        "dispatch": dispatch,
+        "capacity_factor": capacity_factor,
+        "ep_capacity_factor": ep_capacity_factor,
+        "n_ep": n_ep,
+    }
     if n_ep > 1 and n_experts % n_ep:
-        raise ValueError(f"n_experts: {n_experts} must be a multiple of the mesh's expert axis "
-                         f"({n_ep}) for expert parallelism")
+        raise ValueError(
+            f"n_experts: {n_experts} must be a multiple of the mesh's expert axis "
+            f"({n_ep}) for expert parallelism"
+        )
     tp = n_tp > 1 and ffn % n_tp == 0
     pad = -t % n_tok
     split = n_tok > 1 and (not pad or n_ep > 1)  # tokens split over the token axes
@@ -137,8 +158,10 @@ def routed_experts(x_TD, expert_idx_TK, weights_TK, expert_weights: dict, *, act
     tok = P(token_axes) if split else P()
     ex = "expert" if n_ep > 1 else None
     f_axis = "tensor" if tp else None
-    w_specs = {name: P(ex, f_axis, None) if name == "down_proj" else P(ex, None, f_axis)
-               for name in expert_weights}
+    w_specs = {
+        name: P(ex, f_axis, None) if name == "down_proj" else P(ex, None, f_axis)
+        for name in expert_weights
+    }
     specs = (tok, tok, tok, w_specs)
     explicit = all(a == jax.sharding.AxisType.Explicit for a in mesh.axis_types)
     args = (x_TD, expert_idx_TK, weights_TK, expert_weights)
@@ -156,8 +179,9 @@ def _constrain(x, spec, explicit):
     return jax.sharding.reshard(x, spec) if explicit else jax.lax.with_sharding_constraint(x, spec)
 
 
-def local_experts(x_TD, idx_TK, w_TK, ew, *, act_fn, impl, dispatch, capacity_factor,
-                  ep_capacity_factor, n_ep):
+def local_experts(
+    x_TD, idx_TK, w_TK, ew, *, act_fn, impl, dispatch, capacity_factor, ep_capacity_factor, n_ep
+):
     """One device's routed experts (see the module doc). Returns (out (T, d), dropped (1,)).
 
     Assignments to the sentinel expert n_experts (padding, masked tokens; zero weight) run
@@ -165,8 +189,11 @@ def local_experts(x_TD, idx_TK, w_TK, ew, *, act_fn, impl, dispatch, capacity_fa
     capacity, and their rows lie past the grouped matmul's groups or outside the buffer."""
     t, k = idx_TK.shape
     n_experts = next(iter(ew.values())).shape[0] * n_ep  # ew holds this device's experts
-    capacity = (moe_dispatch.expert_capacity(t, k, n_experts, capacity_factor)
-                if dispatch == "capacity" else None)
+    capacity = (
+        moe_dispatch.expert_capacity(t, k, n_experts, capacity_factor)
+        if dispatch == "capacity"
+        else None
+    )
     real = idx_TK < n_experts
     if n_ep == 1:
         if dispatch == "capacity":
@@ -189,8 +216,9 @@ def local_experts(x_TD, idx_TK, w_TK, ew, *, act_fn, impl, dispatch, capacity_fa
         keep, dropped_cap = real, 0
     if ep_capacity_factor is not None:
         cap = min(cap, max(1, math.ceil(ep_capacity_factor * t * k / n_ep)))
-    out, dropped = _exchange(x_TD, idx_TK, w_TK, keep, ew, n=n_ep, e_local=e_local, cap=cap,
-                             act_fn=act_fn, impl=impl)
+    out, dropped = _exchange(
+        x_TD, idx_TK, w_TK, keep, ew, n=n_ep, e_local=e_local, cap=cap, act_fn=act_fn, impl=impl
+    )
     return out, dropped + dropped_cap
 
 
@@ -209,8 +237,9 @@ def _exchange(x_TD, idx_TK, w_TK, keep_A, ew, *, n, e_local, cap, act_fn, impl):
     ok = keep_A & (pos < cap)
     slot = jnp.where(ok, dest * cap + pos, n * cap)  # n * cap: not sent
     # Buffer row -> assignment (a = empty row).
-    src = jnp.full((n * cap,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32),
-                                                          mode="drop")
+    src = (
+        jnp.full((n * cap,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
+    )
     filled = src < a
     x_pad = jnp.concatenate([x_TD, jnp.zeros((1, d), x_TD.dtype)])
     send_x = x_pad[jnp.where(filled, src // k, t)].reshape(n, cap, d)
@@ -226,13 +255,11 @@ def _exchange(x_TD, idx_TK, w_TK, keep_A, ew, *, n, e_local, cap, act_fn, impl):
     order = jnp.argsort(le, stable=True)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * cap, dtype=order.dtype))
     group_sizes = jnp.bincount(le, length=e_local + 1)[:e_local].astype(jnp.int32)
-    y_sorted = expert_mlp_grouped(ew, recv_x.reshape(n * cap, d)[order], group_sizes, act_fn,
-                                  impl)
+    y_sorted = expert_mlp_grouped(ew, recv_x.reshape(n * cap, d)[order], group_sizes, act_fn, impl)
     y_recv = y_sorted[inverse].reshape(n, cap, -1)
 
     y_back = jax.lax.all_to_all(y_recv, "expert", 0, 0, tiled=True)
     d_out = y_back.shape[-1]
-    y_flat = jnp.concatenate([y_back.reshape(n * cap, d_out),
-                              jnp.zeros((1, d_out), y_back.dtype)])
+    y_flat = jnp.concatenate([y_back.reshape(n * cap, d_out), jnp.zeros((1, d_out), y_back.dtype)])
     out = moe_dispatch.weighted_sum(y_flat[slot].reshape(t, k, d_out), w_TK)
     return out, jnp.sum(keep_A & ~ok).astype(jnp.int32).reshape(1)

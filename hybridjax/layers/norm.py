@@ -13,8 +13,15 @@ from hybridjax.ops.norms import rmsnorm
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, d: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        d: int,
+        *,
+        eps: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         del rngs  # deterministic init; accepted so every layer can be built the same way
         if d <= 0:
             raise ValueError(f"RMSNorm: d must be > 0, got {d!r}")

@@ -22,17 +22,20 @@ from hybridjax.ops.segments import document_index
 
 def _check(x, kernel, bias):
     if x.ndim != 3:
-        raise ValueError(f"causal_conv1d: x has shape {x.shape}, expected "
-                         "(batch, length, channels)")
+        raise ValueError(
+            f"causal_conv1d: x has shape {x.shape}, expected (batch, length, channels)"
+        )
     if kernel.ndim != 2 or kernel.shape[1] != x.shape[-1]:
-        raise ValueError(f"causal_conv1d: kernel has shape {kernel.shape}, expected "
-                         f"(kernel_size, {x.shape[-1]})")
+        raise ValueError(
+            f"causal_conv1d: kernel has shape {kernel.shape}, expected (kernel_size, {x.shape[-1]})"
+        )
     if bias is not None and bias.shape != (x.shape[-1],):
         raise ValueError(f"causal_conv1d: bias has shape {bias.shape}, expected ({x.shape[-1]},)")
 
 
-def causal_conv1d(x, kernel, bias=None, *, segment_ids=None, initial_state=None,
-                  return_final_state=False):
+def causal_conv1d(
+    x, kernel, bias=None, *, segment_ids=None, initial_state=None, return_final_state=False
+):
     """x (B, L, C), kernel (K, C), bias (C,) | None -> y (B, L, C) [, final_state (B, K-1, C)].
 
     `initial_state` (B, K-1, C): the K-1 inputs before position 0 (oldest first). The final state
@@ -46,11 +49,15 @@ def causal_conv1d(x, kernel, bias=None, *, segment_ids=None, initial_state=None,
     if initial_state is None:
         initial_state = jnp.zeros((b, k - 1, c), x.dtype)
     elif initial_state.shape != (b, k - 1, c):
-        raise ValueError(f"causal_conv1d: initial_state has shape {initial_state.shape}, "
-                         f"expected ({b}, {k - 1}, {c}) = (batch, kernel_size - 1, channels)")
+        raise ValueError(
+            f"causal_conv1d: initial_state has shape {initial_state.shape}, "
+            f"expected ({b}, {k - 1}, {c}) = (batch, kernel_size - 1, channels)"
+        )
     if segment_ids is not None and segment_ids.shape != (b, l):
-        raise ValueError(f"causal_conv1d: segment_ids has shape {segment_ids.shape}, "
-                         f"expected ({b}, {l}) = (batch, length)")
+        raise ValueError(
+            f"causal_conv1d: segment_ids has shape {segment_ids.shape}, "
+            f"expected ({b}, {l}) = (batch, length)"
+        )
     ct = jnp.result_type(jnp.float32, x.dtype)
     xp = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1).astype(ct)  # (B, K-1+L, C)
     if segment_ids is not None:
@@ -59,9 +66,9 @@ def causal_conv1d(x, kernel, bias=None, *, segment_ids=None, initial_state=None,
     w = kernel.astype(ct)
     y = jnp.zeros((b, l, c), ct) if bias is None else jnp.broadcast_to(bias.astype(ct), (b, l, c))
     for i in range(k):  # tap i reads x[t - (K-1) + i]
-        tap = xp[:, i:i + l]
+        tap = xp[:, i : i + l]
         if segment_ids is not None and i < k - 1:
-            tap = tap * (docp[:, i:i + l] == doc)[..., None].astype(ct)
+            tap = tap * (docp[:, i : i + l] == doc)[..., None].astype(ct)
         y = y + tap * w[i]
     y = y.astype(x.dtype)
     if not return_final_state:
@@ -79,8 +86,10 @@ def causal_conv1d_update(x, state, kernel, bias=None):
     _check(x[:, None], kernel, bias)
     k = kernel.shape[0]
     if state.shape != (x.shape[0], k - 1, x.shape[1]):
-        raise ValueError(f"causal_conv1d_update: state has shape {state.shape}, expected "
-                         f"({x.shape[0]}, {k - 1}, {x.shape[1]})")
+        raise ValueError(
+            f"causal_conv1d_update: state has shape {state.shape}, expected "
+            f"({x.shape[0]}, {k - 1}, {x.shape[1]})"
+        )
     ct = jnp.result_type(jnp.float32, x.dtype)
     window = jnp.concatenate([state.astype(x.dtype), x[:, None]], axis=1)  # (B, K, C)
     y = jnp.sum(window.astype(ct) * kernel.astype(ct), axis=1)

@@ -41,8 +41,12 @@ def head_logits(h, head, *, vocab_major: bool = False):
         layout = "(V, d)" if vocab_major else "(d, V)"
         raise ValueError(f"head: shape {head.shape} is not {layout} for hidden size d={d}")
     dims = (((h.ndim - 1,), (1 if vocab_major else 0,)), ((), ()))
-    return lax.dot_general(h, head.astype(h.dtype), dims,
-                           preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+    return lax.dot_general(
+        h,
+        head.astype(h.dtype),
+        dims,
+        preferred_element_type=jnp.promote_types(h.dtype, jnp.float32),
+    )
 
 
 def _chunk_forward(h, head, targets, vocab_major):
@@ -74,9 +78,12 @@ def _chunk_loss_bwd(vocab_major, residuals, g):
     dlogits = (jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None])) * g[..., None]
     dlogits = dlogits.astype(h.dtype)
     acc = jnp.promote_types(h.dtype, jnp.float32)
-    dh = lax.dot_general(dlogits, head.astype(h.dtype),
-                         (((h.ndim - 1,), (0 if vocab_major else 1,)), ((), ())),
-                         preferred_element_type=acc)
+    dh = lax.dot_general(
+        dlogits,
+        head.astype(h.dtype),
+        (((h.ndim - 1,), (0 if vocab_major else 1,)), ((), ())),
+        preferred_element_type=acc,
+    )
     tokens = tuple(range(h.ndim - 1))
     pair = (dlogits, h) if vocab_major else (h, dlogits)
     dhead = lax.dot_general(*pair, ((tokens, tokens), ((), ())), preferred_element_type=acc)
@@ -104,8 +111,9 @@ def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: boo
     every row. Differentiable in h and head; the backward pass recomputes each chunk's logits.
     """
     if h.shape[:-1] != targets.shape or targets.ndim == 0:
-        raise ValueError(f"targets: shape {targets.shape} does not match hidden states "
-                         f"{h.shape} (..., L, d)")
+        raise ValueError(
+            f"targets: shape {targets.shape} does not match hidden states {h.shape} (..., L, d)"
+        )
     length, d = h.shape[-2:]
     h, t = h.reshape(-1, length, d), targets.reshape(-1, length)  # (rows, L): as laid out
     rows = t.shape[0]
@@ -119,15 +127,17 @@ def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: boo
     def chunk(x):  # (rows, per_row, d) and (rows, per_row), flattened to one token axis
         h_s, t_s = x
         return _chunk_loss(h_s.reshape(-1, d), head, t_s.reshape(-1), vocab_major).reshape(
-            t_s.shape)
+            t_s.shape
+        )
 
     losses = lax.map(chunk, xs)
     losses = jnp.moveaxis(losses, 0, 2).reshape(rows, -1)[:, :length]
     return losses.reshape(targets.shape)
 
 
-def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
-                          vocab_major: bool = False):
+def chunked_answer_losses(
+    h, head, targets, loss_mask, *, chunk_size: int, vocab_major: bool = False
+):
     """Cross-entropy and argmax prediction at the answer positions (loss_mask > 0) only, for
     eval: h (B, L, d), targets and loss_mask (B, L) -> (losses, predictions) (B, L), with 0 and
     -1 where loss_mask is 0.
@@ -138,8 +148,10 @@ def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
     one) positions of every row. Not meant for differentiation.
     """
     if h.ndim != 3 or h.shape[:2] != targets.shape or loss_mask.shape != targets.shape:
-        raise ValueError(f"chunked_answer_losses: expected h (B, L, d) and targets, loss_mask "
-                         f"(B, L); got {h.shape}, {targets.shape}, {loss_mask.shape}")
+        raise ValueError(
+            f"chunked_answer_losses: expected h (B, L, d) and targets, loss_mask "
+            f"(B, L); got {h.shape}, {targets.shape}, {loss_mask.shape}"
+        )
     batch, length = targets.shape
     answer = loss_mask > 0
     chunks, per_row = _split(length, batch, chunk_size)
@@ -157,8 +169,10 @@ def chunked_answer_losses(h, head, targets, loss_mask, *, chunk_size: int,
             return ce, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
         def skip():
-            return (jnp.zeros(idx.shape, jnp.promote_types(h.dtype, jnp.float32)),
-                    jnp.zeros(idx.shape, jnp.int32))
+            return (
+                jnp.zeros(idx.shape, jnp.promote_types(h.dtype, jnp.float32)),
+                jnp.zeros(idx.shape, jnp.int32),
+            )
 
         return lax.cond(s * per_row < most_answers, compute, skip)
 

@@ -34,19 +34,26 @@ IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
 # (477 TFLOP/s; grid_block_n=1 gives 1.73 ms), weight gradient 1.20 ms (460 TFLOP/s).
 MGPU_ALIGN = 128
 _MGPU_FWD = {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4}
-_MGPU_WGRAD = {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4,
-               "grid_block_n": 1}
+_MGPU_WGRAD = {
+    "block_m": 128,
+    "block_n": 128,
+    "block_k": 64,
+    "max_concurrent_steps": 4,
+    "grid_block_n": 1,
+}
 _MGPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", *, capacity: int | None = None):
     """(M, K) x (E, K, N) over contiguous row groups -> (M, N). See the module docstring."""
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
-        raise ValueError(f"grouped_matmul: want lhs (M, K), rhs (E, K, N); got lhs {lhs.shape}, "
-                         f"rhs {rhs.shape}")
+        raise ValueError(
+            f"grouped_matmul: want lhs (M, K), rhs (E, K, N); got lhs {lhs.shape}, rhs {rhs.shape}"
+        )
     if group_sizes.shape != (rhs.shape[0],):
-        raise ValueError(f"grouped_matmul: group_sizes must be ({rhs.shape[0]},), got "
-                         f"{group_sizes.shape}")
+        raise ValueError(
+            f"grouped_matmul: group_sizes must be ({rhs.shape[0]},), got {group_sizes.shape}"
+        )
     group_sizes = group_sizes.astype(jnp.int32)
     if impl == "auto":
         impl = "mgpu" if mgpu_supported(lhs, rhs) else "ragged_dot"
@@ -59,10 +66,13 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", *, capacity: int |
             raise ValueError(
                 f"grouped_matmul: impl 'mgpu' needs lhs/rhs of one dtype in (bfloat16, float16) "
                 f"and K, N multiples of {MGPU_ALIGN}; got lhs {lhs.shape} {lhs.dtype}, rhs "
-                f"{rhs.shape} {rhs.dtype}")
+                f"{rhs.shape} {rhs.dtype}"
+            )
         return _mgpu(*_same_vma(lhs, rhs), group_sizes)
-    raise ValueError(f"grouped_matmul: impl {impl!r} is not allowed; choose from "
-                     + ", ".join(repr(i) for i in IMPLS))
+    raise ValueError(
+        f"grouped_matmul: impl {impl!r} is not allowed; choose from "
+        + ", ".join(repr(i) for i in IMPLS)
+    )
 
 
 def is_hopper() -> bool:
@@ -74,8 +84,13 @@ def is_hopper() -> bool:
 def mgpu_supported(lhs, rhs, check_device: bool = True) -> bool:
     """Whether impl "mgpu" can run these operands (and, with check_device, on this machine)."""
     _, k, n = rhs.shape
-    ok = (lhs.dtype == rhs.dtype and any(lhs.dtype == d for d in _MGPU_DTYPES)
-          and k % MGPU_ALIGN == 0 and n % MGPU_ALIGN == 0 and lhs.shape[0] > 0)
+    ok = (
+        lhs.dtype == rhs.dtype
+        and any(lhs.dtype == d for d in _MGPU_DTYPES)
+        and k % MGPU_ALIGN == 0
+        and n % MGPU_ALIGN == 0
+        and lhs.shape[0] > 0
+    )
     return ok and (not check_device or is_hopper())
 
 
@@ -98,8 +113,9 @@ def _padded(lhs, rhs, group_sizes, capacity):
     slot = jnp.where(keep, gid * cap + pos, e * cap)  # e * cap = out of range: dropped
     # Inverse map buffer slot -> source row (m = an all-zero pad row); gathers both ways so the
     # backward is a gather/scatter-add of the same size.
-    src = jnp.full((e * cap,), m, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32),
-                                                          mode="drop")
+    src = (
+        jnp.full((e * cap,), m, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    )
     lhs_pad = jnp.concatenate([lhs, jnp.zeros((1, k), lhs.dtype)])
     buf = lhs_pad[src].reshape(e, cap, k)
     out = jnp.einsum("eck,ekn->ecn", buf, rhs).reshape(e * cap, -1)
@@ -117,9 +133,14 @@ def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
 
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     grid_block_n = 4 if n % (4 * _MGPU_FWD["block_n"]) == 0 else 1  # N-tile swizzle when it fits
-    out = ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes,
-                                     transpose_rhs=transpose_rhs, grid_block_n=grid_block_n,
-                                     **_MGPU_FWD)
+    out = ragged_dot_mgpu.ragged_dot(
+        lhs,
+        rhs,
+        group_sizes=group_sizes,
+        transpose_rhs=transpose_rhs,
+        grid_block_n=grid_block_n,
+        **_MGPU_FWD,
+    )
     # The kernel leaves rows past sum(group_sizes) unwritten: zero them.
     return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, jnp.zeros((), out.dtype))
 
@@ -168,9 +189,13 @@ def _mgpu_bwd(res, d_out):
     d_lhs = _mgpu_fwd_kernel(d_out, rhs, group_sizes, transpose_rhs=True)
     # d rhs[e] (K, N) = lhs[group e]^T x d_out[group e]; empty groups give zeros.
     d_rhs = transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        lhs, d_out, group_sizes=group_sizes, **_MGPU_WGRAD)
-    return (_vary(d_lhs, _varying_axes(lhs)), _vary(d_rhs.astype(rhs.dtype), _varying_axes(rhs)),
-            None)
+        lhs, d_out, group_sizes=group_sizes, **_MGPU_WGRAD
+    )
+    return (
+        _vary(d_lhs, _varying_axes(lhs)),
+        _vary(d_rhs.astype(rhs.dtype), _varying_axes(rhs)),
+        None,
+    )
 
 
 _mgpu.defvjp(_mgpu_fwd, _mgpu_bwd)

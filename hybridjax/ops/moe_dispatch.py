@@ -95,8 +95,11 @@ def capacity_dispatch(x_TD, expert_idx_TK, n_experts: int, capacity: int):
     k = expert_idx_TK.shape[1]
     token = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
     # Inverse map buffer row -> token (t = the zero pad row): a gather forward and backward.
-    src = jnp.full((n_experts * capacity,), t, jnp.int32).at[plan.slot.reshape(-1)].set(
-        token.reshape(-1), mode="drop")
+    src = (
+        jnp.full((n_experts * capacity,), t, jnp.int32)
+        .at[plan.slot.reshape(-1)]
+        .set(token.reshape(-1), mode="drop")
+    )
     x_pad = jnp.concatenate([x_TD, jnp.zeros((1, d), x_TD.dtype)])
     return x_pad[src].reshape(n_experts, capacity, d), plan
 

@@ -22,8 +22,10 @@ def rmsnorm(x, weight, *, eps: float = 1e-5):
     """x (..., d), weight (d,) -> (..., d) in x.dtype; statistics and the weight multiply in
     float32 (as NemotronHRMSNorm: the product is cast back to x.dtype at the end)."""
     if weight.shape != x.shape[-1:]:
-        raise ValueError(f"rmsnorm: weight has shape {weight.shape}, expected ({x.shape[-1]},) "
-                         f"for x of shape {x.shape}")
+        raise ValueError(
+            f"rmsnorm: weight has shape {weight.shape}, expected ({x.shape[-1]},) "
+            f"for x of shape {x.shape}"
+        )
     ct = _compute_dtype(x)
     h = x.astype(ct)
     h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
@@ -43,8 +45,9 @@ def gated_rmsnorm(x, gate, weight, *, group_size: int, eps: float = 1e-5):
     if weight.shape != (d,):
         raise ValueError(f"gated_rmsnorm: weight has shape {weight.shape}, expected ({d},)")
     if not isinstance(group_size, int) or group_size <= 0 or d % group_size:
-        raise ValueError(f"gated_rmsnorm: group_size must be a positive divisor of {d}, "
-                         f"got {group_size!r}")
+        raise ValueError(
+            f"gated_rmsnorm: group_size must be a positive divisor of {d}, got {group_size!r}"
+        )
     ct = _compute_dtype(x) if gate is None else _compute_dtype(x, gate)
     h = x.astype(ct)
     if gate is not None:

@@ -30,12 +30,20 @@ import numpy as np
 SCALINGS = (None, "linear", "ntk", "yarn")
 
 
-def rope_frequencies(head_dim: int, theta: float, *, scaling: str | None = None,
-                     factor: float = 1.0, original_max_len: int = 4096):
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    *,
+    scaling: str | None = None,
+    factor: float = 1.0,
+    original_max_len: int = 4096,
+):
     """-> (inv_freq (head_dim // 2,) numpy float64, attention_scale float) for the scaling."""
     if scaling not in SCALINGS:
-        raise ValueError(f"rope_scaling: {scaling!r} is not allowed; choose from "
-                         f"{', '.join(repr(s) for s in SCALINGS)}")
+        raise ValueError(
+            f"rope_scaling: {scaling!r} is not allowed; choose from "
+            f"{', '.join(repr(s) for s in SCALINGS)}"
+        )
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim: must be a positive even number for RoPE, got {head_dim}")
     if theta is None or theta <= 0:
@@ -46,9 +54,9 @@ def rope_frequencies(head_dim: int, theta: float, *, scaling: str | None = None,
     exponents = np.arange(0, d, 2, dtype=np.float64) / d
     attention_scale = 1.0
     if scaling is None:
-        inv_freq = theta ** -exponents
+        inv_freq = theta**-exponents
     elif scaling == "linear":
-        inv_freq = theta ** -exponents / factor
+        inv_freq = theta**-exponents / factor
     elif scaling == "ntk":
         if d == 2:
             raise ValueError("head_dim: ntk RoPE scaling needs head_dim > 2")
@@ -68,22 +76,32 @@ def rope_frequencies(head_dim: int, theta: float, *, scaling: str | None = None,
             high += 0.001
         ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate
-        pos_freqs = theta ** exponents
+        pos_freqs = theta**exponents
         inv_freq = (1 / (factor * pos_freqs)) * (1 - extrapolation) + extrapolation / pos_freqs
         attention_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return inv_freq, attention_scale
 
 
-def apply_rope(x, positions, *, theta: float, scaling: str | None = None, factor: float = 1.0,
-               original_max_len: int = 4096):
+def apply_rope(
+    x,
+    positions,
+    *,
+    theta: float,
+    scaling: str | None = None,
+    factor: float = 1.0,
+    original_max_len: int = 4096,
+):
     """x (B, L, H, D), positions (B, L) int -> x rotated, in x.dtype."""
     if x.ndim != 4:
         raise ValueError(f"apply_rope: x has shape {x.shape}, expected (batch, length, heads, dim)")
     if positions.shape != x.shape[:2]:
-        raise ValueError(f"apply_rope: positions has shape {positions.shape}, expected "
-                         f"{x.shape[:2]} = (batch, length)")
-    inv_freq, scale = rope_frequencies(x.shape[-1], theta, scaling=scaling, factor=factor,
-                                       original_max_len=original_max_len)
+        raise ValueError(
+            f"apply_rope: positions has shape {positions.shape}, expected "
+            f"{x.shape[:2]} = (batch, length)"
+        )
+    inv_freq, scale = rope_frequencies(
+        x.shape[-1], theta, scaling=scaling, factor=factor, original_max_len=original_max_len
+    )
     ct = jnp.result_type(jnp.float32, x.dtype)
     angles = positions.astype(ct)[..., None] * jnp.asarray(inv_freq, ct)  # (B, L, D/2)
     cos = jnp.cos(angles) * scale

@@ -23,8 +23,11 @@ import jax.numpy as jnp
 
 def document_starts(segment_ids, previous=None):
     """(B, L) bool: True where the id differs from the previous position's (module doc)."""
-    before = (jnp.zeros_like(segment_ids[:, :1], bool) if previous is None
-              else (segment_ids[:, :1] != previous[:, None]))
+    before = (
+        jnp.zeros_like(segment_ids[:, :1], bool)
+        if previous is None
+        else (segment_ids[:, :1] != previous[:, None])
+    )
     return jnp.concatenate([before, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 

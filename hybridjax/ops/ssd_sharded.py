@@ -59,14 +59,36 @@ def splits_sequence(x_shape, g: int) -> bool:
     return split is not None and split[2] is not None
 
 
-def ssd_per_shard(scan, x, dt, A, B, C, *, D=None, initial_state=None, segment_ids=None,
-                  return_final_state=False, **kw):
+def ssd_per_shard(
+    scan,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    initial_state=None,
+    segment_ids=None,
+    return_final_state=False,
+    **kw,
+):
     """`scan(x, dt, A, B, C, D=, initial_state=, segment_ids=, return_final_state=, **kw)` on each
     device's rows, stretch and heads of the current mesh (on the whole arrays without one)."""
     split = mesh_split(x.shape, B.shape[2])
     if split is None:
-        return scan(x, dt, A, B, C, D=D, initial_state=initial_state, segment_ids=segment_ids,
-                    return_final_state=return_final_state, **kw)
+        return scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=D,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            return_final_state=return_final_state,
+            **kw,
+        )
     mesh, rows, seq, heads, groups = split
     h, g = x.shape[2], B.shape[2]
     n_tensor = mesh.shape.get("tensor", 1)
@@ -77,29 +99,51 @@ def ssd_per_shard(scan, x, dt, A, B, C, *, D=None, initial_state=None, segment_i
         args = (scan, x, dt, A, B, C, D, initial_state, segment_ids, return_final_state)
         if seq is not None:
             return _context_scan(*args, **kw)
-        return scan(*args[1:6], D=D, initial_state=initial_state, segment_ids=segment_ids,
-                    return_final_state=return_final_state, **kw)
+        return scan(
+            *args[1:6],
+            D=D,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            return_final_state=return_final_state,
+            **kw,
+        )
 
     bc = P(rows, seq, groups, None)
-    in_specs = (P(rows, seq, heads, None), P(rows, seq, heads), P(heads), bc, bc,
-                None if D is None else P(heads),
-                None if initial_state is None else P(rows, heads, None, None),
-                None if segment_ids is None else P(rows, seq))
+    in_specs = (
+        P(rows, seq, heads, None),
+        P(rows, seq, heads),
+        P(heads),
+        bc,
+        bc,
+        None if D is None else P(heads),
+        None if initial_state is None else P(rows, heads, None, None),
+        None if segment_ids is None else P(rows, seq),
+    )
     y_spec = P(rows, seq, heads, None)
     out_specs = (y_spec, P(rows, heads, None, None)) if return_final_state else y_spec
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(x, dt, A, B, C, D, initial_state, segment_ids)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        x, dt, A, B, C, D, initial_state, segment_ids
+    )
 
 
-def _context_scan(scan, x, dt, A, B, C, D, initial_state, segment_ids, return_final_state,
-                  **kw):
+def _context_scan(scan, x, dt, A, B, C, D, initial_state, segment_ids, return_final_state, **kw):
     """This shard's stretch of the scan, with the state carried in from the shards before it
     (steps 1-4 of the module doc). Inside shard_map over SEQUENCE_AXIS."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    y, h_own = scan(x, dt, A, B, C, D=D, initial_state=None, segment_ids=segment_ids,
-                    return_final_state=True, **kw)
+    y, h_own = scan(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        initial_state=None,
+        segment_ids=segment_ids,
+        return_final_state=True,
+        **kw,
+    )
     shard = jax.lax.axis_index(SEQUENCE_AXIS)
     n_shards = jax.lax.axis_size(SEQUENCE_AXIS)
 

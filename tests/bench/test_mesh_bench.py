@@ -8,9 +8,30 @@ from tests.bench.test_step_bench import table_rows
 
 
 def test_tiny_layouts_print_rows_with_equal_first_losses(capsys, tmp_path):
-    assert bench_main(["mesh", "--preset", "tiny", "--impl", "chunked", "--layouts", "1",
-                       "fsdp=2,tensor=2", "--same-batch", "--batch", "4", "--steps", "1",
-                       "--warmup", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        bench_main(
+            [
+                "mesh",
+                "--preset",
+                "tiny",
+                "--impl",
+                "chunked",
+                "--layouts",
+                "1",
+                "fsdp=2,tensor=2",
+                "--same-batch",
+                "--batch",
+                "4",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert set(rows) >= {"1", "fsdp=2,tensor=2"}

@@ -17,13 +17,34 @@ def test_hlo_instructions_are_classified_by_scope_pass_and_work():
     assert ops["fusion.3"][0] == "fusion"  # the tuple shape is skipped
     assert classify(*ops["fusion.3"], "triton_gemm_kernel") == ("mlp", "backward", "matmul")
     assert classify(*ops["all-reduce-start.1"], "nccl_kernel") == (
-        "optimizer", "forward", "collective")
+        "optimizer",
+        "forward",
+        "collective",
+    )
     assert classify(*ops["custom-call.2"], "ssd_fwd") == ("mamba2", "recompute", "kernel")
 
 
 def test_tiny_profile_attributes_time_to_every_layer_kind(capsys, tmp_path):
-    assert bench_main(["profile", "--preset", "tiny", "--impl", "chunked", "--steps", "1",
-                       "--warmup", "1", "--top", "3", "--out", str(tmp_path)]) == 0
+    assert (
+        bench_main(
+            [
+                "profile",
+                "--preset",
+                "tiny",
+                "--impl",
+                "chunked",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--top",
+                "3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     layers = {line.split("|")[1].strip() for line in out.splitlines() if line.count("|") == 4}
     assert {"mamba2", "attention", "mlp", "loss", "optimizer"} <= layers

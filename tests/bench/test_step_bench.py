@@ -17,8 +17,12 @@ def table_rows(out):
 
 
 def test_tiny_chunked_step_prints_a_row_with_finite_loss(capsys):
-    assert bench_main(["step", "--preset", "tiny", "--steps", "2", "--warmup", "1",
-                       "--impls", "chunked"]) == 0
+    assert (
+        bench_main(
+            ["step", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--impls", "chunked"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| impl | compile s | step ms | tokens/s |" in out
     cells = table_rows(out)["chunked"]

@@ -60,8 +60,12 @@ def test_batch_contract(config):
     synthetic = isinstance(config, (MQARConfig, NIAHConfig))
     keys = {"tokens", "targets", "loss_mask", "segment_ids"} | ({"bucket"} if synthetic else set())
     assert set(batch) == keys
-    for key, dtype in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                       ("segment_ids", np.int32)):
+    for key, dtype in (
+        ("tokens", np.int32),
+        ("targets", np.int32),
+        ("loss_mask", np.float32),
+        ("segment_ids", np.int32),
+    ):
         assert batch[key].shape == (B, L) and batch[key].dtype == dtype, key
     assert batch["tokens"].min() >= 0 and batch["tokens"].max() < vocab_size(config)
     assert batch["targets"].min() >= 0 and batch["targets"].max() < vocab_size(config)
@@ -113,22 +117,36 @@ def test_eval_is_one_finite_padded_pass():
     assert not last["loss_mask"][2:].any() and not last["segment_ids"][2:].any()
     answers = sum(b["loss_mask"].sum() for b in batches)
     assert answers == 5 * 2 + 5 * 4
-    _assert_same(batches, list(make_dataset(config, split="eval", seed=0, batch_size=4,
-                                            seq_len=16)))
+    _assert_same(
+        batches, list(make_dataset(config, split="eval", seed=0, batch_size=4, seq_len=16))
+    )
 
 
 def test_shards_split_the_stream():
     config = MQARConfig(vocab_size=64, num_pairs=2, seq_lens=16, num_eval_examples=8)
     whole = next(iter(make_dataset(config, split="eval", seed=0, batch_size=8, seq_len=16)))
     for index in (0, 1):
-        part = next(iter(make_dataset(config, split="eval", seed=0, batch_size=4, seq_len=16,
-                                      shard_index=index, shard_count=2)))
+        part = next(
+            iter(
+                make_dataset(
+                    config,
+                    split="eval",
+                    seed=0,
+                    batch_size=4,
+                    seq_len=16,
+                    shard_index=index,
+                    shard_count=2,
+                )
+            )
+        )
         np.testing.assert_array_equal(part["tokens"], whole["tokens"][index::2])
 
 
 def test_bucket_names_and_vocab():
-    assert bucket_names(MQARConfig(num_pairs=(8, 16)), 128) == ["pairs=8,len=128",
-                                                                "pairs=16,len=128"]
+    assert bucket_names(MQARConfig(num_pairs=(8, 16)), 128) == [
+        "pairs=8,len=128",
+        "pairs=16,len=128",
+    ]
     assert bucket_names(NIAHConfig(context_lens=64, depths=(0.5,))) == ["len=64,depth=0.50"]
     assert bucket_names(TextConfig(paths="x.txt")) == []
     assert vocab_size(MQARConfig(vocab_size=100)) == 100
@@ -146,39 +164,66 @@ def test_config_from_dict():
         config_from_dict({"kind": "mqar", "pairs": 4})
 
 
-@pytest.mark.parametrize("build,field", [
-    (lambda: MQARConfig(num_pairs=()), "MQARConfig.num_pairs"),
-    (lambda: MQARConfig(num_pairs=0), "MQARConfig.num_pairs"),
-    (lambda: MQARConfig(num_pairs=2.5), "MQARConfig.num_pairs"),
-    (lambda: MQARConfig(vocab_size=16, num_pairs=8), "MQARConfig.num_pairs"),
-    (lambda: MQARConfig(num_pairs=16, seq_lens=32), "MQARConfig.num_pairs"),
-    (lambda: MQARConfig(num_pairs=(2, 4, 8), seq_lens=(32, 64)), "MQARConfig.seq_lens"),
-    (lambda: MQARConfig(power_a=0), "MQARConfig.power_a"),
-    (lambda: MQARConfig(num_eval_examples=0), "MQARConfig.num_eval_examples"),
-    (lambda: NIAHConfig(depths=1.5), "NIAHConfig.depths"),
-    (lambda: NIAHConfig(context_lens=4), "NIAHConfig.context_lens"),
-    (lambda: NIAHConfig(context_lens=12, num_distractors=2), "NIAHConfig.context_lens"),
-    (lambda: NIAHConfig(vocab_size=5, num_distractors=2), "NIAHConfig.vocab_size"),
-    (lambda: NIAHConfig(num_distractors=-1), "NIAHConfig.num_distractors"),
-    (lambda: TextConfig(), "TextConfig.paths"),
-    (lambda: TextConfig(paths="a", eval_fraction=1.0), "TextConfig.eval_fraction"),
-    (lambda: TextConfig(paths="a", doc_separator=""), "TextConfig.doc_separator"),
-    (lambda: MemmapConfig(vocab_size=5), "MemmapConfig.path"),
-    (lambda: MemmapConfig(path="t.npy"), "MemmapConfig.vocab_size"),
-    (lambda: MemmapConfig(path="t.npy", vocab_size=5, eos_id=5), "MemmapConfig.eos_id"),
-    (lambda: MemmapConfig(path="t.npy", vocab_size=5, dtype="int33"), "MemmapConfig.dtype"),
-    (lambda: make_dataset(MQARConfig(), split="test", seed=0, batch_size=1, seq_len=64), "split"),
-    (lambda: make_dataset(MQARConfig(), split="train", seed=-1, batch_size=1, seq_len=64), "seed"),
-    (lambda: make_dataset(MQARConfig(), split="train", seed=0, batch_size=0, seq_len=64),
-     "batch_size"),
-    (lambda: make_dataset(MQARConfig(), split="train", seed=0, batch_size=1, seq_len=32),
-     "MQARConfig.num_pairs"),
-    (lambda: make_dataset(MQARConfig(seq_lens=128), split="train", seed=0, batch_size=1,
-                          seq_len=64), "seq_len"),
-    (lambda: make_dataset(MQARConfig(), split="train", seed=0, batch_size=1, seq_len=64,
-                          shard_index=2, shard_count=2), "shard_index"),
-    (lambda: make_dataset("mqar", split="train", seed=0, batch_size=1, seq_len=64), "config"),
-])
+@pytest.mark.parametrize(
+    "build,field",
+    [
+        (lambda: MQARConfig(num_pairs=()), "MQARConfig.num_pairs"),
+        (lambda: MQARConfig(num_pairs=0), "MQARConfig.num_pairs"),
+        (lambda: MQARConfig(num_pairs=2.5), "MQARConfig.num_pairs"),
+        (lambda: MQARConfig(vocab_size=16, num_pairs=8), "MQARConfig.num_pairs"),
+        (lambda: MQARConfig(num_pairs=16, seq_lens=32), "MQARConfig.num_pairs"),
+        (lambda: MQARConfig(num_pairs=(2, 4, 8), seq_lens=(32, 64)), "MQARConfig.seq_lens"),
+        (lambda: MQARConfig(power_a=0), "MQARConfig.power_a"),
+        (lambda: MQARConfig(num_eval_examples=0), "MQARConfig.num_eval_examples"),
+        (lambda: NIAHConfig(depths=1.5), "NIAHConfig.depths"),
+        (lambda: NIAHConfig(context_lens=4), "NIAHConfig.context_lens"),
+        (lambda: NIAHConfig(context_lens=12, num_distractors=2), "NIAHConfig.context_lens"),
+        (lambda: NIAHConfig(vocab_size=5, num_distractors=2), "NIAHConfig.vocab_size"),
+        (lambda: NIAHConfig(num_distractors=-1), "NIAHConfig.num_distractors"),
+        (lambda: TextConfig(), "TextConfig.paths"),
+        (lambda: TextConfig(paths="a", eval_fraction=1.0), "TextConfig.eval_fraction"),
+        (lambda: TextConfig(paths="a", doc_separator=""), "TextConfig.doc_separator"),
+        (lambda: MemmapConfig(vocab_size=5), "MemmapConfig.path"),
+        (lambda: MemmapConfig(path="t.npy"), "MemmapConfig.vocab_size"),
+        (lambda: MemmapConfig(path="t.npy", vocab_size=5, eos_id=5), "MemmapConfig.eos_id"),
+        (lambda: MemmapConfig(path="t.npy", vocab_size=5, dtype="int33"), "MemmapConfig.dtype"),
+        (
+            lambda: make_dataset(MQARConfig(), split="test", seed=0, batch_size=1, seq_len=64),
+            "split",
+        ),
+        (
+            lambda: make_dataset(MQARConfig(), split="train", seed=-1, batch_size=1, seq_len=64),
+            "seed",
+        ),
+        (
+            lambda: make_dataset(MQARConfig(), split="train", seed=0, batch_size=0, seq_len=64),
+            "batch_size",
+        ),
+        (
+            lambda: make_dataset(MQARConfig(), split="train", seed=0, batch_size=1, seq_len=32),
+            "MQARConfig.num_pairs",
+        ),
+        (
+            lambda: make_dataset(
+                MQARConfig(seq_lens=128), split="train", seed=0, batch_size=1, seq_len=64
+            ),
+            "seq_len",
+        ),
+        (
+            lambda: make_dataset(
+                MQARConfig(),
+                split="train",
+                seed=0,
+                batch_size=1,
+                seq_len=64,
+                shard_index=2,
+                shard_count=2,
+            ),
+            "shard_index",
+        ),
+        (lambda: make_dataset("mqar", split="train", seed=0, batch_size=1, seq_len=64), "config"),
+    ],
+)
 def test_bad_config_names_the_field(build, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         build()

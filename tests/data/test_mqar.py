@@ -8,7 +8,7 @@ from hybridjax.data import MQARConfig, bucket_names, make_dataset, mqar_example
 
 def _check_example(tokens, targets, loss_mask, vocab_size, num_pairs):
     half = vocab_size // 2
-    context = tokens[:2 * num_pairs]
+    context = tokens[: 2 * num_pairs]
     keys, values = context[0::2], context[1::2]
     assert np.all((keys >= 1) & (keys < half)), "keys come from [1, V/2)"
     assert np.all((values >= half) & (values < vocab_size)), "values come from [V/2, V)"
@@ -27,8 +27,9 @@ def _check_example(tokens, targets, loss_mask, vocab_size, num_pairs):
     return answers
 
 
-@pytest.mark.parametrize("vocab_size,seq_len,num_pairs", [(256, 128, 8), (256, 128, 16),
-                                                          (64, 64, 16), (8192, 256, 32)])
+@pytest.mark.parametrize(
+    "vocab_size,seq_len,num_pairs", [(256, 128, 8), (256, 128, 16), (64, 64, 16), (8192, 256, 32)]
+)
 def test_structure(vocab_size, seq_len, num_pairs):
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -44,8 +45,9 @@ def test_loss_mask_is_exactly_the_queries_without_random_filler():
     for _ in range(20):
         ex = mqar_example(rng, vocab_size=128, seq_len=96, num_pairs=6, random_non_queries=False)
         query_region = ex["tokens"][12:]
-        np.testing.assert_array_equal(np.flatnonzero(query_region) + 12,
-                                      np.flatnonzero(ex["loss_mask"]))
+        np.testing.assert_array_equal(
+            np.flatnonzero(query_region) + 12, np.flatnonzero(ex["loss_mask"])
+        )
 
 
 def _gap_fractions_in_first_half(power_a, seq_len=128, num_pairs=8, n=400):
@@ -53,8 +55,9 @@ def _gap_fractions_in_first_half(power_a, seq_len=128, num_pairs=8, n=400):
     space = (seq_len - 2 * num_pairs) // 2
     fractions = []
     for _ in range(n):
-        ex = mqar_example(rng, vocab_size=256, seq_len=seq_len, num_pairs=num_pairs,
-                          power_a=power_a)
+        ex = mqar_example(
+            rng, vocab_size=256, seq_len=seq_len, num_pairs=num_pairs, power_a=power_a
+        )
         gaps = (np.flatnonzero(ex["loss_mask"]) - 2 * num_pairs) // 2
         assert np.all((gaps >= 0) & (gaps < space)) and len(set(gaps)) == num_pairs
         fractions.append(np.mean(gaps < space / 2))

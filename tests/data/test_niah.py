@@ -33,8 +33,7 @@ def test_distractors_do_not_overlap_and_have_other_keys():
     rng = np.random.default_rng(1)
     for depth in (0.0, 0.5, 1.0):
         for _ in range(20):
-            ex = niah_example(rng, vocab_size=256, context_len=40, depth=depth,
-                              num_distractors=10)
+            ex = niah_example(rng, vocab_size=256, context_len=40, depth=depth, num_distractors=10)
             tokens = ex["tokens"]
             starts = np.flatnonzero(tokens == NEEDLE)
             assert len(starts) == 11 and np.all(np.diff(starts) >= 3)
@@ -48,8 +47,12 @@ def test_distractors_do_not_overlap_and_have_other_keys():
 def test_grid_buckets_padded_to_row():
     config = NIAHConfig(vocab_size=128, context_lens=(32, 64), depths=(0.0, 1.0))
     names = bucket_names(config, 64)
-    assert names == ["len=32,depth=0.00", "len=32,depth=1.00", "len=64,depth=0.00",
-                     "len=64,depth=1.00"]
+    assert names == [
+        "len=32,depth=0.00",
+        "len=32,depth=1.00",
+        "len=64,depth=0.00",
+        "len=64,depth=1.00",
+    ]
     batch = next(iter(make_dataset(config, split="eval", seed=0, batch_size=8, seq_len=64)))
     for row in range(8):
         length, depth = config.buckets(64)[batch["bucket"][row]]
@@ -65,12 +68,21 @@ def test_context_lens_default_to_the_row():
 
 def test_eval_grid_reaches_other_lengths():
     """Train at the row length, evaluate a grid of longer contexts x the same depths."""
-    config = NIAHConfig(vocab_size=64, depths=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-                        eval_context_lens=(16, 64), eval_depths=(0.0, 0.5, 1.0))
+    config = NIAHConfig(
+        vocab_size=64,
+        depths=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        eval_context_lens=(16, 64),
+        eval_depths=(0.0, 0.5, 1.0),
+    )
     assert config.buckets(16) == tuple((16, d) for d in config.depths)
     assert bucket_names(config, 64, split="eval") == [
-        "len=16,depth=0.00", "len=16,depth=0.50", "len=16,depth=1.00",
-        "len=64,depth=0.00", "len=64,depth=0.50", "len=64,depth=1.00"]
+        "len=16,depth=0.00",
+        "len=16,depth=0.50",
+        "len=16,depth=1.00",
+        "len=64,depth=0.00",
+        "len=64,depth=0.50",
+        "len=64,depth=1.00",
+    ]
     train = next(iter(make_dataset(config, split="train", seed=0, batch_size=4, seq_len=16)))
     assert train["tokens"].shape == (4, 16) and set(train["bucket"]) <= set(range(6))
     batch = next(iter(make_dataset(config, split="eval", seed=0, batch_size=12, seq_len=64)))
@@ -79,12 +91,17 @@ def test_eval_grid_reaches_other_lengths():
         assert batch["tokens"][row][needle_position(length, depth)] == NEEDLE
         assert np.flatnonzero(batch["loss_mask"][row]).tolist() == [length - 1]
     assert {int(b) for b in batch["bucket"]} == set(range(6))
-    with pytest.raises(ValueError, match=r"seq_len: 32 is shorter than "
-                                         r"NIAHConfig.eval_context_lens \(64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"seq_len: 32 is shorter than "
+        r"NIAHConfig.eval_context_lens \(64\)",
+    ):
         make_dataset(config, split="eval", seed=0, batch_size=4, seq_len=32)
     with pytest.raises(ValueError, match="NIAHConfig.eval_context_lens: 4 is too short"):
         NIAHConfig(eval_context_lens=(4, 64))
     with pytest.raises(ValueError, match=r"NIAHConfig.eval_depths: must be in \[0, 1\]"):
         NIAHConfig(eval_depths=(0.5, 2.0))
     assert NIAHConfig(depths=0.5, eval_depths=(0.0, 1.0)).buckets(32, "eval") == (
-        (32, 0.0), (32, 1.0))
+        (32, 0.0),
+        (32, 1.0),
+    )

@@ -21,7 +21,7 @@ def _reference(docs, seq_len):
     stream = [(int(t), d) for d, doc in enumerate(docs) for t in doc]
     rows = []
     for start in range(0, len(stream), seq_len):
-        chunk = stream[start:start + seq_len]
+        chunk = stream[start : start + seq_len]
         tokens, segments, targets, mask, seg, prev_doc = [], [], [], [], 0, None
         for i, (t, d) in enumerate(chunk):
             if d != prev_doc:
@@ -33,8 +33,14 @@ def _reference(docs, seq_len):
             targets.append(nxt[0] if same else PAD)
             mask.append(1.0 if same else 0.0)
         pad = seq_len - len(chunk)
-        rows.append({"tokens": tokens + [PAD] * pad, "segment_ids": segments + [0] * pad,
-                     "targets": targets + [PAD] * pad, "loss_mask": mask + [0.0] * pad})
+        rows.append(
+            {
+                "tokens": tokens + [PAD] * pad,
+                "segment_ids": segments + [0] * pad,
+                "targets": targets + [PAD] * pad,
+                "loss_mask": mask + [0.0] * pad,
+            }
+        )
     return rows
 
 

@@ -42,8 +42,11 @@ def test_masked_positions_do_not_count():
     logits, targets, mask = _data(1)
     noisy = logits.copy()
     noisy[mask == 0] = 1e4  # huge logits where nothing is counted
-    np.testing.assert_allclose(float(masked_mean_cross_entropy(noisy, targets, mask)),
-                               float(masked_mean_cross_entropy(logits, targets, mask)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(masked_mean_cross_entropy(noisy, targets, mask)),
+        float(masked_mean_cross_entropy(logits, targets, mask)),
+        rtol=1e-6,
+    )
     assert float(masked_mean_cross_entropy(logits, targets, np.zeros_like(mask))) == 0.0
 
 
@@ -54,7 +57,8 @@ def test_bfloat16_logits_are_upcast():
     np.testing.assert_allclose(
         float(masked_mean_cross_entropy(jnp.asarray(logits, jnp.bfloat16), targets, mask)),
         _reference(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float32), targets, mask),
-        rtol=1e-5)
+        rtol=1e-5,
+    )
 
 
 def test_sums_and_metrics():
@@ -67,7 +71,8 @@ def test_sums_and_metrics():
     np.testing.assert_allclose(metrics["perplexity"], np.exp(ref), rtol=1e-6)
     np.testing.assert_allclose(metrics["bits_per_token"], ref / np.log(2), rtol=1e-6)
     # Uniform logits: perplexity equals the vocabulary size.
-    uniform = cross_entropy_sums(np.zeros((2, 3, 11), np.float32), targets[:2, :3],
-                                 np.ones((2, 3), np.float32))
+    uniform = cross_entropy_sums(
+        np.zeros((2, 3, 11), np.float32), targets[:2, :3], np.ones((2, 3), np.float32)
+    )
     np.testing.assert_allclose(lm_metrics(*uniform)["perplexity"], 11.0, rtol=1e-5)
     assert perplexity(1e6) == float("inf") and np.isnan(lm_metrics(0.0, 0.0)["loss"])

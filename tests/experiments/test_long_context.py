@@ -14,11 +14,23 @@ from experiments import long_context
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG_DIR = os.path.join(ROOT, "configs")
-TINY = ["model.d_model=32", "model.mamba_heads=2", "model.mamba_head_dim=16", "model.ssm_state=4",
-        "model.chunk_size=16", "model.attn_heads=2", "model.kv_heads=1", "model.head_dim=16",
-        "trainer.steps=2", "trainer.batch_size=4", "trainer.seq_len=32", "trainer.eval_seq_len=64",
-        "trainer.eval_batch_size=16", "data.eval_context_lens=[32,64]",
-        "data.num_eval_examples=16"]
+TINY = [
+    "model.d_model=32",
+    "model.mamba_heads=2",
+    "model.mamba_head_dim=16",
+    "model.ssm_state=4",
+    "model.chunk_size=16",
+    "model.attn_heads=2",
+    "model.kv_heads=1",
+    "model.head_dim=16",
+    "trainer.steps=2",
+    "trainer.batch_size=4",
+    "trainer.seq_len=32",
+    "trainer.eval_seq_len=64",
+    "trainer.eval_batch_size=16",
+    "data.eval_context_lens=[32,64]",
+    "data.num_eval_examples=16",
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -36,8 +48,9 @@ def compose(overrides):
 def stages(experiment, pattern):
     """(short, extension) RunConfigs of one job, composed as experiments.long_context does."""
     job = [f"model.pattern={pattern}", "trainer.seed=0", f"+experiment={experiment}"]
-    return compose(job), compose([*job, f"+experiment/extension={experiment}",
-                                  "trainer.init_from=/some/run"])
+    return compose(job), compose(
+        [*job, f"+experiment/extension={experiment}", "trainer.init_from=/some/run"]
+    )
 
 
 @pytest.mark.parametrize("experiment", ["long_context", "long_context_gpu"])
@@ -68,18 +81,34 @@ def test_the_cpu_experiment_compares_a_hybrid_with_a_pure_ssm():
 def job_dir(tmp_path_factory):
     """`python -m experiments.long_context run`, shrunk to one tiny job (M*, seed 0)."""
     out = tmp_path_factory.mktemp("long_context")
-    cmd = [sys.executable, "-m", "experiments.long_context", "run", *TINY, "model.pattern=M*",
-           "trainer.seed=0", f"hydra.sweep.dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.long_context",
+        "run",
+        *TINY,
+        "model.pattern=M*",
+        "trainer.seed=0",
+        f"hydra.sweep.dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(os.listdir(out / "0")) == [".hydra", "extend", "long_context.log", "short"]
     return out
 
 
 def test_a_job_trains_short_then_extends_from_it(job_dir):
-    short, extend = (yaml.safe_load((job_dir / "0" / s / "config.yaml").read_text())
-                     for s in ("short", "extend"))
+    short, extend = (
+        yaml.safe_load((job_dir / "0" / s / "config.yaml").read_text()) for s in ("short", "extend")
+    )
     assert short["trainer"]["init_from"] is None and short["trainer"]["seq_len_schedule"] == []
     assert extend["trainer"]["init_from"] == str(job_dir / "0" / "short")
     assert extend["optimizer"]["schedule"] == "constant"
@@ -87,8 +116,10 @@ def test_a_job_trains_short_then_extends_from_it(job_dir):
     assert extend["model"] == short["model"]
     for stage in ("short", "extend"):
         summary = json.loads((job_dir / "0" / stage / "summary.json").read_text())
-        assert summary["step"] == 2 and len(
-            [k for k in summary if k.startswith("eval/accuracy/len=")]) == 16
+        assert (
+            summary["step"] == 2
+            and len([k for k in summary if k.startswith("eval/accuracy/len=")]) == 16
+        )
 
 
 def test_report_heatmaps_and_table(job_dir, tmp_path, capsys):
@@ -98,10 +129,13 @@ def test_report_heatmaps_and_table(job_dir, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 8  # stages x lengths x depths
     assert {(r["pattern"], r["seed"], r["stage"], r["train_lens"]) for r in rows} == {
-        ("M*", "0", "short", "32"), ("M*", "0", "extend", "64+256")}
+        ("M*", "0", "short", "32"),
+        ("M*", "0", "extend", "64+256"),
+    }
     summary = json.loads((job_dir / "0" / "extend" / "summary.json").read_text())
-    cell = next(r for r in rows if r["stage"] == "extend" and r["length"] == "64"
-                and r["depth"] == "0.0")
+    cell = next(
+        r for r in rows if r["stage"] == "extend" and r["length"] == "64" and r["depth"] == "0.0"
+    )
     assert float(cell["accuracy"]) == summary["eval/accuracy/len=64,depth=0.00"]
     md = (tmp_path / "report.md").read_text()
     assert "| M\\* | before | 32 |" in md and "| M\\* | after | 64+256 |" in md

@@ -17,14 +17,29 @@ from hybridjax import make_pattern
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG_DIR = os.path.join(ROOT, "configs")
-EXPERIMENTS = sorted(os.path.basename(p)[:-5]
-                     for p in glob.glob(os.path.join(CONFIG_DIR, "experiment", "*.yaml")))
+EXPERIMENTS = sorted(
+    os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "experiment", "*.yaml"))
+)
 # A model and task small enough that a step takes milliseconds; compile dominates each run.
-TINY = ["model.d_model=32", "model.mamba_heads=2", "model.mamba_head_dim=16", "model.ssm_state=4",
-        "model.chunk_size=16", "model.attn_heads=2", "model.kv_heads=1", "model.head_dim=16",
-        "trainer.steps=3", "trainer.batch_size=4", "trainer.seq_len=32", "trainer.log_every=1",
-        "trainer.eval_every=2", "optimizer.warmup_steps=1", "data.num_pairs=[2,4]",
-        "data.seq_lens=null", "data.num_eval_examples=16"]
+TINY = [
+    "model.d_model=32",
+    "model.mamba_heads=2",
+    "model.mamba_head_dim=16",
+    "model.ssm_state=4",
+    "model.chunk_size=16",
+    "model.attn_heads=2",
+    "model.kv_heads=1",
+    "model.head_dim=16",
+    "trainer.steps=3",
+    "trainer.batch_size=4",
+    "trainer.seq_len=32",
+    "trainer.log_every=1",
+    "trainer.eval_every=2",
+    "optimizer.warmup_steps=1",
+    "data.num_pairs=[2,4]",
+    "data.seq_lens=null",
+    "data.num_eval_examples=16",
+]
 BUCKETS = ["pairs=2,len=32", "pairs=4,len=32"]
 
 
@@ -36,8 +51,9 @@ def compose(overrides, hydra_config=False):
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides),
-                             return_hydra_config=hydra_config)
+        return hydra_compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=hydra_config
+        )
 
 
 def sweep_jobs(experiment):
@@ -94,10 +110,25 @@ def test_gpu_sweep_is_larger_and_uses_the_gpu_trainer():
 def sweep_dir(tmp_path_factory):
     """The plain ratio_sweep command, shrunk: two tiny runs (patterns MM and M*, seed 0)."""
     out = tmp_path_factory.mktemp("sweep")
-    cmd = [sys.executable, "-m", "hybridjax.train", "+experiment=ratio_sweep", *TINY,
-           "model.pattern=MM,M*", "trainer.seed=0", f"hydra.sweep.dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridjax.train",
+        "+experiment=ratio_sweep",
+        *TINY,
+        "model.pattern=MM,M*",
+        "trainer.seed=0",
+        f"hydra.sweep.dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(os.listdir(out)) == ["0", "1", "multirun.yaml"]
     return out
@@ -114,7 +145,9 @@ def test_report_of_a_sweep(sweep_dir, tmp_path, capsys):
 
     runs = read_csv(tmp_path / "runs.csv")
     assert [(r["pattern"], r["status"], r["attn_fraction"]) for r in runs] == [
-        ("MM", "done", "0"), ("M*", "done", "0.5")]
+        ("MM", "done", "0"),
+        ("M*", "done", "0.5"),
+    ]
     for r in runs:
         assert int(r["params_total"]) > 0 and float(r["tokens_per_sec"]) > 0
         assert r["memory_kind"] == "step_memory_bytes" and float(r["memory_mb"]) > 0

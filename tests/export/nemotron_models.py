@@ -11,17 +11,44 @@ from hybridjax.model import HybridLM, flat_params, load_flat_params
 # Small, with distinct sizes (no square projection a missed transpose could slip through),
 # n_groups > 1, a shared expert, and time_step_min high enough that the dt clamp binds.
 SMALL = dict(  # noqa: C408 (HybridConfig keywords)
-    vocab_size=96, d_model=40, mamba_heads=4, mamba_head_dim=8, ssm_state=12, n_groups=2,
-    chunk_size=8, attn_heads=6, kv_heads=2, head_dim=8, n_experts=6, top_k=2, moe_ffn=16,
-    shared_ffn=24, ffn=56, initializer_range=0.1, time_step_min=0.02, time_step_max=0.2,
-    rope_original_max_len=512)
+    vocab_size=96,
+    d_model=40,
+    mamba_heads=4,
+    mamba_head_dim=8,
+    ssm_state=12,
+    n_groups=2,
+    chunk_size=8,
+    attn_heads=6,
+    kv_heads=2,
+    head_dim=8,
+    n_experts=6,
+    top_k=2,
+    moe_ffn=16,
+    shared_ffn=24,
+    ffn=56,
+    initializer_range=0.1,
+    time_step_min=0.02,
+    time_step_max=0.2,
+    rope_original_max_len=512,
+)
 PARITY = {  # HybridConfig overrides; together they use every NemotronH feature
     "all_letters": {"pattern": "M*E-M*E-"},
-    "latent_grouped_router": {"pattern": "ME*-EM", "moe_latent": 20, "router_groups": 2,
-                              "router_topk_groups": 1, "routed_scaling_factor": 2.5},
-    "tied_silu_unnormed": {"pattern": "M-E*", "tie_embeddings": True, "mlp_act": "silu",
-                           "expert_act": "silu", "norm_topk_prob": False, "n_groups": 4,
-                           "top_k": 3},
+    "latent_grouped_router": {
+        "pattern": "ME*-EM",
+        "moe_latent": 20,
+        "router_groups": 2,
+        "router_topk_groups": 1,
+        "routed_scaling_factor": 2.5,
+    },
+    "tied_silu_unnormed": {
+        "pattern": "M-E*",
+        "tie_embeddings": True,
+        "mlp_act": "silu",
+        "expert_act": "silu",
+        "norm_topk_prob": False,
+        "n_groups": 4,
+        "top_k": 3,
+    },
 }
 LENGTH = 27  # > chunk_size, not a multiple of it
 

@@ -47,7 +47,8 @@ def test_cli_exports_latest_and_chosen_step(tmp_path, capsys):
     assert main([str(step_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     for out, step in (("latest", 4), ("bf16", 2)):
         _, info = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / out, output_loading_info=True)
+            tmp_path / out, output_loading_info=True
+        )
         assert not info["missing_keys"] and not info["unexpected_keys"]
         imported = flat_params(from_hf(tmp_path / out))
         for name, value in saved[step].items():

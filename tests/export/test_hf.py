@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 def hf_load(path, **kw):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        path, output_loading_info=True, **kw)
+        path, output_loading_info=True, **kw
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"] and not info["error_msgs"], info
     return model.eval()
@@ -72,7 +73,10 @@ def test_hub_names_and_files(exported, tmp_path):
     assert config_json["architectures"] == ["NemotronHForCausalLM"]
     assert config_json["layers_block_type"] == [hfx.LAYER_TYPES[c] for c in pattern]
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     hf_cfg = transformers.AutoConfig.from_pretrained(out)
     assert hf_cfg.hybrid_override_pattern == pattern
     transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(tmp_path)
@@ -122,13 +126,36 @@ def test_export_import_round_trip_is_exact(exported):
 def test_import_checkpoint_made_by_transformers(tmp_path):
     """A NemotronH that transformers builds from a random config, saved by save_pretrained."""
     hf_config = transformers.NemotronHConfig(
-        vocab_size=80, hidden_size=48, layers_block_type=[
-            "linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"],
-        num_attention_heads=6, num_key_value_heads=2, head_dim=12, intermediate_size=56,
-        mamba_num_heads=6, mamba_head_dim=10, ssm_state_size=12, n_groups=3, chunk_size=16,
-        n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=20,
-        moe_shared_expert_intermediate_size=28, moe_latent_size=24, n_group=2, topk_group=1,
-        routed_scaling_factor=1.5, layer_norm_epsilon=1e-6, time_step_min=0.01)
+        vocab_size=80,
+        hidden_size=48,
+        layers_block_type=[
+            "linear_attention",
+            "moe",
+            "full_attention",
+            "mlp",
+            "linear_attention",
+            "moe",
+        ],
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=56,
+        mamba_num_heads=6,
+        mamba_head_dim=10,
+        ssm_state_size=12,
+        n_groups=3,
+        chunk_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=20,
+        moe_shared_expert_intermediate_size=28,
+        moe_latent_size=24,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        layer_norm_epsilon=1e-6,
+        time_step_min=0.01,
+    )
     torch.manual_seed(0)
     hf = transformers.NemotronHForCausalLM(hf_config).eval()
     with torch.no_grad():  # the init leaves norms at 1 and biases at 0: make them count
@@ -160,14 +187,29 @@ def test_import_checkpoint_made_by_transformers(tmp_path):
 
 
 def test_inexpressible_features_listed_in_one_error(tmp_path):
-    cfg = config(pattern="M*E-", rope_theta=10000.0, router="softmax", expert_act="swiglu",
-                 mlp_act="gelu", shared_ffn=0, clamp_dt=False, n_experts=6, router_groups=6)
+    cfg = config(
+        pattern="M*E-",
+        rope_theta=10000.0,
+        router="softmax",
+        expert_act="swiglu",
+        mlp_act="gelu",
+        shared_ffn=0,
+        clamp_dt=False,
+        n_experts=6,
+        router_groups=6,
+    )
     model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError) as err:
         to_hf(model, tmp_path / "out")
     message = str(err.value)
-    for feature in ("rope_theta", "router='softmax'", "expert_act='swiglu'", "shared_ffn=0",
-                    "clamp_dt=False", "router_groups=6"):
+    for feature in (
+        "rope_theta",
+        "router='softmax'",
+        "expert_act='swiglu'",
+        "shared_ffn=0",
+        "clamp_dt=False",
+        "router_groups=6",
+    ):
         assert feature in message, feature
     assert not (tmp_path / "out").exists()
 
@@ -200,7 +242,10 @@ def test_config_translation_round_trip():
     for kw in PARITY.values():
         cfg = config(**kw)
         assert hfx.hybrid_config(hfx.hf_config(cfg)) == cfg
-    legacy = {k: v for k, v in hfx.hf_config(config(pattern="M-")).items()
-              if k not in ("layers_block_type", "n_groups")}
+    legacy = {
+        k: v
+        for k, v in hfx.hf_config(config(pattern="M-")).items()
+        if k not in ("layers_block_type", "n_groups")
+    }
     legacy["mamba_n_groups"] = 2
     assert hfx.hybrid_config(legacy) == config(pattern="M-")

@@ -30,16 +30,20 @@ def pallas_on_cpu(monkeypatch):
 
     def interpret(interpret):
         if interpret:
-            monkeypatch.setattr(attn_ops, "pallas_attention",
-                                functools.partial(attn_ops.pallas_attention, interpret=True))
+            monkeypatch.setattr(
+                attn_ops,
+                "pallas_attention",
+                functools.partial(attn_ops.pallas_attention, interpret=True),
+            )
 
     return interpret
 
 
 def _inputs(b, l, hq, hk, d, dtype):
     ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v, ct = (jax.random.normal(key, (b, l, h, d), dtype)
-                   for key, h in zip(ks, (hq, hk, hk, hq)))
+    q, k, v, ct = (
+        jax.random.normal(key, (b, l, h, d), dtype) for key, h in zip(ks, (hq, hk, hk, hq))
+    )
     return q, k, v, ct
 
 
@@ -50,7 +54,7 @@ def _pallas_and_oracle(q, k, v, ct, seg):
     def oracle(q, k, v):
         b, l, _, d = q.shape
         q, k, v = (t.astype(jnp.float64) for t in (q, k, v))
-        return dense_attention(q, k, v, causal_mask(seg, b, l), scale=d ** -0.5)
+        return dense_attention(q, k, v, causal_mask(seg, b, l), scale=d**-0.5)
 
     results = []
     for fn in (jax.jit(pallas), oracle):
@@ -64,8 +68,14 @@ def test_interpret_equals_dense(pallas_on_cpu, mesh):
     pallas_on_cpu(interpret=True)
     b, l, hq, hk, d = 4, 150, 4, 2, 16  # GQA; padded to 256 positions inside
     q, k, v, ct = _inputs(b, l, hq, hk, d, jnp.float32)
-    seg = jnp.array([[0] * 50 + [1] * 60 + [0] * 40,  # id 0 comes back
-                     [3] * 150, [1] * 3 + [2] * 147, [5] * 140 + [6] * 10])
+    seg = jnp.array(
+        [
+            [0] * 50 + [1] * 60 + [0] * 40,  # id 0 comes back
+            [3] * 150,
+            [1] * 3 + [2] * 147,
+            [5] * 140 + [6] * 10,
+        ]
+    )
     with jax.set_mesh(make_mesh(**mesh)) if mesh else contextlib.nullcontext():
         (out, grads), (want, want_grads) = _pallas_and_oracle(q, k, v, ct, seg)
     assert out.dtype == jnp.float32
@@ -82,12 +92,15 @@ def _lower_for_cuda(q, k, v, seg):
     return grad.trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("dtype,l,hq,hk,d,packed", [
-    (jnp.bfloat16, 1000, 4, 2, 64, True),
-    (jnp.bfloat16, 512, 8, 8, 128, False),
-    (jnp.float16, 300, 2, 1, 80, True),  # head_dim padded to 128 inside the kernel
-    (jnp.float32, 256, 4, 1, 32, True),
-])
+@pytest.mark.parametrize(
+    "dtype,l,hq,hk,d,packed",
+    [
+        (jnp.bfloat16, 1000, 4, 2, 64, True),
+        (jnp.bfloat16, 512, 8, 8, 128, False),
+        (jnp.float16, 300, 2, 1, 80, True),  # head_dim padded to 128 inside the kernel
+        (jnp.float32, 256, 4, 1, 32, True),
+    ],
+)
 def test_forward_and_backward_lower_for_cuda(pallas_on_cpu, dtype, l, hq, hk, d, packed):
     pallas_on_cpu(interpret=False)
     q, k, v, _ = _inputs(2, l, hq, hk, d, dtype)
@@ -110,10 +123,10 @@ def test_under_a_mesh_the_kernels_see_local_operands(pallas_on_cpu):
     b, l, hq, hk, d = 8, 1000, 4, 2, 64
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), None, "tensor"))
-    q, k, v = (jax.device_put(jnp.zeros((b, l, h, d), jnp.bfloat16), rows)
-               for h in (hq, hk, hk))
-    seg = jax.device_put(jnp.zeros((b, l), jnp.int32),
-                         NamedSharding(mesh, P(("data", "fsdp", "expert"))))
+    q, k, v = (jax.device_put(jnp.zeros((b, l, h, d), jnp.bfloat16), rows) for h in (hq, hk, hk))
+    seg = jax.device_put(
+        jnp.zeros((b, l), jnp.int32), NamedSharding(mesh, P(("data", "fsdp", "expert")))
+    )
     with jax.set_mesh(mesh):
         text = _lower_for_cuda(q, k, v, seg)
     shapes = _triton_operand_shapes(text)

@@ -29,12 +29,15 @@ def _loss_and_grads(scan, fl, seg, cots):
     return jax.jit(jax.value_and_grad(f))(fl)
 
 
-@pytest.mark.parametrize("h,g,sizes", [
-    (4, 2, {"data": 2, "fsdp": 2, "tensor": 2}),  # groups split with the heads
-    (8, 2, {"data": 2, "tensor": 4}),  # two heads per shard, one group
-    (6, 3, {"data": 4, "tensor": 2}),  # heads straddle groups unevenly: a group per head
-    (4, 1, {"data": 8}),  # rows only
-])
+@pytest.mark.parametrize(
+    "h,g,sizes",
+    [
+        (4, 2, {"data": 2, "fsdp": 2, "tensor": 2}),  # groups split with the heads
+        (8, 2, {"data": 2, "tensor": 4}),  # two heads per shard, one group
+        (6, 3, {"data": 4, "tensor": 2}),  # heads straddle groups unevenly: a group per head
+        (4, 1, {"data": 8}),  # rows only
+    ],
+)
 def test_per_shard_equals_whole_scan(h, g, sizes):
     fl, cots = make_inputs(h * g, 8, 40, h, 8, g, 8, jnp.float32, True, True)
     fl = jax.tree.map(lambda a: a.astype(jnp.float64), fl)
@@ -46,8 +49,9 @@ def test_per_shard_equals_whole_scan(h, g, sizes):
         got, got_grads = _loss_and_grads(functools.partial(ssd_per_shard, scan), fl, seg, cots)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for name in fl:
-        np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12, err_msg=name
+        )
 
 
 CONTEXT_CASES = {
@@ -76,8 +80,9 @@ def test_context_parallel_equals_one_device(case, impl):
         got_nodocs, _ = _loss_and_grads(scan, fl, None, cots)
     np.testing.assert_allclose(got, want, rtol=1e-11)
     for name in fl:
-        np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-11,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got_grads[name], want_grads[name], rtol=1e-9, atol=1e-11, err_msg=name
+        )
     np.testing.assert_allclose(got_nodocs, _loss_and_grads(scan, fl, None, cots)[0], rtol=1e-11)
 
 
@@ -101,14 +106,16 @@ def test_pallas_kernels_per_shard_interpret():
     fl, cots = make_inputs(7, 4, 48, 4, 16, 2, 16, jnp.float32, True, True)
     seg = segments(4, 48, [[3, 20]] * 4)
     kernel = functools.partial(ssd_pallas, chunk_size=16, interpret=True)
-    want, want_grads = _loss_and_grads(functools.partial(ssd, chunk_size=16, impl="reference"),
-                                       fl, seg, cots)
+    want, want_grads = _loss_and_grads(
+        functools.partial(ssd, chunk_size=16, impl="reference"), fl, seg, cots
+    )
     with jax.set_mesh(make_mesh(data=2, tensor=2, fsdp=2)):
         got, got_grads = _loss_and_grads(functools.partial(ssd_per_shard, kernel), fl, seg, cots)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for name in fl:
-        np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-4,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got_grads[name], want_grads[name], rtol=1e-4, atol=1e-4, err_msg=name
+        )
 
 
 def _triton_operand_shapes(text):
@@ -135,8 +142,12 @@ def test_pallas_under_a_mesh_lowers_per_shard_for_cuda(monkeypatch):
         return ssd(x, dt, A, B, C, chunk_size=64, impl="pallas").astype(jnp.float32).sum()
 
     with jax.set_mesh(mesh):
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(
-            x, dt, A, B, B).lower(lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+            .trace(x, dt, A, B, B)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     shapes = _triton_operand_shapes(text)
     assert text.count("__gpu$xla.gpu.triton") >= 4  # forward, state, dc and dx kernels
     # every kernel sees its device's 2 rows (of 8) and 2 heads (of 4), never the whole batch

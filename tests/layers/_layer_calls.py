@@ -21,7 +21,7 @@ def decode_each(m, x, cache):
     the cache after the last)."""
     outs = []
     for i in range(x.shape[1]):
-        y, cache = decode(m, x[:, i:i + 1], cache)
+        y, cache = decode(m, x[:, i : i + 1], cache)
         outs.append(y)
     return jnp.concatenate(outs, 1), cache
 

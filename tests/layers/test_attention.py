@@ -13,8 +13,15 @@ from hybridjax.config import HybridConfig
 from hybridjax.layers.attention import Attention, KVCache, document_positions
 from hybridjax.ops.rope import rope_frequencies
 
-CFG = HybridConfig(d_model=40, attn_heads=6, kv_heads=2, head_dim=10, dtype="float64",
-                   param_dtype="float64", pattern="*-")
+CFG = HybridConfig(
+    d_model=40,
+    attn_heads=6,
+    kv_heads=2,
+    head_dim=10,
+    dtype="float64",
+    param_dtype="float64",
+    pattern="*-",
+)
 
 
 # jitted entry points: one compile per (module structure, shape) instead of one per eager op
@@ -38,9 +45,14 @@ def _hf_attention(cfg, attn):
     from _torch_f64 import set_linear
     from transformers import NemotronHConfig
 
-    hf_cfg = NemotronHConfig(hidden_size=cfg.d_model, layers_block_type=["full_attention"],
-                             num_attention_heads=cfg.attn_heads, num_key_value_heads=cfg.kv_heads,
-                             head_dim=cfg.head_dim, vocab_size=16)
+    hf_cfg = NemotronHConfig(
+        hidden_size=cfg.d_model,
+        layers_block_type=["full_attention"],
+        num_attention_heads=cfg.attn_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=16,
+    )
     hf_cfg._attn_implementation = "eager"
     hf = mod.NemotronHAttention(hf_cfg, layer_idx=0).double().eval()
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -85,9 +97,13 @@ def _numpy_attention(cfg, attn, x, positions):
     q = (x @ np.asarray(attn.q_proj.kernel[...]).reshape(cfg.d_model, -1)).reshape(b, l, hq, hd)
     k = (x @ np.asarray(attn.k_proj.kernel[...]).reshape(cfg.d_model, -1)).reshape(b, l, hk, hd)
     v = (x @ np.asarray(attn.v_proj.kernel[...]).reshape(cfg.d_model, -1)).reshape(b, l, hk, hd)
-    inv_freq, scale = rope_frequencies(hd, cfg.rope_theta, scaling=cfg.rope_scaling,
-                                       factor=cfg.rope_factor,
-                                       original_max_len=cfg.rope_original_max_len)
+    inv_freq, scale = rope_frequencies(
+        hd,
+        cfg.rope_theta,
+        scaling=cfg.rope_scaling,
+        factor=cfg.rope_factor,
+        original_max_len=cfg.rope_original_max_len,
+    )
 
     def rot(vec, p):  # pairs (i, i + hd/2) rotate by p * inv_freq_i
         out = np.empty_like(vec)
@@ -104,16 +120,17 @@ def _numpy_attention(cfg, attn, x, positions):
             for i in range(l):
                 qi = rot(q[bi, i, h], positions[bi, i])
                 scores = np.array([qi @ rot(k[bi, j, kh], positions[bi, j]) for j in range(i + 1)])
-                scores = scores * hd ** -0.5
+                scores = scores * hd**-0.5
                 p = np.exp(scores - scores.max())
-                out[bi, i, h] = (p / p.sum()) @ v[bi, :i + 1, kh]
+                out[bi, i, h] = (p / p.sum()) @ v[bi, : i + 1, kh]
     return out.reshape(b, l, hq * hd) @ np.asarray(attn.o_proj.kernel[...]).reshape(hq * hd, -1)
 
 
 @pytest.mark.parametrize("scaling", [None, "linear", "ntk", "yarn"])
 def test_rope_matches_numpy(scaling):
-    cfg = CFG.replace(rope_theta=500.0, rope_scaling=scaling, rope_factor=4.0,
-                      rope_original_max_len=16)
+    cfg = CFG.replace(
+        rope_theta=500.0, rope_scaling=scaling, rope_factor=4.0, rope_original_max_len=16
+    )
     attn = _attn(cfg)
     x = random_x((2, 9, cfg.d_model))
     positions = jnp.array([np.arange(9) + 5, np.arange(9) * 3])
@@ -149,8 +166,9 @@ def test_segments_equal_separate_documents(rope):
 
 def test_document_positions():
     seg = jnp.array([[1, 1, 2, 2, 2, 7], [0, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(document_positions(seg, 2, 6),
-                                  [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(
+        document_positions(seg, 2, 6), [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
+    )
 
 
 # --- implementations -----------------------------------------------------------------------------
@@ -165,8 +183,12 @@ def test_blockwise_equals_xla(rope):
     blockwise = _attn(cfg.replace(attn_impl="blockwise"))
     nnx.update(blockwise, nnx.state(dense))
     x = random_x((2, 29, CFG.d_model))
-    seg = jnp.array([[0] * 6 + [1] * 9 + [0] * 4 + [2] * 10,  # id 0 comes back
-                     [4] * 29])
+    seg = jnp.array(
+        [
+            [0] * 6 + [1] * 9 + [0] * 4 + [2] * 10,  # id 0 comes back
+            [4] * 29,
+        ]
+    )
 
     def loss(m, x):
         return jnp.sum(jnp.sin(m(x, segment_ids=seg)))
@@ -177,13 +199,19 @@ def test_blockwise_equals_xla(rope):
     np.testing.assert_allclose(got, want, rtol=1e-12)
     np.testing.assert_allclose(got_x, want_x, rtol=1e-10, atol=1e-12)
     for path, ref in nnx.to_flat_state(want_params):
-        np.testing.assert_allclose(dict(nnx.to_flat_state(got_params))[path][...], ref[...],
-                                   rtol=1e-10, atol=1e-12, err_msg=str(path))
+        np.testing.assert_allclose(
+            dict(nnx.to_flat_state(got_params))[path][...],
+            ref[...],
+            rtol=1e-10,
+            atol=1e-12,
+            err_msg=str(path),
+        )
 
 
 def test_pallas_needs_a_gpu():
-    attn = _attn(CFG.replace(attn_impl="pallas", dtype="float32", param_dtype="float32",
-                             head_dim=16))
+    attn = _attn(
+        CFG.replace(attn_impl="pallas", dtype="float32", param_dtype="float32", head_dim=16)
+    )
     with pytest.raises(ValueError, match="pallas.*GPU.*blockwise"):
         attn(random_x((1, 4, CFG.d_model), dtype=jnp.float32))
 
@@ -213,8 +241,9 @@ def test_decode_after_packed_prefill_continues_last_document():
     seg = jnp.array([[0] * la + [1] * lb])
     _, cache = prefill(attn, jnp.concatenate([xa, xb[:, :lb]], 1), attn.init_cache(1, 16), seg)
     assert int(cache.start[0]) == la
-    np.testing.assert_allclose(decode_each(attn, xb[:, lb:], cache)[0],
-                               fwd(attn, xb)[:, lb:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        decode_each(attn, xb[:, lb:], cache)[0], fwd(attn, xb)[:, lb:], rtol=1e-10, atol=1e-12
+    )
 
 
 def test_decode_under_jit():
@@ -223,8 +252,7 @@ def test_decode_under_jit():
     x = random_x((2, 9, cfg.d_model), dtype=jnp.float32)
     _, cache = prefill(attn, x[:, :3], attn.init_cache(2, 9))
     ys, cache = decode_each(attn, x[:, 3:9], cache)
-    np.testing.assert_allclose(ys, fwd(attn, x)[:, 3:], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(ys, fwd(attn, x)[:, 3:], rtol=1e-4, atol=1e-5)
 
 
 # --- cuDNN branch (only the call is checked on CPU) ----------------------------------------------
@@ -241,10 +269,10 @@ def test_cudnn_builds_causal_call(monkeypatch):
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
     got = attn(x)
     monkeypatch.undo()
-    (qs, ks, vs, bias, mask, kw), = calls
+    ((qs, ks, vs, bias, mask, kw),) = calls
     assert qs == (2, 11, 6, 10) and ks == vs == (2, 11, 2, 10)
     assert bias is None and mask is None
-    assert kw == {"scale": 10 ** -0.5, "is_causal": True, "implementation": "cudnn"}
+    assert kw == {"scale": 10**-0.5, "is_causal": True, "implementation": "cudnn"}
     xla = Attention(CFG.replace(attn_impl="xla"), rngs=nnx.Rngs(0))
     nnx.update(xla, nnx.state(attn))
     # jax's own xla attention softmaxes in float32 even for float64 inputs

@@ -7,15 +7,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _layer_calls import decode_each, prefill, random_x
 from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.layers.mamba2 import Mamba2Cache, Mamba2Mixer
-from _layer_calls import decode_each, prefill, random_x
 
-CFG = HybridConfig(d_model=48, mamba_heads=6, mamba_head_dim=8, ssm_state=12, n_groups=3,
-                   conv_kernel=4, chunk_size=8, dtype="float64", param_dtype="float64",
-                   ssd_impl="reference", pattern="M-")
+CFG = HybridConfig(
+    d_model=48,
+    mamba_heads=6,
+    mamba_head_dim=8,
+    ssm_state=12,
+    n_groups=3,
+    conv_kernel=4,
+    chunk_size=8,
+    dtype="float64",
+    param_dtype="float64",
+    ssd_impl="reference",
+    pattern="M-",
+)
 
 
 def _mixer(cfg=CFG, seed=0):
@@ -49,12 +59,22 @@ def _hf_mixer(cfg, mixer):
     from transformers import NemotronHConfig
 
     hf_cfg = NemotronHConfig(
-        hidden_size=cfg.d_model, layers_block_type=["linear_attention"],
+        hidden_size=cfg.d_model,
+        layers_block_type=["linear_attention"],
         mamba_num_heads=cfg.mamba_heads,
-        mamba_head_dim=cfg.mamba_head_dim, ssm_state_size=cfg.ssm_state, n_groups=cfg.n_groups,
-        conv_kernel=cfg.conv_kernel, chunk_size=cfg.chunk_size, layer_norm_epsilon=cfg.norm_eps,
-        time_step_min=cfg.time_step_min, time_step_max=cfg.time_step_max, use_conv_bias=True,
-        use_bias=False, use_mamba_kernels=False, vocab_size=16)
+        mamba_head_dim=cfg.mamba_head_dim,
+        ssm_state_size=cfg.ssm_state,
+        n_groups=cfg.n_groups,
+        conv_kernel=cfg.conv_kernel,
+        chunk_size=cfg.chunk_size,
+        layer_norm_epsilon=cfg.norm_eps,
+        time_step_min=cfg.time_step_min,
+        time_step_max=cfg.time_step_max,
+        use_conv_bias=True,
+        use_bias=False,
+        use_mamba_kernels=False,
+        vocab_size=16,
+    )
     hf = mod.NemotronHMamba2Mixer(hf_cfg, layer_idx=0).double().eval()
     d, k = cfg.d_model, cfg.conv_kernel
 
@@ -62,14 +82,21 @@ def _hf_mixer(cfg, mixer):
         return np.asarray(param[...]).reshape(rows, -1)
 
     # transformers' single in_proj / conv1d are our parts concatenated: [z | x | B | C | dt]
-    in_proj = np.concatenate([flat(mixer.zx_proj.kernel, d), flat(mixer.bc_proj.kernel, d),
-                              flat(mixer.dt_proj.kernel, d)], axis=1)
+    in_proj = np.concatenate(
+        [
+            flat(mixer.zx_proj.kernel, d),
+            flat(mixer.bc_proj.kernel, d),
+            flat(mixer.dt_proj.kernel, d),
+        ],
+        axis=1,
+    )
     hf.in_proj.weight.data = t(in_proj).T.contiguous()
     hf.out_proj.weight.data = t(flat(mixer.out_proj.kernel, cfg.d_inner)).T.contiguous()
     conv = np.concatenate([flat(mixer.conv_x.kernel, k), flat(mixer.conv_bc.kernel, k)], axis=1)
     hf.conv1d.weight.data = t(conv).T[:, None, :].contiguous()
-    hf.conv1d.bias.data = t(np.concatenate([flat(mixer.conv_x.bias, 1),
-                                            flat(mixer.conv_bc.bias, 1)], axis=1)[0])
+    hf.conv1d.bias.data = t(
+        np.concatenate([flat(mixer.conv_x.bias, 1), flat(mixer.conv_bc.bias, 1)], axis=1)[0]
+    )
     for name in ("dt_bias", "A_log", "D"):
         getattr(hf, name).data = t(getattr(mixer, name)[...])
     hf.norm.weight.data = t(flat(mixer.norm.weight, 1)[0])
@@ -142,8 +169,9 @@ def test_decode_after_packed_prefill_continues_last_document():
     xa, xb = random_x((1, la, CFG.d_model), 4), random_x((1, lb + extra, CFG.d_model), 5)
     seg = jnp.array([[0] * la + [1] * lb])
     _, cache = prefill(mixer, jnp.concatenate([xa, xb[:, :lb]], 1), mixer.init_cache(1), seg)
-    np.testing.assert_allclose(decode_each(mixer, xb[:, lb:], cache)[0],
-                               fwd(mixer, xb)[:, lb:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        decode_each(mixer, xb[:, lb:], cache)[0], fwd(mixer, xb)[:, lb:], rtol=1e-10, atol=1e-12
+    )
 
 
 def test_decode_under_jit_float32():
@@ -154,14 +182,20 @@ def test_decode_under_jit_float32():
     _, cache = prefill(mixer, x[:, :4], mixer.init_cache(2))
     assert cache.ssm.dtype == jnp.float32 and cache.conv.dtype == jnp.float32
     ys, cache = decode_each(mixer, x[:, 4:7], cache)
-    np.testing.assert_allclose(ys, fwd(mixer, x)[:, 4:], rtol=2e-4,
-                               atol=2e-5)
+    np.testing.assert_allclose(ys, fwd(mixer, x)[:, 4:], rtol=2e-4, atol=2e-5)
 
 
 # --- init, dtypes, errors ------------------------------------------------------------------------
 def test_init_statistics():
-    cfg = CFG.replace(mamba_heads=4096, mamba_head_dim=1, n_groups=1, d_model=8,
-                      dtype="float32", param_dtype="float32", pattern="MMMM")
+    cfg = CFG.replace(
+        mamba_heads=4096,
+        mamba_head_dim=1,
+        n_groups=1,
+        d_model=8,
+        dtype="float32",
+        param_dtype="float32",
+        pattern="MMMM",
+    )
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(3))
     A = np.exp(np.asarray(m.A_log[...]))
     assert A.min() >= 1.0 and A.max() <= 16.0
@@ -187,8 +221,9 @@ def test_conv_init_is_torch_conv1d_default():
     torch = pytest.importorskip("torch")
     from scipy.stats import ks_2samp
 
-    cfg = CFG.replace(mamba_heads=512, mamba_head_dim=8, n_groups=1, dtype="float32",
-                      param_dtype="float32")
+    cfg = CFG.replace(
+        mamba_heads=512, mamba_head_dim=8, n_groups=1, dtype="float32", param_dtype="float32"
+    )
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
     conv_dim = m.conv_dim
     torch.manual_seed(0)
@@ -207,16 +242,18 @@ def test_state_path_is_live_at_init():
     and bias 0, x, B and C are ~3e-3 and that gain was 4e-7..2e-6 for these seeds (a pure Mamba-2
     stack then stayed on the MQAR plateau of accuracy 1/pairs); with torch's Conv1d init it is
     3e-4..7e-4."""
-    cfg = CFG.replace(d_model=64, mamba_heads=4, mamba_head_dim=16, ssm_state=16, n_groups=1,
-                      pattern="MMMM")
+    cfg = CFG.replace(
+        d_model=64, mamba_heads=4, mamba_head_dim=16, ssm_state=16, n_groups=1, pattern="MMMM"
+    )
     length, window = 16, cfg.conv_kernel
     for seed in range(3):
         m = Mamba2Mixer(cfg, rngs=nnx.Rngs(seed))
         graph, state = nnx.split(m)
         x = random_x((1, length, cfg.d_model), seed=seed)
-        jac = jax.jacrev(lambda x: nnx.merge(graph, state)(x)[0, -1])(x)[:, 0]  # (d, L, d)
+        last = lambda x, graph=graph, state=state: nnx.merge(graph, state)(x)[0, -1]
+        jac = jax.jacrev(last)(x)[:, 0]  # (d, L, d)
         gain = np.linalg.norm(np.asarray(jac), axis=(0, 2))
-        beyond_conv = gain[:length - window] / gain[-1]
+        beyond_conv = gain[: length - window] / gain[-1]
         assert beyond_conv.max() > 1e-4, (seed, beyond_conv.max())
 
 
@@ -240,9 +277,20 @@ def test_bfloat16_compute():
 def test_param_names():
     state = nnx.to_flat_state(nnx.state(_mixer(), nnx.Param))
     names = {".".join(map(str, p)) for p, _ in state}
-    assert names == {"zx_proj.kernel", "bc_proj.kernel", "dt_proj.kernel", "conv_x.kernel",
-                     "conv_x.bias", "conv_bc.kernel", "conv_bc.bias", "dt_bias", "A_log", "D",
-                     "norm.weight", "out_proj.kernel"}
+    assert names == {
+        "zx_proj.kernel",
+        "bc_proj.kernel",
+        "dt_proj.kernel",
+        "conv_x.kernel",
+        "conv_x.bias",
+        "conv_bc.kernel",
+        "conv_bc.bias",
+        "dt_bias",
+        "A_log",
+        "D",
+        "norm.weight",
+        "out_proj.kernel",
+    }
 
 
 def test_bad_inputs():

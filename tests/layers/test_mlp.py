@@ -26,8 +26,13 @@ def test_matches_transformers(act):
     from transformers import NemotronHConfig
 
     mlp = MLP(CFG, act=act, rngs=nnx.Rngs(0))
-    hf_cfg = NemotronHConfig(hidden_size=CFG.d_model, intermediate_size=CFG.ffn,
-                             mlp_hidden_act=act, layers_block_type=["mlp"], vocab_size=16)
+    hf_cfg = NemotronHConfig(
+        hidden_size=CFG.d_model,
+        intermediate_size=CFG.ffn,
+        mlp_hidden_act=act,
+        layers_block_type=["mlp"],
+        vocab_size=16,
+    )
     hf = mod.NemotronHMLP(hf_cfg).double().eval()
     set_linear(hf.up_proj, mlp.up_proj)
     set_linear(hf.down_proj, mlp.down_proj)
@@ -52,8 +57,9 @@ def test_activation_table():
     z = np.linspace(-4, 4, 33)
     np.testing.assert_allclose(activation("relu2")(z), np.maximum(z, 0) ** 2, rtol=1e-15)
     np.testing.assert_allclose(activation("silu")(z), z / (1 + np.exp(-z)), rtol=1e-12)
-    np.testing.assert_allclose(activation("gelu")(z), 0.5 * z * (1 + erf(z / np.sqrt(2))),
-                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        activation("gelu")(z), 0.5 * z * (1 + erf(z / np.sqrt(2))), rtol=1e-12, atol=1e-15
+    )
     np.testing.assert_allclose(activation("swiglu")(z), z / (1 + np.exp(-z)), rtol=1e-12)
     assert is_gated("swiglu") and not is_gated("relu2")
     with pytest.raises(ValueError, match="activation: 'tanh'.*relu2"):
@@ -62,10 +68,14 @@ def test_activation_table():
 
 def test_shared_expert_shape_and_names():
     mlp = MLP(CFG, d_ff=12, act="swiglu", rngs=nnx.Rngs(0))
-    shapes = {".".join(map(str, p)): v.shape
-              for p, v in nnx.to_flat_state(nnx.state(mlp, nnx.Param))}
-    assert shapes == {"gate_proj.kernel": (24, 12), "up_proj.kernel": (24, 12),
-                      "down_proj.kernel": (12, 24)}
+    shapes = {
+        ".".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(mlp, nnx.Param))
+    }
+    assert shapes == {
+        "gate_proj.kernel": (24, 12),
+        "up_proj.kernel": (24, 12),
+        "down_proj.kernel": (12, 24),
+    }
     plain = MLP(CFG, rngs=nnx.Rngs(0))
     assert plain.gate_proj is None and plain.up_proj.kernel.shape == (24, 40)
 

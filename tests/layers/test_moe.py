@@ -57,12 +57,19 @@ def hf_moe(cfg, moe):
     from transformers import NemotronHConfig
 
     hf_cfg = NemotronHConfig(
-        hidden_size=cfg.d_model, n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
-        moe_intermediate_size=cfg.moe_ffn, moe_shared_expert_intermediate_size=cfg.shared_ffn,
-        moe_latent_size=cfg.moe_latent, n_group=cfg.router_groups,
-        topk_group=cfg.router_topk_groups, norm_topk_prob=cfg.norm_topk_prob,
-        routed_scaling_factor=cfg.routed_scaling_factor, mlp_hidden_act=cfg.expert_act,
-        mlp_bias=False)
+        hidden_size=cfg.d_model,
+        n_routed_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=cfg.moe_ffn,
+        moe_shared_expert_intermediate_size=cfg.shared_ffn,
+        moe_latent_size=cfg.moe_latent,
+        n_group=cfg.router_groups,
+        topk_group=cfg.router_topk_groups,
+        norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        mlp_hidden_act=cfg.expert_act,
+        mlp_bias=False,
+    )
     hf_cfg._experts_implementation = "eager"
     hf = mod.NemotronHMoE(hf_cfg, layer_idx=0).double().eval()
     hf.gate.weight.data = t(moe.gate.weight[...])
@@ -96,10 +103,19 @@ def router_float64(torch):
 
 
 HF_CASES = {
-    "latent_shared_groups": {"moe_latent": 8, "shared_ffn": 10, "router_groups": 4,
-                             "router_topk_groups": 2, "routed_scaling_factor": 2.5},
-    "topk3_unnormalised": {"shared_ffn": 6, "top_k": 3, "norm_topk_prob": False,
-                           "router_groups": 2},
+    "latent_shared_groups": {
+        "moe_latent": 8,
+        "shared_ffn": 10,
+        "router_groups": 4,
+        "router_topk_groups": 2,
+        "routed_scaling_factor": 2.5,
+    },
+    "topk3_unnormalised": {
+        "shared_ffn": 6,
+        "top_k": 3,
+        "norm_topk_prob": False,
+        "router_groups": 2,
+    },
 }
 DISPATCHES = {
     "ragged_dot": {"grouped_matmul": "ragged_dot"},
@@ -108,9 +124,15 @@ DISPATCHES = {
 }
 
 
-@pytest.mark.parametrize("case, dispatch", [
-    ("latent_shared_groups", "ragged_dot"), ("latent_shared_groups", "padded"),
-    ("latent_shared_groups", "capacity_no_drop"), ("topk3_unnormalised", "ragged_dot")])
+@pytest.mark.parametrize(
+    "case, dispatch",
+    [
+        ("latent_shared_groups", "ragged_dot"),
+        ("latent_shared_groups", "padded"),
+        ("latent_shared_groups", "capacity_no_drop"),
+        ("topk3_unnormalised", "ragged_dot"),
+    ],
+)
 def test_matches_transformers(case, dispatch):
     cfg, moe = make(**HF_CASES[case], **DISPATCHES[dispatch])
     torch, hf = hf_moe(cfg, moe)
@@ -144,10 +166,10 @@ def numpy_moe(cfg, moe, x):
             scores = 1 / (1 + np.exp(-logits))
         choice = scores + bias
         group_score = np.sort(choice.reshape(g, e // g), axis=1)[:, -2:].sum(1)
-        groups = np.argsort(-group_score)[:cfg.router_topk_groups]
+        groups = np.argsort(-group_score)[: cfg.router_topk_groups]
         allowed = np.isin(np.arange(e) // (e // g), groups)
         choice = np.where(allowed, choice, -np.inf)
-        chosen = np.argsort(-choice)[:cfg.top_k]
+        chosen = np.argsort(-choice)[: cfg.top_k]
         weights = scores[chosen]
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum() + 1e-20)
@@ -170,8 +192,16 @@ def numpy_moe(cfg, moe, x):
 
 
 def test_softmax_router_swiglu_matches_numpy_loop():
-    cfg, moe = make(router="softmax", expert_act="swiglu", shared_ffn=6, norm_topk_prob=False,
-                    routed_scaling_factor=1.5, router_groups=2, router_topk_groups=1, top_k=3)
+    cfg, moe = make(
+        router="softmax",
+        expert_act="swiglu",
+        shared_ffn=6,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        router_groups=2,
+        router_topk_groups=1,
+        top_k=3,
+    )
     x = inputs((2, 5, 16), seed=3)
     y, _ = run(moe, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(y), numpy_moe(cfg, moe, x), rtol=1e-11, atol=1e-12)
@@ -188,7 +218,9 @@ def test_load_balancing_loss_by_hand():
     # E=2, T=2, k=1, both to expert 0: f = (1, 0), P = (0.55, 0.45) -> 2 * 0.55 = 1.1
     np.testing.assert_allclose(
         float(load_balancing_loss(jnp.array([[0.7, 0.3], [0.4, 0.6]]), jnp.array([[0], [0]]))),
-        1.1, rtol=1e-12)
+        1.1,
+        rtol=1e-12,
+    )
 
 
 def test_sigmoid_lb_loss_uses_normalised_scores_by_hand():
@@ -217,7 +249,7 @@ def test_z_loss_formula():
     _, aux = run(moe, jnp.asarray(x))
     logits = x.reshape(-1, 16) @ np.asarray(moe.gate.weight[...]).T
     lse = np.log(np.exp(logits).sum(-1))
-    np.testing.assert_allclose(float(aux.z_loss), np.mean(lse ** 2), rtol=1e-12)
+    np.testing.assert_allclose(float(aux.z_loss), np.mean(lse**2), rtol=1e-12)
     assert isinstance(aux, MoEAux)
     assert aux.lb_loss.shape == aux.z_loss.shape == aux.dropped_frac.shape == ()
     assert aux.expert_load.shape == (8,)
@@ -253,8 +285,9 @@ def test_capacity_dispatch_drops_match_python_loop():
         for s in range(k):
             if kept[t, s]:
                 want[t] += w[t, s] * (np.maximum(tok @ up[idx[t, s]], 0) ** 2 @ down[idx[t, s]])
-        want[t] += (np.maximum(tok @ np.asarray(sh.up_proj.kernel[...]), 0) ** 2
-                    @ np.asarray(sh.down_proj.kernel[...]))
+        want[t] += np.maximum(tok @ np.asarray(sh.up_proj.kernel[...]), 0) ** 2 @ np.asarray(
+            sh.down_proj.kernel[...]
+        )
     assert 0 < (~kept).sum() < kept.size
     np.testing.assert_allclose(float(aux.dropped_frac), (~kept).sum() / kept.size, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 16), want, rtol=1e-11, atol=1e-12)
@@ -352,8 +385,10 @@ def ep_bound_drops(idx_TK, n_shards, n_ep, n_experts, factor):
     t, k = idx_TK.shape
     t_l, e_local = -(-t // n_shards), n_experts // n_ep
     cap = min(t_l * min(k, e_local), math.ceil(factor * t_l * k / n_ep))
-    per_dest = [np.bincount(idx_TK[s * t_l:(s + 1) * t_l].reshape(-1) // e_local, minlength=n_ep)
-                for s in range(n_shards)]
+    per_dest = [
+        np.bincount(idx_TK[s * t_l : (s + 1) * t_l].reshape(-1) // e_local, minlength=n_ep)
+        for s in range(n_shards)
+    ]
     return int(np.maximum(np.stack(per_dest) - cap, 0).sum())
 
 
@@ -384,7 +419,7 @@ def test_capacity_dispatch_is_per_device_under_a_mesh():
     with jax.set_mesh(mesh):
         y, aux = jax.jit(lambda m, x: m(x))(moe, jnp.asarray(x))
     # Oracle: the single-device layer on each device's 4 tokens (one batch row each).
-    parts = [run(moe, jnp.asarray(x[i:i + 1])) for i in range(8)]
+    parts = [run(moe, jnp.asarray(x[i : i + 1])) for i in range(8)]
     want = np.concatenate([np.asarray(p[0]) for p in parts])
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-12, atol=1e-12)
     dropped = np.mean([float(p[1].dropped_frac) for p in parts])
@@ -415,25 +450,35 @@ def on_mesh(moe, mesh):
 def tp_case(act, dispatch, moe_ffn):
     """Model, inputs and single-device loss/grads; capacity_factor 4 keeps capacity dispatch
     dropless on every split of the batch, so it too equals the single-device run."""
-    cfg = tiny(pattern="E", expert_act=act, moe_dispatch=dispatch, capacity_factor=4.0,
-               moe_ffn=moe_ffn, initializer_range=0.3, grouped_matmul="ragged_dot")
+    cfg = tiny(
+        pattern="E",
+        expert_act=act,
+        moe_dispatch=dispatch,
+        capacity_factor=4.0,
+        moe_ffn=moe_ffn,
+        initializer_range=0.3,
+        grouped_matmul="ragged_dot",
+    )
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     x = inputs((4, 6, 32), seed=13)
     cot = np.random.default_rng(14).standard_normal(x.shape)
     return moe, x, cot, loss_grads(moe, x, cot)
 
 
-@pytest.mark.parametrize("sizes, act, dispatch, moe_ffn", [
-    ({"data": 2, "expert": 2, "tensor": 2}, "relu2", "dropless", 16),
-    ({"data": 2, "expert": 2, "tensor": 2}, "swiglu", "dropless", 16),
-    ({"data": 2, "expert": 2, "tensor": 2}, "swiglu", "capacity", 16),
-    ({"data": 1, "tensor": 8}, "relu2", "dropless", 16),
-    ({"data": 1, "tensor": 8}, "swiglu", "dropless", 16),
-    ({"data": 1, "tensor": 8}, "relu2", "capacity", 16),
-    ({"data": 1, "fsdp": 2, "tensor": 4}, "relu2", "dropless", 16),
-    ({"data": 1, "fsdp": 2, "tensor": 4}, "swiglu", "dropless", 16),
-    ({"data": 2, "tensor": 4}, "relu2", "dropless", 10),  # 4 does not divide 10: replicated
-])
+@pytest.mark.parametrize(
+    "sizes, act, dispatch, moe_ffn",
+    [
+        ({"data": 2, "expert": 2, "tensor": 2}, "relu2", "dropless", 16),
+        ({"data": 2, "expert": 2, "tensor": 2}, "swiglu", "dropless", 16),
+        ({"data": 2, "expert": 2, "tensor": 2}, "swiglu", "capacity", 16),
+        ({"data": 1, "tensor": 8}, "relu2", "dropless", 16),
+        ({"data": 1, "tensor": 8}, "swiglu", "dropless", 16),
+        ({"data": 1, "tensor": 8}, "relu2", "capacity", 16),
+        ({"data": 1, "fsdp": 2, "tensor": 4}, "relu2", "dropless", 16),
+        ({"data": 1, "fsdp": 2, "tensor": 4}, "swiglu", "dropless", 16),
+        ({"data": 2, "tensor": 4}, "relu2", "dropless", 10),  # 4 does not divide 10: replicated
+    ],
+)
 def test_tensor_parallel_experts_match_single_device(sizes, act, dispatch, moe_ffn):
     moe, x, cot, ((l0, (y0, aux0)), g0) = tp_case(act, dispatch, moe_ffn)
     mesh = sharding.make_mesh(**sizes)
@@ -444,8 +489,10 @@ def test_tensor_parallel_experts_match_single_device(sizes, act, dispatch, moe_f
 
 
 # --- lowering under the mesh --------------------------------------------------------------------
-COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|collective-permute"
-                        r"|all-to-all)(?:-start)?\(")
+COLLECTIVE = re.compile(
+    r"= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|collective-permute"
+    r"|all-to-all)(?:-start)?\("
+)
 
 
 def token_collectives(hlo: str, n_tokens: int, k: int, d: int) -> list[str]:
@@ -457,8 +504,11 @@ def token_collectives(hlo: str, n_tokens: int, k: int, d: int) -> list[str]:
     for result, op in COLLECTIVE.findall(hlo):
         for dims in re.findall(r"\[([\d,]*)\]", result):
             shape = tuple(int(n) for n in dims.split(",") if n)
-            if (op != "all-to-all" and shape[:1] in ((n_tokens,), (n_tokens * k,))
-                    and shape[1:] in ((), (k,), (d,), (k, d))):
+            if (
+                op != "all-to-all"
+                and shape[:1] in ((n_tokens,), (n_tokens * k,))
+                and shape[1:] in ((), (k,), (d,), (k, d))
+            ):
                 found.append(f"{op} {shape}")
     return found
 
@@ -477,7 +527,7 @@ def test_grouped_matmul_runs_on_local_tokens(shard_map, monkeypatch):
 
     def loss(params, x):
         y, aux = nnx.merge(graphdef, params, rest)(x)
-        return jnp.sum(y ** 2) + aux.lb_loss
+        return jnp.sum(y**2) + aux.lb_loss
 
     if not shard_map:
         monkeypatch.setattr(moe_parallel, "mesh_layout", lambda: (None, (), 1, 1, 1))

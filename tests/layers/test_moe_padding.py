@@ -38,16 +38,17 @@ def numpy_stats(cfg, moe, x_TD):
     else:
         scores = probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     chosen = np.argsort(-(scores + np.asarray(moe.gate.e_score_correction_bias[...])), -1)
-    counts = np.bincount(chosen[:, :cfg.top_k].reshape(-1), minlength=cfg.n_experts)
+    counts = np.bincount(chosen[:, : cfg.top_k].reshape(-1), minlength=cfg.n_experts)
     load = counts / (len(x_TD) * cfg.top_k)
     lse = np.log(np.exp(logits).sum(-1))
-    return load, cfg.n_experts * np.sum(load * probs.mean(0)), np.mean(lse ** 2)
+    return load, cfg.n_experts * np.sum(load * probs.mean(0)), np.mean(lse**2)
 
 
 def shared_expert(moe, x):
     s = moe.shared_experts
     return np.maximum(x @ np.asarray(s.up_proj.kernel[...]), 0) ** 2 @ np.asarray(
-        s.down_proj.kernel[...])
+        s.down_proj.kernel[...]
+    )
 
 
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
@@ -106,10 +107,13 @@ def test_padding_takes_no_capacity():
 AUTO, EXPLICIT = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
 
 
-@pytest.mark.parametrize("shape, names, kind, lengths, rows", [
-    ((8,), ("expert",), EXPLICIT, [5, 0, 2, 5, 1, 3, 4, 5], ("expert",)),
-    ((2, 4), ("data", "expert"), AUTO, [5, 2, 0], ()),  # 15 tokens on 8 shards: padded to 16
-])
+@pytest.mark.parametrize(
+    "shape, names, kind, lengths, rows",
+    [
+        ((8,), ("expert",), EXPLICIT, [5, 0, 2, 5, 1, 3, 4, 5], ("expert",)),
+        ((2, 4), ("data", "expert"), AUTO, [5, 2, 0], ()),  # 15 tokens on 8 shards: padded to 16
+    ],
+)
 def test_expert_parallel_with_padding_matches_single_device(shape, names, kind, lengths, rows):
     _, moe = make(moe_latent=8, shared_ffn=6, grouped_matmul="ragged_dot")
     x = inputs((len(lengths), 5, 16), seed=7)
@@ -142,8 +146,10 @@ def test_trainer_masks_padding_rows_as_packing_would():
     batch = {"tokens": x, "targets": x, "segment_ids": seg}
     assert np.array_equal(real_tokens(batch), seg > 0)
     _, aux = losses(params, model_state, batch)
-    packed = {"tokens": jnp.concatenate([x[:1], x[1:, :5]], 1),
-              "segment_ids": jnp.asarray([[1] * 12 + [2] * 5])}
+    packed = {
+        "tokens": jnp.concatenate([x[:1], x[1:, :5]], 1),
+        "segment_ids": jnp.asarray([[1] * 12 + [2] * 5]),
+    }
     packed["targets"] = packed["tokens"]
     _, aux_packed = losses(params, model_state, packed)
     assert_tree_close(aux, aux_packed, tol=1e-10)

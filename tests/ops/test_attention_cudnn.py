@@ -21,8 +21,12 @@ def spans_by_loop(ids, m):
 
 @pytest.mark.parametrize("m", [3, 8])
 def test_document_spans_match_a_loop_over_runs(m):
-    ids = np.array([[1, 1, 2, 2, 2, 1, 1, 0, 0, 0],  # a reused id is a new document
-                    [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]])
+    ids = np.array(
+        [
+            [1, 1, 2, 2, 2, 1, 1, 0, 0, 0],  # a reused id is a new document
+            [5, 5, 5, 5, 5, 5, 5, 5, 5, 5],
+        ]
+    )
     offsets, lengths, fits = document_spans(jnp.asarray(ids), m)
     want_offsets, want_lengths = spans_by_loop(ids, m)
     np.testing.assert_array_equal(offsets, want_offsets)
@@ -35,15 +39,15 @@ def test_document_spans_match_a_loop_over_runs(m):
 def test_packed_cudnn_matches_dense_attention(max_documents):
     b, l, hq, hk, d = 2, 1024, 8, 2, 128
     ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v = (jax.random.normal(kk, (b, l, h, d), jnp.bfloat16)
-               for kk, h in zip(ks, (hq, hk, hk)))
+    q, k, v = (jax.random.normal(kk, (b, l, h, d), jnp.bfloat16) for kk, h in zip(ks, (hq, hk, hk)))
     ids = jnp.cumsum(jax.random.bernoulli(ks[3], 0.004, (b, l)), axis=1).astype(jnp.int32)
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def ours(q, k, v):
         fallback = lambda q, k, v, s: dense_attention(q, k, v, causal_mask(s, b, l), scale=scale)
-        return cudnn_packed_attention(q, k, v, ids, scale=scale, max_documents=max_documents,
-                                      fallback=fallback)
+        return cudnn_packed_attention(
+            q, k, v, ids, scale=scale, max_documents=max_documents, fallback=fallback
+        )
 
     def oracle(q, k, v):
         f32 = [t.astype(jnp.float32) for t in (q, k, v)]
@@ -54,5 +58,6 @@ def test_packed_cudnn_matches_dense_attention(max_documents):
     want_y, want_vjp = jax.vjp(oracle, q, k, v)
     for got, want in zip((y, *vjp(dy.astype(y.dtype))), (want_y, *want_vjp(dy))):
         want = np.asarray(want, np.float32)  # bf16 inputs: 2% of the largest entry
-        np.testing.assert_allclose(np.asarray(got, np.float32), want,
-                                   atol=2e-2 * np.abs(want).max())
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), want, atol=2e-2 * np.abs(want).max()
+        )

@@ -45,8 +45,13 @@ def test_matches_numpy(k):
 def test_segments_and_initial_state_match_numpy():
     x, kern, bias, state = _r((2, 10, 3), 0), _r((4, 3), 1), _r((3,), 2), _r((2, 3, 3), 3)
     seg = np.array([[0, 0, 1, 1, 1, 1, 1, 0, 3, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 5]])
-    got = causal_conv1d(jnp.asarray(x), jnp.asarray(kern), jnp.asarray(bias),
-                        segment_ids=jnp.asarray(seg), initial_state=jnp.asarray(state))
+    got = causal_conv1d(
+        jnp.asarray(x),
+        jnp.asarray(kern),
+        jnp.asarray(bias),
+        segment_ids=jnp.asarray(seg),
+        initial_state=jnp.asarray(state),
+    )
     want = _numpy_conv(x, kern, bias, seg, state)
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
 

@@ -23,8 +23,9 @@ def _full(h, head, targets):
     return optax.softmax_cross_entropy_with_integer_labels(h @ head, targets)
 
 
-@pytest.mark.parametrize("shape, chunk", [((2, 13), 5), ((2, 13), 26), ((2, 13), 100),
-                                          ((4, 16), 8), ((7,), 1)])
+@pytest.mark.parametrize(
+    "shape, chunk", [((2, 13), 5), ((2, 13), 26), ((2, 13), 100), ((4, 16), 8), ((7,), 1)]
+)
 @pytest.mark.parametrize("vocab_major", [False, True])
 def test_equals_full_logits_values_and_grads(shape, chunk, vocab_major):
     h, head, targets = _data(0, shape)
@@ -55,8 +56,9 @@ def test_bfloat16_matmul_with_float32_logits():
     assert ce.dtype == jnp.float32 and head_logits(h, head).dtype == jnp.float32
     wide = h.astype(jnp.float64), head.astype(jnp.float64)
     np.testing.assert_allclose(ce, _full(*wide, targets), rtol=1e-5)
-    grads = jax.grad(lambda h, w: jnp.sum(chunked_cross_entropy(h, w, targets, chunk_size=4)),
-                     argnums=(0, 1))
+    grads = jax.grad(
+        lambda h, w: jnp.sum(chunked_cross_entropy(h, w, targets, chunk_size=4)), argnums=(0, 1)
+    )
     for g, r in zip(grads(h, head), grads(*wide)):
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-2, atol=2e-2)
@@ -92,16 +94,18 @@ def _answer_data(seed, batch=3, length=29):
 def test_answer_losses_equal_full_logits_at_answers(chunk, vocab_major):
     h, head, targets, mask = _answer_data(3)
     w = head.T if vocab_major else head
-    ce, pred = jax.jit(lambda *a: chunked_answer_losses(
-        *a, chunk_size=chunk, vocab_major=vocab_major))(h, w, targets, mask)
+    ce, pred = jax.jit(
+        lambda *a: chunked_answer_losses(*a, chunk_size=chunk, vocab_major=vocab_major)
+    )(h, w, targets, mask)
     answer = np.asarray(mask) > 0
     np.testing.assert_allclose(ce, np.where(answer, _full(h, head, targets), 0), rtol=1e-12)
     np.testing.assert_array_equal(pred, np.where(answer, jnp.argmax(h @ head, -1), -1))
     assert pred.dtype == jnp.int32
 
 
-@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2},
-                                   {"data": 2, "context": 2, "tensor": 2}])
+@pytest.mark.parametrize(
+    "sizes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "context": 2, "tensor": 2}]
+)
 def test_on_a_mesh_tokens_and_vocab_split(sizes):
     """Tokens laid out as batches are (rows over the batch axes, the sequence over "context"),
     the head's vocab dimension over "tensor": the same values and grads as on one device."""
@@ -111,14 +115,15 @@ def test_on_a_mesh_tokens_and_vocab_split(sizes):
     tokens, vocab = batch_sharding(mesh), NamedSharding(mesh, P(None, "tensor"))
 
     def train(h, w, t):
-        return jax.value_and_grad(lambda h, w: jnp.sum(
-            chunked_cross_entropy(h, w, t, chunk_size=16) * mask), argnums=(0, 1))(h, w)
+        return jax.value_and_grad(
+            lambda h, w: jnp.sum(chunked_cross_entropy(h, w, t, chunk_size=16) * mask),
+            argnums=(0, 1),
+        )(h, w)
 
     def answers(h, w, t, m):
         return chunked_answer_losses(h, w, t, m, chunk_size=16)
 
-    args = (jax.device_put(h, tokens), jax.device_put(head, vocab),
-            jax.device_put(targets, tokens))
+    args = (jax.device_put(h, tokens), jax.device_put(head, vocab), jax.device_put(targets, tokens))
     with jax.set_mesh(mesh):
         got = jax.jit(train)(*args), jax.jit(answers)(*args, jax.device_put(mask, tokens))
     want = jax.jit(train)(h, head, targets), jax.jit(answers)(h, head, targets, mask)

@@ -68,17 +68,23 @@ def test_grads_match_oracle(impl):
 
 def test_padded_capacity_drops_overflow_rows():
     lhs, rhs = operands(3)
-    out = grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(GROUP_SIZES), "padded",
-                         capacity=2)
-    np.testing.assert_allclose(np.asarray(out), numpy_loop(lhs, rhs, GROUP_SIZES, capacity=2),
-                               rtol=1e-12, atol=1e-12)
+    out = grouped_matmul(
+        jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(GROUP_SIZES), "padded", capacity=2
+    )
+    np.testing.assert_allclose(
+        np.asarray(out), numpy_loop(lhs, rhs, GROUP_SIZES, capacity=2), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_jit_with_traced_group_sizes():
     lhs, rhs = operands(4)
     f = jax.jit(lambda a, b, g: grouped_matmul(a, b, g, "padded"))
-    np.testing.assert_allclose(np.asarray(f(lhs, rhs, jnp.asarray(GROUP_SIZES))),
-                               numpy_loop(lhs, rhs, GROUP_SIZES), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(f(lhs, rhs, jnp.asarray(GROUP_SIZES))),
+        numpy_loop(lhs, rhs, GROUP_SIZES),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_bad_arguments_name_the_field():
@@ -93,10 +99,10 @@ def test_bad_arguments_name_the_field():
 
 def test_mgpu_support_rule():
     bf = jnp.bfloat16
-    assert mgpu_supported(jnp.zeros((8, 256), bf), jnp.zeros((4, 256, 128), bf),
-                          check_device=False)
-    assert not mgpu_supported(jnp.zeros((8, 200), bf), jnp.zeros((4, 200, 128), bf),
-                              check_device=False)
+    assert mgpu_supported(jnp.zeros((8, 256), bf), jnp.zeros((4, 256, 128), bf), check_device=False)
+    assert not mgpu_supported(
+        jnp.zeros((8, 200), bf), jnp.zeros((4, 200, 128), bf), check_device=False
+    )
     assert not mgpu_supported(jnp.zeros((8, 256)), jnp.zeros((4, 256, 128)), check_device=False)
 
 
@@ -130,12 +136,14 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
     from hybridjax.sharding import make_mesh
 
     def fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
-        return jax.lax.ragged_dot(lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs,
-                                  group_sizes)
+        return jax.lax.ragged_dot(
+            lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs, group_sizes
+        )
 
     def wgrad(lhs, d_out, group_sizes, **_):
-        ids = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
-                         total_repeat_length=lhs.shape[0])
+        ids = jnp.repeat(
+            jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=lhs.shape[0]
+        )
         onehot = (ids[:, None] == jnp.arange(group_sizes.shape[0])).astype(lhs.dtype)
         return jnp.einsum("me,mk,mn->ekn", onehot, lhs, d_out)
 
@@ -150,11 +158,11 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
 
     def loss(x, w, impl):
         def local(x, w):
-            return jax.lax.psum(jnp.sum(grouped_matmul(x, w, sizes, impl) ** 2),
-                                ("data", "expert"))
+            return jax.lax.psum(jnp.sum(grouped_matmul(x, w, sizes, impl) ** 2), ("data", "expert"))
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(("data", "expert")), P("expert")),
-                             out_specs=P())(x, w)
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(P(("data", "expert")), P("expert")), out_specs=P()
+        )(x, w)
 
     with jax.set_mesh(mesh):
         want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "ragged_dot")

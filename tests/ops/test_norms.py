@@ -18,8 +18,7 @@ def test_rmsnorm_numpy_loop():
     for idx in np.ndindex(x.shape[:-1]):
         v = x[idx]
         want[idx] = w * v / np.sqrt(np.mean(v * v) + 1e-5)
-    np.testing.assert_allclose(rmsnorm(jnp.asarray(x), jnp.asarray(w), eps=1e-5), want,
-                               rtol=1e-13)
+    np.testing.assert_allclose(rmsnorm(jnp.asarray(x), jnp.asarray(w), eps=1e-5), want, rtol=1e-13)
 
 
 @pytest.mark.parametrize("group_size", [24, 8, 3])
@@ -29,18 +28,18 @@ def test_gated_rmsnorm_numpy_loop(group_size):
     for idx in np.ndindex(x.shape[:-1]):
         g = x[idx] * z[idx] / (1 + np.exp(-z[idx]))  # gate before normalising
         for s in range(0, 24, group_size):
-            part = g[s:s + group_size]
-            want[idx][s:s + group_size] = part / np.sqrt(np.mean(part * part) + 1e-6)
+            part = g[s : s + group_size]
+            want[idx][s : s + group_size] = part / np.sqrt(np.mean(part * part) + 1e-6)
         want[idx] *= w
-    got = gated_rmsnorm(jnp.asarray(x), jnp.asarray(z), jnp.asarray(w), group_size=group_size,
-                        eps=1e-6)
+    got = gated_rmsnorm(
+        jnp.asarray(x), jnp.asarray(z), jnp.asarray(w), group_size=group_size, eps=1e-6
+    )
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_gated_rmsnorm_without_gate_is_grouped_rmsnorm():
     x, w = jnp.asarray(_r((4, 12), 0)), jnp.asarray(_r((12,), 1))
-    np.testing.assert_allclose(gated_rmsnorm(x, None, w, group_size=12), rmsnorm(x, w),
-                               rtol=1e-14)
+    np.testing.assert_allclose(gated_rmsnorm(x, None, w, group_size=12), rmsnorm(x, w), rtol=1e-14)
 
 
 def test_low_precision_input_computes_in_float32():

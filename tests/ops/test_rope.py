@@ -72,13 +72,20 @@ def _yarn_formula(d, theta, factor, original):
 def test_yarn_formula_and_attention_scale():
     d, theta, factor, original = 16, 500.0, 4.0, 16
     want_freq, want_scale = _yarn_formula(d, theta, factor, original)
-    inv_freq, scale = rope_frequencies(d, theta, scaling="yarn", factor=factor,
-                                       original_max_len=original)
+    inv_freq, scale = rope_frequencies(
+        d, theta, scaling="yarn", factor=factor, original_max_len=original
+    )
     np.testing.assert_allclose(inv_freq, want_freq, rtol=1e-14)
     assert scale == pytest.approx(want_scale)
     x, pos = _x((2, 5, 3, d)), _positions()
-    got = apply_rope(jnp.asarray(x), jnp.asarray(pos), theta=theta, scaling="yarn",
-                     factor=factor, original_max_len=original)
+    got = apply_rope(
+        jnp.asarray(x),
+        jnp.asarray(pos),
+        theta=theta,
+        scaling="yarn",
+        factor=factor,
+        original_max_len=original,
+    )
     np.testing.assert_allclose(got, _numpy_rope(x, pos, inv_freq, scale), rtol=1e-12, atol=1e-12)
 
 
@@ -89,26 +96,40 @@ def test_scalings_match_transformers():
 
     d, theta, factor, original = 16, 500.0, 4.0, 64
     base = {"hidden_size": 64, "num_attention_heads": 4, "head_dim": d}
-    yarn = LlamaConfig(**base, max_position_embeddings=original * 4, rope_parameters={
-        "rope_type": "yarn", "rope_theta": theta, "factor": factor,
-        "original_max_position_embeddings": original})
+    yarn = LlamaConfig(
+        **base,
+        max_position_embeddings=original * 4,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": theta,
+            "factor": factor,
+            "original_max_position_embeddings": original,
+        },
+    )
     want, want_scale = ROPE_INIT_FUNCTIONS["yarn"](yarn, "cpu")
-    got, scale = rope_frequencies(d, theta, scaling="yarn", factor=factor,
-                                  original_max_len=original)
+    got, scale = rope_frequencies(
+        d, theta, scaling="yarn", factor=factor, original_max_len=original
+    )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
     assert scale == pytest.approx(want_scale)
-    linear = LlamaConfig(**base, rope_parameters={"rope_type": "linear", "rope_theta": theta,
-                                                      "factor": factor})
+    linear = LlamaConfig(
+        **base, rope_parameters={"rope_type": "linear", "rope_theta": theta, "factor": factor}
+    )
     want, _ = ROPE_INIT_FUNCTIONS["linear"](linear, "cpu")
-    np.testing.assert_allclose(rope_frequencies(d, theta, scaling="linear", factor=factor)[0],
-                               want.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        rope_frequencies(d, theta, scaling="linear", factor=factor)[0], want.numpy(), rtol=1e-6
+    )
     # "ntk" is transformers' dynamic-NTK base formula frozen at scale `factor`, which dynamic
     # reaches at seq_len = original * (2 - 1/factor)
-    dynamic = LlamaConfig(**base, max_position_embeddings=original, rope_parameters={
-        "rope_type": "dynamic", "rope_theta": theta, "factor": factor})
+    dynamic = LlamaConfig(
+        **base,
+        max_position_embeddings=original,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": theta, "factor": factor},
+    )
     want, _ = ROPE_INIT_FUNCTIONS["dynamic"](dynamic, "cpu", seq_len=original * (2 - 1 / factor))
-    np.testing.assert_allclose(rope_frequencies(d, theta, scaling="ntk", factor=factor)[0],
-                               want.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        rope_frequencies(d, theta, scaling="ntk", factor=factor)[0], want.numpy(), rtol=1e-6
+    )
 
 
 def test_dot_products_depend_on_relative_position():

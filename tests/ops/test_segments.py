@@ -18,8 +18,7 @@ from hybridjax.ops.ssd import ssd
 from tests.tiny import tiny, tokens
 
 # Runs of (id, length); the second row reuses ids 1 and 2 and ends in padding (id 0).
-REUSED = [[(1, 3), (2, 4), (1, 5), (2, 2), (1, 6)],
-          [(2, 5), (1, 1), (2, 6), (1, 5), (0, 3)]]
+REUSED = [[(1, 3), (2, 4), (1, 5), (2, 2), (1, 6)], [(2, 5), (1, 1), (2, 6), (1, 5), (0, 3)]]
 L = 20
 
 
@@ -27,8 +26,11 @@ def ids(rows, fresh: bool):
     """(B, L) segment ids from runs; fresh=True numbers the runs 1, 2, ... (padding stays 0)."""
     out = []
     for row in rows:
-        out.append(np.concatenate([np.full(n, (i + 1 if fresh and v else v))
-                                   for i, (v, n) in enumerate(row)]))
+        out.append(
+            np.concatenate(
+                [np.full(n, (i + 1 if fresh and v else v)) for i, (v, n) in enumerate(row)]
+            )
+        )
     return jnp.asarray(np.stack(out), jnp.int32)
 
 
@@ -37,12 +39,15 @@ SEG, FRESH = ids(REUSED, False), ids(REUSED, True)
 
 def test_definitions_by_hand():
     seg = jnp.array([[1, 1, 2, 2, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 3]])
-    np.testing.assert_array_equal(document_starts(seg), [[0, 0, 1, 0, 1, 0, 1, 0],
-                                                         [0, 0, 0, 0, 0, 0, 0, 1]])
-    np.testing.assert_array_equal(document_index(seg), [[0, 0, 1, 1, 2, 2, 3, 3],
-                                                        [0, 0, 0, 0, 0, 0, 0, 1]])
-    np.testing.assert_array_equal(document_positions(seg, 2, 8), [[0, 1, 0, 1, 0, 1, 0, 1],
-                                                                  [0, 1, 2, 3, 4, 5, 6, 0]])
+    np.testing.assert_array_equal(
+        document_starts(seg), [[0, 0, 1, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
+    )
+    np.testing.assert_array_equal(
+        document_index(seg), [[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 0, 0, 0, 0, 1]]
+    )
+    np.testing.assert_array_equal(
+        document_positions(seg, 2, 8), [[0, 1, 0, 1, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6, 0]]
+    )
     np.testing.assert_array_equal(document_positions(None, 1, 3), [[0, 1, 2]])
     # `previous`: the id before the row (a context shard's neighbour) decides position 0
     previous = jnp.array([1, 5])
@@ -63,8 +68,11 @@ def test_attention_reused_ids_equal_fresh_ids(impl):
     q = jax.random.normal(ks[0], (2, L, 4, 8), jnp.float64)
     k, v = (jax.random.normal(key, (2, L, 2, 8), jnp.float64) for key in ks[1:])
     # blockwise in small blocks, so that the block ranges span several documents
-    fn = (functools.partial(attention, impl="xla") if impl == "xla"
-          else functools.partial(blockwise_attention, block_q=4, block_k=3))
+    fn = (
+        functools.partial(attention, impl="xla")
+        if impl == "xla"
+        else functools.partial(blockwise_attention, block_q=4, block_k=3)
+    )
 
     def loss(seg, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, segment_ids=seg)))
@@ -76,8 +84,9 @@ def test_attention_reused_ids_equal_fresh_ids(impl):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
     # an id-equality mask would differ: the third run would read the first
     by_id = jnp.tri(L, dtype=bool) & (SEG[:, :, None] == SEG[:, None, :])
-    assert not np.allclose(fn(q, k, v, segment_ids=SEG),
-                           dense_attention(q, k, v, by_id, scale=8 ** -0.5))
+    assert not np.allclose(
+        fn(q, k, v, segment_ids=SEG), dense_attention(q, k, v, by_id, scale=8**-0.5)
+    )
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
@@ -89,8 +98,19 @@ def test_ssd_reused_ids_equal_fresh_ids(impl):
     A = -rng.uniform(0.5, 1.5, h)
     B, C = rng.standard_normal((2, b, L, g, n))
     init = rng.standard_normal((b, h, p, n))
-    run = functools.partial(ssd, x, dt, A, B, C, D=np.ones(h), initial_state=init, chunk_size=6,
-                            return_final_state=True, impl=impl)
+    run = functools.partial(
+        ssd,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=np.ones(h),
+        initial_state=init,
+        chunk_size=6,
+        return_final_state=True,
+        impl=impl,
+    )
     for got, want in zip(run(segment_ids=SEG), run(segment_ids=FRESH)):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
 
@@ -99,8 +119,14 @@ def test_conv_reused_ids_equal_fresh_ids():
     rng = np.random.default_rng(1)
     x, kernel, bias = rng.standard_normal((2, L, 3)), rng.standard_normal((4, 3)), np.ones(3)
     state = rng.standard_normal((2, 3, 3))
-    run = functools.partial(causal_conv1d, jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias),
-                            initial_state=jnp.asarray(state), return_final_state=True)
+    run = functools.partial(
+        causal_conv1d,
+        jnp.asarray(x),
+        jnp.asarray(kernel),
+        jnp.asarray(bias),
+        initial_state=jnp.asarray(state),
+        return_final_state=True,
+    )
     for got, want in zip(run(segment_ids=SEG), run(segment_ids=FRESH)):
         np.testing.assert_allclose(got, want, rtol=1e-14)
 

@@ -8,13 +8,28 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 # A model and task small enough that a step takes milliseconds on the CPU; compile dominates.
 TINY = [
-    "model.d_model=32", "model.pattern=M*", "model.mamba_heads=2", "model.mamba_head_dim=16",
-    "model.ssm_state=8", "model.chunk_size=16", "model.attn_heads=2", "model.kv_heads=1",
-    "model.head_dim=16", "model.ffn=32", "model.n_experts=4", "model.top_k=2",
-    "model.moe_ffn=16", "model.vocab_size=64",
-    "trainer.batch_size=4", "trainer.seq_len=32", "trainer.log_every=1",
-    "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
-    "optimizer.warmup_steps=2", "logger=none",
+    "model.d_model=32",
+    "model.pattern=M*",
+    "model.mamba_heads=2",
+    "model.mamba_head_dim=16",
+    "model.ssm_state=8",
+    "model.chunk_size=16",
+    "model.attn_heads=2",
+    "model.kv_heads=1",
+    "model.head_dim=16",
+    "model.ffn=32",
+    "model.n_experts=4",
+    "model.top_k=2",
+    "model.moe_ffn=16",
+    "model.vocab_size=64",
+    "trainer.batch_size=4",
+    "trainer.seq_len=32",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "trainer.progress=false",
+    "optimizer.warmup_steps=2",
+    "logger=none",
 ]
 TINY_MQAR = ["data.num_pairs=[2,4]", "data.num_eval_examples=16"]
 

@@ -17,11 +17,16 @@ def test_context_axis_splits_the_batch_sequence(tiny_compose):
     assert batch_sharding(mesh).spec[1] == "context"
 
 
-@pytest.mark.parametrize("overrides,name", [
-    (["trainer.seq_len=126"], "trainer.seq_len: 126"),
-    (["trainer.seq_len_schedule=[{seq_len:130,batch_size:2,steps:1}]"],
-     "trainer.seq_len_schedule[0].seq_len: 130"),
-])
+@pytest.mark.parametrize(
+    "overrides,name",
+    [
+        (["trainer.seq_len=126"], "trainer.seq_len: 126"),
+        (
+            ["trainer.seq_len_schedule=[{seq_len:130,batch_size:2,steps:1}]"],
+            "trainer.seq_len_schedule[0].seq_len: 130",
+        ),
+    ],
+)
 def test_lengths_must_split_over_the_context_axis(tiny_compose, overrides, name):
     run = resolve(tiny_compose(["trainer.mesh.data=2", "trainer.mesh.context=4", *overrides]))
     message = f"{name} does not split into trainer.mesh.context=4"

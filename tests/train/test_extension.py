@@ -63,9 +63,16 @@ def test_init_from_copies_the_parameters_exactly(source, tiny_compose, checkpoin
     step = 2 if checkpoint_dir else 4
     path = source / "checkpoints" / "2" if checkpoint_dir else source
     assert find_checkpoint(path) == str(source / "checkpoints" / str(step))
-    overrides = [*MOE, "trainer.seq_len=64", "trainer.batch_size=2", "trainer.seed=5",
-                 "model.remat=full", "model.ssd_impl=reference", "data=niah",
-                 f"trainer.init_from={path}"]
+    overrides = [
+        *MOE,
+        "trainer.seq_len=64",
+        "trainer.batch_size=2",
+        "trainer.seed=5",
+        "model.remat=full",
+        "model.ssd_impl=reference",
+        "data=niah",
+        f"trainer.init_from={path}",
+    ]
     run = resolve(tiny_compose(overrides))
     fresh = build(run, "unused").state
     state = init_from(run, fresh)
@@ -83,28 +90,48 @@ def test_init_from_copies_the_parameters_exactly(source, tiny_compose, checkpoin
 
 
 def test_init_from_restores_into_the_mesh_layout(source, tiny_compose):
-    run = resolve(tiny_compose([*MOE, "trainer.mesh.data=2", "trainer.mesh.fsdp=4",
-                                f"trainer.init_from={source}"]))
+    run = resolve(
+        tiny_compose(
+            [*MOE, "trainer.mesh.data=2", "trainer.mesh.fsdp=4", f"trainer.init_from={source}"]
+        )
+    )
     fresh = build(run, "unused").state
     state = init_from(run, fresh)
     shardings = jax.tree.map(lambda x: x.sharding, (fresh.params, fresh.model_state))
     assert jax.tree.map(lambda x: x.sharding, (state.params, state.model_state)) == shardings
-    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
-               for x in jax.tree.leaves(state.params))
+    assert any(
+        len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+        for x in jax.tree.leaves(state.params)
+    )
     assert equal_trees(state.params, saved(source, 4, fresh).params)
 
 
-@pytest.mark.parametrize("model, expected", [
-    (["model.pattern=M*"], [
-        "params.periods.blocks.2.mixer.gate.weight: saved (1, 4, 32), not in this model",
-        "model_state.periods.blocks.2.mixer.gate.e_score_correction_bias: saved (1, 4), not in",
-        "pattern 'M*E' -> 'M*'"]),
-    ([*MOE, "model.moe_ffn=32"], [
-        ("params.periods.blocks.2.mixer.experts.up_proj: saved (1, 4, 32, 16), this model "
-         "(1, 4, 32, 32)"), "moe_ffn 16 -> 32"]),
-])
-def test_init_from_refuses_another_model_naming_the_mismatches(source, tiny_compose, model,
-                                                               expected):
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (
+            ["model.pattern=M*"],
+            [
+                "params.periods.blocks.2.mixer.gate.weight: saved (1, 4, 32), not in this model",
+                "model_state.periods.blocks.2.mixer.gate.e_score_correction_bias: saved (1, 4), not in",
+                "pattern 'M*E' -> 'M*'",
+            ],
+        ),
+        (
+            [*MOE, "model.moe_ffn=32"],
+            [
+                (
+                    "params.periods.blocks.2.mixer.experts.up_proj: saved (1, 4, 32, 16), this model "
+                    "(1, 4, 32, 32)"
+                ),
+                "moe_ffn 16 -> 32",
+            ],
+        ),
+    ],
+)
+def test_init_from_refuses_another_model_naming_the_mismatches(
+    source, tiny_compose, model, expected
+):
     run = resolve(tiny_compose([*model, f"trainer.init_from={source}"]))
     with pytest.raises(ValueError) as err:
         init_from(run, build(run, "unused").state)
@@ -138,26 +165,43 @@ def test_length_schedule_cycles_by_step(tiny_compose):
     assert not plain.scheduled and {plain.at(s) for s in range(5)} == {(16, 4)}
 
 
-@pytest.mark.parametrize("schedule, message", [
-    ([{"seq_len": 64}, {"seq_len": 64, "steps": 2}], "seq_len_schedule: each seq_len may appear"),
-    ([{"seq_len": 64, "batch_size": 3}], r"seq_len_schedule\[0\].batch_size: must be divisible"),
-    ([{"seq_len": 64, "steps": 0}], r"seq_len_schedule\[0\].steps: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        (
+            [{"seq_len": 64}, {"seq_len": 64, "steps": 2}],
+            "seq_len_schedule: each seq_len may appear",
+        ),
+        (
+            [{"seq_len": 64, "batch_size": 3}],
+            r"seq_len_schedule\[0\].batch_size: must be divisible",
+        ),
+        ([{"seq_len": 64, "steps": 0}], r"seq_len_schedule\[0\].steps: must be > 0"),
+    ],
+)
 def test_length_schedule_errors_name_the_entry(schedule, message):
     with pytest.raises(ValueError, match=message):
         TrainerConfig(batch_size=4, grad_accum=2, seq_len_schedule=schedule)
 
 
-def test_extension_resumes_bit_for_bit_from_its_own_checkpoints(source, tmp_path, tiny_run,
-                                                               tiny_compose):
+def test_extension_resumes_bit_for_bit_from_its_own_checkpoints(
+    source, tmp_path, tiny_run, tiny_compose
+):
     """From the source at a constant lr and mixed lengths: 6 steps straight == 3 steps, stop,
     resume to 6 with the source gone (the run's own checkpoint wins over init_from); each
     length has its own data stream in the checkpoint; the source's files stay as they were."""
     before = snapshot(source)
     copy = tmp_path / "source"
     shutil.copytree(source, copy)
-    common = [*MOE, "optimizer=adamw_constant", "optimizer.lr=2e-3", "optimizer.warmup_steps=0",
-              SCHEDULE, f"trainer.init_from={copy}", "trainer.steps=6"]
+    common = [
+        *MOE,
+        "optimizer=adamw_constant",
+        "optimizer.lr=2e-3",
+        "optimizer.warmup_steps=0",
+        SCHEDULE,
+        f"trainer.init_from={copy}",
+        "trainer.steps=6",
+    ]
     tiny_run(tmp_path / "straight", common)
     tiny_run(tmp_path / "resumed", [*common, "trainer.stop_at=3"])
     assert snapshot(copy) == snapshot(source) == before

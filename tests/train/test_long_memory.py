@@ -20,17 +20,20 @@ GiB = 2**30
 def _keep_grads():
     """An optimizer that leaves the parameters alone and keeps the last gradients as its state."""
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    return optax.GradientTransformation(zeros, lambda grads, state, params=None: (zeros(grads),
-                                                                                  grads))
+    return optax.GradientTransformation(
+        zeros, lambda grads, state, params=None: (zeros(grads), grads)
+    )
 
 
 def _batch(seed, rows, length, vocab=64, answers=0.5):
     rng = np.random.default_rng(seed)
-    batch = {"tokens": rng.integers(0, vocab, (rows, length)),
-             "targets": rng.integers(0, vocab, (rows, length)),
-             "loss_mask": (rng.random((rows, length)) < answers).astype(np.float32),
-             "segment_ids": np.repeat(np.arange(1, 3), length // 2)[None].repeat(rows, 0),
-             "bucket": np.arange(rows) % 3}
+    batch = {
+        "tokens": rng.integers(0, vocab, (rows, length)),
+        "targets": rng.integers(0, vocab, (rows, length)),
+        "loss_mask": (rng.random((rows, length)) < answers).astype(np.float32),
+        "segment_ids": np.repeat(np.arange(1, 3), length // 2)[None].repeat(rows, 0),
+        "bucket": np.arange(rows) % 3,
+    }
     batch["loss_mask"][1] = 0  # a row without answers
     return jax.tree.map(jnp.asarray, batch)
 
@@ -39,7 +42,7 @@ def _full_logits_loss(graphdef, model_state, batch, lb_coef, z_coef, grad_accum)
     """The train loss as it was: (B, L, vocab) logits, then softmax cross-entropy (float64)."""
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     rows = len(batch["tokens"]) // grad_accum
-    parts = [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()} for i in range(grad_accum)]
+    parts = [{k: v[i * rows : (i + 1) * rows] for k, v in batch.items()} for i in range(grad_accum)]
 
     def loss(params):
         out = ce_sum = 0.0
@@ -58,9 +61,16 @@ def _full_logits_loss(graphdef, model_state, batch, lb_coef, z_coef, grad_accum)
 def test_train_step_equals_full_logits(tie, grad_accum):
     config = tiny(pattern="ME", tie_embeddings=tie, loss_chunk_size=7)
     graphdef, state = init_state(config, _keep_grads(), seed=0)
-    step = make_train_step(graphdef, _keep_grads(), optax.constant_schedule(0.0), lb_coef=0.01,
-                           z_coef=0.001, router_bias_rate=0.0, grad_accum=grad_accum,
-                           has_moe=True)
+    step = make_train_step(
+        graphdef,
+        _keep_grads(),
+        optax.constant_schedule(0.0),
+        lb_coef=0.01,
+        z_coef=0.001,
+        router_bias_rate=0.0,
+        grad_accum=grad_accum,
+        has_moe=True,
+    )
     batch = _batch(0, 4, 16)
     new, metrics = step(state, batch)
     loss = _full_logits_loss(graphdef, state.model_state, batch, 0.01, 0.001, grad_accum)
@@ -79,7 +89,8 @@ def test_eval_step_equals_full_logits(tie):
     batch = _batch(1, 4, 24, answers=0.2)
     sums = make_eval_step(graphdef, num_buckets=3)(state.params, state.model_state, batch)
     logits = nnx.merge(graphdef, state.params, state.model_state)(
-        batch["tokens"], segment_ids=batch["segment_ids"])
+        batch["tokens"], segment_ids=batch["segment_ids"]
+    )
     loss_sum, weight_sum = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
     correct, total = recall_counts(logits, batch, 3)
     np.testing.assert_allclose(sums["loss_sum"], loss_sum, rtol=1e-12)
@@ -92,11 +103,16 @@ def _planned_temp(config: HybridConfig, length: int) -> int:
     """Bytes of temporaries XLA plans for one train step on one (1, length) packed row."""
     tx = optax.adamw(1e-3)
     graphdef, state = init_state(config, tx, seed=0)
-    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-3), lb_coef=0.0,
-                           z_coef=0.0, router_bias_rate=0.0)
+    step = make_train_step(
+        graphdef, tx, optax.constant_schedule(1e-3), lb_coef=0.0, z_coef=0.0, router_bias_rate=0.0
+    )
     row = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    batch = {"tokens": row, "targets": row, "segment_ids": row,
-             "loss_mask": jax.ShapeDtypeStruct((1, length), jnp.float32)}
+    batch = {
+        "tokens": row,
+        "targets": row,
+        "segment_ids": row,
+        "loss_mask": jax.ShapeDtypeStruct((1, length), jnp.float32),
+    }
     return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -107,9 +123,20 @@ def test_block_remat_plans_less_memory_than_none():
     assert temps["block"] < temps["none"] / 2, temps
 
 
-LONG = {"vocab_size": 32768, "d_model": 64, "mamba_heads": 2, "mamba_head_dim": 16,
-        "ssm_state": 8, "n_groups": 1, "chunk_size": 64, "attn_heads": 2, "kv_heads": 1,
-        "head_dim": 16, "ffn": 128, "remat": "block"}
+LONG = {
+    "vocab_size": 32768,
+    "d_model": 64,
+    "mamba_heads": 2,
+    "mamba_head_dim": 16,
+    "ssm_state": 8,
+    "n_groups": 1,
+    "chunk_size": 64,
+    "attn_heads": 2,
+    "kv_heads": 1,
+    "head_dim": 16,
+    "ffn": 128,
+    "remat": "block",
+}
 
 
 @pytest.mark.parametrize("pattern", ["M-M-", "M*M-"])

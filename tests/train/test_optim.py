@@ -19,8 +19,10 @@ def test_cosine_schedule():
 
 
 def test_wsd_schedule():
-    lr = make_schedule(OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2,
-                                   min_lr_ratio=0.0), 110)
+    lr = make_schedule(
+        OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0),
+        110,
+    )
     assert float(lr(10)) == pytest.approx(1.0) and float(lr(90)) == pytest.approx(1.0)
     assert float(lr(100)) == pytest.approx(0.5) and float(lr(110)) == pytest.approx(0.0)
 
@@ -33,13 +35,28 @@ def test_bad_optimizer_values_name_the_field():
 
 
 def test_weight_decay_mask_by_name():
-    assert not any(decays(p) for p in (
-        "periods.blocks.0.mixer.A_log", "periods.blocks.0.mixer.D", "periods.blocks.0.mixer.dt_bias",
-        "periods.blocks.0.mixer.conv_x.bias", "periods.blocks.0.mixer.norm.weight",
-        "periods.blocks.0.norm.weight", "norm_f.weight"))
-    assert all(decays(p) for p in (
-        "embeddings.embedding", "lm_head.kernel", "periods.blocks.0.mixer.zx_proj.kernel",
-        "periods.blocks.1.mixer.q_proj.kernel", "periods.blocks.2.mixer.experts.up_proj"))
+    assert not any(
+        decays(p)
+        for p in (
+            "periods.blocks.0.mixer.A_log",
+            "periods.blocks.0.mixer.D",
+            "periods.blocks.0.mixer.dt_bias",
+            "periods.blocks.0.mixer.conv_x.bias",
+            "periods.blocks.0.mixer.norm.weight",
+            "periods.blocks.0.norm.weight",
+            "norm_f.weight",
+        )
+    )
+    assert all(
+        decays(p)
+        for p in (
+            "embeddings.embedding",
+            "lm_head.kernel",
+            "periods.blocks.0.mixer.zx_proj.kernel",
+            "periods.blocks.1.mixer.q_proj.kernel",
+            "periods.blocks.2.mixer.experts.up_proj",
+        )
+    )
     _, params, model_state = init_model(HybridConfig(pattern="M*E"), seed=0)
     mask = weight_decay_mask(params)
     assert mask["periods"]["blocks"][0]["mixer"]["A_log"] is False
@@ -49,20 +66,42 @@ def test_weight_decay_mask_by_name():
 
 
 def test_grad_accumulation_matches_one_big_batch():
-    config = HybridConfig(vocab_size=32, d_model=16, pattern="M*E", mamba_heads=2,
-                          mamba_head_dim=8, ssm_state=4, chunk_size=8, attn_heads=2, kv_heads=1,
-                          head_dim=8, n_experts=4, top_k=2, moe_ffn=8)
+    config = HybridConfig(
+        vocab_size=32,
+        d_model=16,
+        pattern="M*E",
+        mamba_heads=2,
+        mamba_head_dim=8,
+        ssm_state=4,
+        chunk_size=8,
+        attn_heads=2,
+        kv_heads=1,
+        head_dim=8,
+        n_experts=4,
+        top_k=2,
+        moe_ffn=8,
+    )
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
     rng = np.random.default_rng(0)
-    batch = {"tokens": rng.integers(0, 32, (4, 16)).astype(np.int32),
-             "targets": rng.integers(0, 32, (4, 16)).astype(np.int32),
-             "loss_mask": (rng.random((4, 16)) < 0.5).astype(np.float32),
-             "segment_ids": np.ones((4, 16), np.int32)}
+    batch = {
+        "tokens": rng.integers(0, 32, (4, 16)).astype(np.int32),
+        "targets": rng.integers(0, 32, (4, 16)).astype(np.int32),
+        "loss_mask": (rng.random((4, 16)) < 0.5).astype(np.float32),
+        "segment_ids": np.ones((4, 16), np.int32),
+    }
     out = []
     for accum in (1, 2):
         graphdef, state = init_state(config, tx, seed=0)
-        step = make_train_step(graphdef, tx, schedule, lb_coef=0.0, z_coef=0.0,
-                               router_bias_rate=0.0, grad_accum=accum, has_moe=True)
+        step = make_train_step(
+            graphdef,
+            tx,
+            schedule,
+            lb_coef=0.0,
+            z_coef=0.0,
+            router_bias_rate=0.0,
+            grad_accum=accum,
+            has_moe=True,
+        )
         state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
         out.append((state.params, metrics))
     (p1, m1), (p2, m2) = out

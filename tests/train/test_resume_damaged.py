@@ -38,19 +38,24 @@ def truncate(path) -> None:
 
 def snapshot(step_dir) -> dict:
     """Every file under `step_dir`: relative path -> bytes."""
-    return {str(p.relative_to(step_dir)): p.read_bytes()
-            for p in Path(step_dir).rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(step_dir)): p.read_bytes()
+        for p in Path(step_dir).rglob("*")
+        if p.is_file()
+    }
 
 
 def small_state(i: int) -> dict:
     """A state whose `w` is stored in a data file of its own (not inline: over 1 KiB)."""
-    return {"w": jnp.arange(1024, dtype=jnp.float32) * i, "b": jnp.full((3, 4), i, jnp.bfloat16),
-            "step": jnp.int32(i)}
+    return {
+        "w": jnp.arange(1024, dtype=jnp.float32) * i,
+        "b": jnp.full((3, 4), i, jnp.bfloat16),
+        "step": jnp.int32(i),
+    }
 
 
 @pytest.mark.parametrize("damage", [garble, truncate])
-def test_restore_latest_sets_the_damaged_newest_aside_out_of_the_rotation(tmp_path, caplog,
-                                                                          damage):
+def test_restore_latest_sets_the_damaged_newest_aside_out_of_the_rotation(tmp_path, caplog, damage):
     """keep=2 holds steps 2 and 3; step 3 damaged: step 2 restores and step 3 moves to
     3.damaged, as it was. Saving 3, 4 and 5 again rotates good checkpoints only: orbax keeps 4
     and 5, and neither deletes 3.damaged nor counts it."""
@@ -106,8 +111,11 @@ def test_another_model_is_an_error_not_damage(tmp_path):
     ckpt.save(1, small_state(1))
     ckpt.wait()
     like = {**small_state(0), "w": jnp.zeros(128, jnp.float32)}
-    with pytest.raises(ValueError, match=r"checkpoint 1 in .* holds another state than this "
-                                         r"run's: w: saved \(1024,\), this model \(128,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint 1 in .* holds another state than this "
+        r"run's: w: saved \(1024,\), this model \(128,\)",
+    ):
         ckpt.restore_latest(like)
     ckpt.close()
     assert os.listdir(tmp_path) == ["1"]
@@ -153,8 +161,11 @@ def test_resume_with_every_checkpoint_damaged_fails_naming_them(trained, tmp_pat
     for step in ("2", "4"):
         for path in array_files(run_dir / "checkpoints" / step):
             truncate(path)
-    with pytest.raises(NoIntactCheckpoint, match=rf"no checkpoint in {run_dir}/checkpoints "
-                                                 rf"restores intact: tried steps 4, 2 \(step 4: "
-                                                 rf".*; step 2: .*\)\. Nothing was changed"):
+    with pytest.raises(
+        NoIntactCheckpoint,
+        match=rf"no checkpoint in {run_dir}/checkpoints "
+        rf"restores intact: tried steps 4, 2 \(step 4: "
+        rf".*; step 2: .*\)\. Nothing was changed",
+    ):
         tiny_run(run_dir, [*FAST, "trainer.steps=6"])
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]

@@ -13,11 +13,18 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_cli_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_overrides):
-    cmd = [sys.executable, "-m", "hybridjax.train", *tiny_overrides, "trainer.steps=100000",
-           f"hydra.run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridjax.train",
+        *tiny_overrides,
+        "trainer.steps=100000",
+        f"hydra.run.dir={tmp_path}",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while len(read_metrics(tmp_path)) < 3:

@@ -14,9 +14,17 @@ from hybridjax.train_config import resolve
 
 
 def test_run_dir_contents(tmp_path, tiny_run):
-    summary = tiny_run(tmp_path, ["trainer.steps=4", "trainer.eval_every=2",
-                                  "trainer.checkpoint_every=2", "trainer.keep_checkpoints=1",
-                                  "model.pattern=M*E", "logger=wandb"])
+    summary = tiny_run(
+        tmp_path,
+        [
+            "trainer.steps=4",
+            "trainer.eval_every=2",
+            "trainer.checkpoint_every=2",
+            "trainer.keep_checkpoints=1",
+            "model.pattern=M*E",
+            "logger=wandb",
+        ],
+    )
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # one record per logged step
     for r in records:
@@ -27,15 +35,21 @@ def test_run_dir_contents(tmp_path, tiny_run):
     assert all(r["tokens_per_sec"] > 0 for r in records[1:])
     evals = [r for r in records if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4]
-    assert {"eval/loss", "eval/perplexity", "eval/accuracy/pairs=2,len=32",
-            "eval/accuracy/pairs=4,len=32"} <= set(evals[0])
+    assert {
+        "eval/loss",
+        "eval/perplexity",
+        "eval/accuracy/pairs=2,len=32",
+        "eval/accuracy/pairs=4,len=32",
+    } <= set(evals[0])
     assert 0.0 <= evals[0]["eval/accuracy"] <= 1.0
     assert records[0]["lr"] < records[1]["lr"]  # warming up
 
     assert os.listdir(tmp_path / "checkpoints") == ["4"]  # keep_checkpoints=1
     assert summary["step"] == 4 and summary["params_total"] > 0
-    assert json.loads((tmp_path / "summary.json").read_text())["eval/accuracy"] == \
-        evals[-1]["eval/accuracy"]
+    assert (
+        json.loads((tmp_path / "summary.json").read_text())["eval/accuracy"]
+        == evals[-1]["eval/accuracy"]
+    )
     assert "pattern: M*E" in (tmp_path / "config.yaml").read_text()
     wandb_runs = os.listdir(tmp_path / "wandb")
     assert any(name.startswith("offline-run-") for name in wandb_runs), wandb_runs
@@ -76,10 +90,20 @@ def test_resume_is_exact(tmp_path, tiny_run, tiny_compose):
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_run):
     tiny_run(tmp_path, ["trainer.steps=2"])
-    with pytest.raises(NonFiniteLoss, match=r"at step \d+: stopping; the last good checkpoint "
-                                            r"\(step 2\) is intact"):
-        tiny_run(tmp_path, ["trainer.steps=8", "trainer.checkpoint_every=4",
-                            "optimizer.lr=1e30", "optimizer.warmup_steps=0"])
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"at step \d+: stopping; the last good checkpoint "
+        r"\(step 2\) is intact",
+    ):
+        tiny_run(
+            tmp_path,
+            [
+                "trainer.steps=8",
+                "trainer.checkpoint_every=4",
+                "optimizer.lr=1e30",
+                "optimizer.warmup_steps=0",
+            ],
+        )
     assert os.listdir(tmp_path / "checkpoints") == ["2"]
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.latest_step() == 2
