@@ -62,7 +62,7 @@ class HybridConfig:
     rope_scaling: str | None = None  # context extension: linear | ntk | yarn
     rope_factor: float = 1.0
     rope_original_max_len: int = 4096
-    attn_impl: str = "auto"  # pallas on a GPU, else blockwise: O(L) memory, packed documents
+    attn_impl: str = "auto"  # cuDNN (packed documents too) on a GPU, else blockwise: O(L) memory
 
     # --- MoE ----------------------------------------------------------------------------------
     n_experts: int = 8
