@@ -279,9 +279,9 @@ def test_cudnn_builds_causal_call(monkeypatch):
     np.testing.assert_allclose(got, xla(x), rtol=1e-4, atol=1e-7)
 
 
-def test_cudnn_rejects_segment_ids():
+def test_cudnn_packed_documents_need_a_gpu():
     attn = _attn(CFG.replace(attn_impl="cudnn"))
-    with pytest.raises(ValueError, match="segment_ids"):
+    with pytest.raises(ValueError, match="cudnn' with packed documents: needs a GPU"):
         attn(random_x((1, 4, CFG.d_model)), segment_ids=jnp.zeros((1, 4), jnp.int32))
 
 
