@@ -63,6 +63,9 @@ class HybridConfig:
     rope_factor: float = 1.0
     rope_original_max_len: int = 4096
     attn_impl: str = "auto"  # cuDNN (packed documents too) on a GPU, else blockwise: O(L) memory
+    # packed rows with more documents than this take the blockwise kernel instead of cuDNN's (its
+    # backward workspace grows with it: rows x max x length x heads x head_dim in float32)
+    attn_max_documents: int = 8
 
     # --- MoE ----------------------------------------------------------------------------------
     n_experts: int = 8
@@ -100,7 +103,14 @@ class HybridConfig:
         _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCH)
         _check_choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
-        for name in ("vocab_size", "d_model", "norm_eps", "initializer_range", "loss_chunk_size"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "norm_eps",
+            "initializer_range",
+            "loss_chunk_size",
+            "attn_max_documents",
+        ):
             _check_positive(name, getattr(self, name))
         if self.has("M"):
             for name in (

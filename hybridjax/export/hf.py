@@ -93,6 +93,7 @@ RUNTIME_FIELDS = frozenset(
         "remat",
         "ssd_impl",
         "attn_impl",
+        "attn_max_documents",
         "moe_dispatch",
         "capacity_factor",
         "grouped_matmul",

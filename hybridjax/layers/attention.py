@@ -12,11 +12,11 @@ Parameters keep the heads as an axis (tensor parallelism splits them whole): q_p
 (in, out) = torch weight transposed; init normal(0, initializer_range).
 
 Implementations (config.attn_impl; `hybridjax.ops.attention` has the details):
-  "auto"       the default: "pallas" on a GPU when the kernel supports the call, else "blockwise".
+  "auto"       the default: "cudnn" on a GPU in bf16/fp16, else "blockwise".
   "blockwise"  flash attention in XLA loops: O(L) memory forward and backward, packed documents.
   "pallas"     jax's Pallas Triton flash attention (GPU), packed documents included.
-  "cudnn"      `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`: NVIDIA
-               GPUs, bf16/fp16, unpacked batches only (segment_ids raise a ValueError).
+  "cudnn"      cuDNN's flash attention (NVIDIA GPUs, bf16/fp16); packed rows through its document
+               offsets, up to config.attn_max_documents per row (more: the blockwise kernel).
   "xla"        dense (B, H, L, L) scores in float32 (float64 for a float64 model): the oracle of
                the tests; quadratic memory.
 
@@ -60,6 +60,7 @@ class Attention(nnx.Module):
         if self.n_heads % self.n_kv:
             raise ValueError(f"kv_heads: {self.n_kv} must divide attn_heads ({self.n_heads})")
         self.impl = config.attn_impl
+        self.max_documents = config.attn_max_documents
         self.scale = self.head_dim**-0.5
         self.dtype = jnp.dtype(config.dtype)
         d, hd = config.d_model, self.head_dim
@@ -97,7 +98,15 @@ class Attention(nnx.Module):
                 raise ValueError(f"Attention: {name} has shape {t.shape}, expected {x.shape[:2]}")
 
     def _attend(self, q, k, v, segment_ids):
-        out = attention(q, k, v, segment_ids=segment_ids, scale=self.scale, impl=self.impl)
+        out = attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            scale=self.scale,
+            impl=self.impl,
+            max_documents=self.max_documents,
+        )
         return self.o_proj(out)
 
     def __call__(self, x, *, segment_ids=None, positions=None):

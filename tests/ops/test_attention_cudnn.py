@@ -61,3 +61,19 @@ def test_packed_cudnn_matches_dense_attention(max_documents):
         np.testing.assert_allclose(
             np.asarray(got, np.float32), want, atol=2e-2 * np.abs(want).max()
         )
+
+
+def test_the_layer_passes_its_document_limit(monkeypatch):
+    from flax import nnx
+
+    from hybridjax.config import HybridConfig
+    from hybridjax.layers import attention as layer
+
+    seen = {}
+    monkeypatch.setattr(layer, "attention", lambda *a, **kw: seen.update(kw) or a[0])
+    config = HybridConfig(d_model=32, attn_heads=2, kv_heads=1, head_dim=16, attn_max_documents=3)
+    attn = layer.Attention(config, rngs=nnx.Rngs(0))
+    attn(jnp.zeros((1, 4, 32)), segment_ids=jnp.zeros((1, 4), jnp.int32))
+    assert seen["max_documents"] == 3
+    with pytest.raises(ValueError, match="attn_max_documents: must be > 0"):
+        HybridConfig(attn_max_documents=0)
