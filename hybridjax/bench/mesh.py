@@ -18,15 +18,11 @@ equal losses up to rounding when their global batches are equal: use `--same-bat
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 from hybridjax.sharding import AXES, BATCH_AXES
 
@@ -50,51 +46,24 @@ def parse_layout(text: str) -> dict:
 
 
 def parse_args(argv):
-    from hybridjax.bench.step import PRESETS
-    from hybridjax.config import REMAT_POLICIES
+    from hybridjax.bench.step import add_peak_arg, add_step_args, finish_step_args
 
     ap = argparse.ArgumentParser(
         prog="python -m hybridjax.bench mesh",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--preset", choices=list(PRESETS), default="1b")
+    add_step_args(ap, batch_help="rows per data-parallel replica", steps=5, warmup=2, lengths=True)
     ap.add_argument("--layouts", nargs="+", default=["1", "data=2", "fsdp=2"])
     ap.add_argument(
         "--impl", default="auto", help="SSD implementation (default: %(default)s: Pallas on a GPU)"
-    )
-    ap.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        help="rows per data-parallel replica (default: the preset's batch)",
     )
     ap.add_argument(
         "--same-batch",
         action="store_true",
         help="one global batch (--batch rows) for every layout, to compare losses",
     )
-    ap.add_argument(
-        "--seq-len",
-        type=int,
-        nargs="+",
-        default=None,
-        help="one or more sequence lengths, each a row per layout (default: the preset's)",
-    )
-    ap.add_argument(
-        "--remat",
-        choices=REMAT_POLICIES,
-        default=None,
-        help="HybridConfig.remat (default: the preset's)",
-    )
-    ap.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="device peak for MFU (default: the trainer's table by device kind)",
-    )
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    add_peak_arg(ap)
     ap.add_argument("--out", default=None, help="directory for the table (mesh.md) and rows")
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a child's JSON row
     args = ap.parse_args(argv)
@@ -103,58 +72,20 @@ def parse_args(argv):
             parse_layout(layout)
         except argparse.ArgumentTypeError as e:
             ap.error(str(e))
-    preset = PRESETS[args.preset]
-    args.batch = args.batch or preset["batch"]
-    args.seq_len = args.seq_len or [preset["seq_len"]]
-    args.remat = args.remat or preset["config"].remat
-    return args
-
-
-def build_step(
-    preset: str, sizes: dict, batch: int, seq_len: int, impl: str, remat: str, total_steps: int
-):
-    """(compiled train step, state, batch, mesh, compile seconds) of the preset's model on the
-    mesh `sizes` ({} = one device, no mesh), as the trainer builds it."""
-    import jax
-
-    from hybridjax.bench.step import PRESETS, make_batch
-    from hybridjax.optim import OptimConfig, make_optimizer
-    from hybridjax.sharding import batch_sharding, make_mesh
-    from hybridjax.train_config import LossConfig
-    from hybridjax.train_step import init_state, make_train_step
-
-    n = math.prod(sizes.values()) if sizes else 1
-    config = PRESETS[preset]["config"].replace(ssd_impl=impl, remat=remat)
-    mesh = make_mesh(**{"data": 1, **sizes}, devices=jax.devices()[:n]) if sizes else None
-    tx, schedule = make_optimizer(OptimConfig(), total_steps)
-    coefs = LossConfig()
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        graphdef, state = init_state(config, tx, seed=0, mesh=mesh)
-        step = make_train_step(
-            graphdef,
-            tx,
-            schedule,
-            lb_coef=coefs.lb_coef,
-            z_coef=coefs.z_coef,
-            router_bias_rate=coefs.router_bias_rate,
-            has_moe=config.has("E"),
-            donate=True,
-            mesh=mesh,
-            state=state,
-        )
-        data = make_batch(config.vocab_size, batch, seq_len)
-        if mesh is not None:
-            data = jax.device_put(data, batch_sharding(mesh))
-        t0 = time.perf_counter()
-        compiled = step.lower(state, data).compile()
-    return compiled, state, data, mesh, time.perf_counter() - t0
+    return finish_step_args(ap, args, lengths=True)
 
 
 def measure(layout: str, seq_len: int, args) -> dict:
     """One layout's row at one sequence length (in this process)."""
     import jax
 
-    from hybridjax.bench.step import PRESETS, packed_flops_per_token, peak_tflops, run_steps
+    from hybridjax.bench.step import (
+        PRESETS,
+        build_step,
+        packed_flops_per_token,
+        peak_tflops,
+        run_steps,
+    )
 
     sizes = parse_layout(layout)
     n = math.prod(sizes.values()) if sizes else 1
@@ -163,7 +94,7 @@ def measure(layout: str, seq_len: int, args) -> dict:
     row = {"layout": layout, "devices": n, "batch": batch, "seq_len": seq_len}
     if n > len(jax.devices()):
         return {**row, "error": f"needs {n} devices, this host has {len(jax.devices())}"}
-    compiled, state, data, _, row["compile_s"] = build_step(
+    compiled, state, data, row["compile_s"] = build_step(
         args.preset, sizes, batch, seq_len, args.impl, args.remat, args.warmup + args.steps
     )
     row["collectives"] = collective_counts(compiled.as_text())
@@ -208,38 +139,30 @@ def collective_counts(hlo: str) -> dict:
 
 
 def run_child(args, layout, seq_len):
-    """measure(layout, seq_len) in a fresh process: its own peak memory; a crash costs only its row."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "row.json")
-        cmd = [
-            sys.executable,
-            "-m",
-            "hybridjax.bench",
-            "mesh",
-            "--preset",
-            args.preset,
-            "--impl",
-            args.impl,
-            "--batch",
-            str(args.batch),
-            "--seq-len",
-            str(seq_len),
-            "--remat",
-            args.remat,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--layouts",
-            layout,
-            "--result",
-            path,
-        ] + (["--same-batch"] if args.same_batch else [])
-        rc = subprocess.run(cmd, check=False).returncode
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-    return {"layout": layout, "seq_len": seq_len, "error": f"its process exited with code {rc}"}
+    """measure(layout, seq_len) in a fresh process (`bench.step.run_in_child`)."""
+    from hybridjax.bench.step import run_in_child
+
+    argv = [
+        "mesh",
+        "--preset",
+        args.preset,
+        "--impl",
+        args.impl,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(seq_len),
+        "--remat",
+        args.remat,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--layouts",
+        layout,
+    ]
+    argv += ["--same-batch"] if args.same_batch else []
+    return run_in_child(argv, {"layout": layout, "seq_len": seq_len})
 
 
 def table(rows, args) -> str:

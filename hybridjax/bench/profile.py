@@ -30,6 +30,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -41,27 +42,16 @@ MATMUL = re.compile(r"gemm|cublas|matmul|nvjet|xmma|cutlass", re.IGNORECASE)
 
 def parse_args(argv):
     from hybridjax.bench.mesh import parse_layout
-    from hybridjax.bench.step import PRESETS
-    from hybridjax.config import REMAT_POLICIES
+    from hybridjax.bench.step import add_step_args, finish_step_args
 
     ap = argparse.ArgumentParser(
         prog="python -m hybridjax.bench profile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--preset", choices=list(PRESETS), default="1b")
+    add_step_args(ap, batch_help="rows", steps=3, steps_help="traced steps", warmup=2)
     ap.add_argument("--layout", default="1", help="'1' (one device) or mesh sizes, e.g. context=2")
     ap.add_argument("--impl", default="auto", help="SSD implementation (default: %(default)s)")
-    ap.add_argument("--batch", type=int, default=None, help="rows (default: the preset's)")
-    ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
-    ap.add_argument(
-        "--remat",
-        choices=REMAT_POLICIES,
-        default=None,
-        help="HybridConfig.remat (default: the preset's)",
-    )
-    ap.add_argument("--steps", type=int, default=3, help="traced steps (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     ap.add_argument("--top", type=int, default=15, help="single ops listed (default: 15)")
     ap.add_argument("--out", required=True, help="directory for the trace and profile.md")
     args = ap.parse_args(argv)
@@ -69,13 +59,7 @@ def parse_args(argv):
         args.sizes = parse_layout(args.layout)
     except argparse.ArgumentTypeError as e:
         ap.error(str(e))
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
-    preset = PRESETS[args.preset]
-    args.batch = args.batch or preset["batch"]
-    args.seq_len = args.seq_len or preset["seq_len"]
-    args.remat = args.remat or preset["config"].remat
-    return args
+    return finish_step_args(ap, args)
 
 
 # ------------------------------------------------------------------------------- HLO side
@@ -208,14 +192,11 @@ def main(argv=None):
     # the backend starts. The step then launches kernels one by one, slightly slower.
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    import statistics
-
     import jax
 
-    from hybridjax.bench.mesh import build_step
-    from hybridjax.bench.step import run_steps
+    from hybridjax.bench.step import build_step, run_steps
 
-    compiled, state, data, _, compile_s = build_step(
+    compiled, state, data, compile_s = build_step(
         args.preset,
         args.sizes,
         args.batch,

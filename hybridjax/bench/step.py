@@ -15,7 +15,9 @@ peak memory is its own and a crash (e.g. out of memory) costs only its row.
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,6 +37,23 @@ from hybridjax.train import PEAK_TFLOPS, peak_memory_bytes
 from hybridjax.train_config import LossConfig
 from hybridjax.train_step import init_state, make_train_step
 
+# The GPU presets' widths: d_model 2048, 64 Mamba-2 heads of 64 with state 128 in 8 groups, GQA
+# attention 16 x 128 over 8 kv heads, vocab 32K, bf16 compute over float32 parameters.
+GPU_SIZES = {
+    "vocab_size": 32768,
+    "d_model": 2048,
+    "dtype": "bfloat16",
+    "param_dtype": "float32",
+    "remat": "full",
+    "mamba_heads": 64,
+    "mamba_head_dim": 64,
+    "ssm_state": 128,
+    "n_groups": 8,
+    "chunk_size": 256,
+    "attn_heads": 16,
+    "kv_heads": 8,
+    "head_dim": 128,
+}
 PRESETS = {
     # 1.03B parameters in the NemotronH-8B layout at d_model 2048: its repeating unit "M-M-M-M*-"
     # three times = 12 Mamba-2, 3 attention (GQA, NoPE) and 12 relu2 MLP layers. Without remat the
@@ -42,23 +61,7 @@ PRESETS = {
     # ~17 GiB of temporaries per sequence of 4096 besides 11.5 GiB of params and AdamW moments:
     # b4 leaves room inside the 75% of an H200 that jax preallocates, b8 would not.
     "1b": {
-        "config": HybridConfig(
-            vocab_size=32768,
-            d_model=2048,
-            pattern="M-M-M-M*-" * 3,
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat="full",
-            mamba_heads=64,
-            mamba_head_dim=64,
-            ssm_state=128,
-            n_groups=8,
-            chunk_size=256,
-            attn_heads=16,
-            kv_heads=8,
-            head_dim=128,
-            ffn=10240,
-        ),
+        "config": HybridConfig(**GPU_SIZES, pattern="M-M-M-M*-" * 3, ffn=10240),
         "batch": 4,
         "seq_len": 4096,
     },
@@ -67,20 +70,8 @@ PRESETS = {
     # of 1536).
     "moe": {
         "config": HybridConfig(
-            vocab_size=32768,
-            d_model=2048,
+            **GPU_SIZES,
             pattern="MEMEM*ME" * 3,
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat="full",
-            mamba_heads=64,
-            mamba_head_dim=64,
-            ssm_state=128,
-            n_groups=8,
-            chunk_size=256,
-            attn_heads=16,
-            kv_heads=8,
-            head_dim=128,
             n_experts=64,
             top_k=6,
             moe_ffn=768,
@@ -116,13 +107,61 @@ DOCS_PER_ROW = 4
 GIB = 2**30
 
 
+def add_step_args(ap, *, batch_help, steps, steps_help="timed steps", warmup, lengths=False):
+    """The options every train-step benchmark takes: the preset, its batch, sequence length (several
+    with `lengths`), remat, and the steps run; `finish_step_args` fills the preset's defaults."""
+    ap.add_argument("--preset", choices=list(PRESETS), default="1b")
+    ap.add_argument("--batch", type=int, default=None, help=f"{batch_help} (default: the preset's)")
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        nargs="+" if lengths else None,
+        default=None,
+        help=("one or more sequence lengths, a row each" if lengths else "sequence length")
+        + " (default: the preset's)",
+    )
+    ap.add_argument(
+        "--remat",
+        choices=REMAT_POLICIES,
+        default=None,
+        help="HybridConfig.remat (default: the preset's)",
+    )
+    ap.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default: %(default)s)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=warmup,
+        help="untimed steps after compiling (default: %(default)s)",
+    )
+
+
+def add_peak_arg(ap):
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: the trainer's table by device kind)",
+    )
+
+
+def finish_step_args(ap, args, *, lengths=False):
+    """Checks the step counts and fills batch, seq_len and remat from the preset."""
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or preset["batch"]
+    args.seq_len = args.seq_len or ([preset["seq_len"]] if lengths else preset["seq_len"])
+    args.remat = args.remat or preset["config"].remat
+    return args
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="python -m hybridjax.bench step",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--preset", choices=list(PRESETS), default="1b")
+    add_step_args(ap, batch_help="sequences per step", steps=10, warmup=3)
     ap.add_argument(
         "--impls",
         nargs="+",
@@ -130,34 +169,15 @@ def parse_args(argv):
         default=["chunked", "pallas"],
         help="SSD implementations (HybridConfig.ssd_impl) (default: %(default)s)",
     )
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
-    ap.add_argument(
-        "--warmup", type=int, default=3, help="untimed steps after compiling (default: %(default)s)"
-    )
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: preset)")
-    ap.add_argument("--seq-len", type=int, default=None, help="default: preset")
     ap.add_argument(
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float16", "float32"],
         help="compute dtype; parameters stay float32",
     )
-    ap.add_argument("--remat", default=None, choices=REMAT_POLICIES, help="default: preset")
-    ap.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="device peak for MFU (default: the trainer's table by device kind)",
-    )
+    add_peak_arg(ap)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a child's JSON row
-    args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
-    preset = PRESETS[args.preset]
-    args.batch = args.batch or preset["batch"]
-    args.seq_len = args.seq_len or preset["seq_len"]
-    args.remat = args.remat or preset["config"].remat
-    return args
+    return finish_step_args(ap, ap.parse_args(argv))
 
 
 def make_batch(vocab_size, batch, seq_len, seed=0):
@@ -196,6 +216,40 @@ def packed_flops_per_token(config, seq_len):
     return flops_per_token(config, max(seq_len // DOCS_PER_ROW, 1))
 
 
+def build_step(preset, sizes, batch, seq_len, impl, remat, total_steps, *, dtype=None):
+    """(compiled train step, state, batch, compile seconds) of the preset's model (compute `dtype`,
+    default the preset's) on the mesh `sizes` ({} = one device, no mesh), exactly as the trainer
+    builds it: `init_state`, `make_optimizer`, `make_train_step` (state donated off the CPU)."""
+    from hybridjax.sharding import batch_sharding, make_mesh
+
+    config = PRESETS[preset]["config"]
+    config = config.replace(ssd_impl=impl, remat=remat, dtype=dtype or config.dtype)
+    n = math.prod(sizes.values()) if sizes else 1
+    mesh = make_mesh(**{"data": 1, **sizes}, devices=jax.devices()[:n]) if sizes else None
+    tx, schedule = make_optimizer(OptimConfig(), total_steps)
+    coefs = LossConfig()
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        graphdef, state = init_state(config, tx, seed=0, mesh=mesh)
+        step = make_train_step(
+            graphdef,
+            tx,
+            schedule,
+            lb_coef=coefs.lb_coef,
+            z_coef=coefs.z_coef,
+            router_bias_rate=coefs.router_bias_rate,
+            has_moe=config.has("E"),
+            donate=jax.default_backend() != "cpu",
+            mesh=mesh,
+            state=state,
+        )
+        data = make_batch(config.vocab_size, batch, seq_len)
+        if mesh is not None:
+            data = jax.device_put(data, batch_sharding(mesh))
+        t0 = time.perf_counter()
+        compiled = step.lower(state, data).compile()
+    return compiled, state, data, time.perf_counter() - t0
+
+
 def measure(impl, args):
     """One row of the table: {"impl", ...measurements} or {"impl", "error"}."""
     config = PRESETS[args.preset]["config"].replace(
@@ -220,23 +274,16 @@ def measure(impl, args):
         print(f"[{impl}] skipped: {reason}", flush=True)
         return {**row, "error": f"skipped: {reason}"}
     try:
-        tx, schedule = make_optimizer(OptimConfig(), args.warmup + args.steps)
-        graphdef, state = init_state(config, tx, seed=0)
-        coefs = LossConfig()
-        step = make_train_step(
-            graphdef,
-            tx,
-            schedule,
-            lb_coef=coefs.lb_coef,
-            z_coef=coefs.z_coef,
-            router_bias_rate=coefs.router_bias_rate,
-            has_moe=config.has("E"),
-            donate=jax.default_backend() != "cpu",
+        compiled, state, batch, row["compile_s"] = build_step(
+            args.preset,
+            {},
+            args.batch,
+            args.seq_len,
+            impl,
+            args.remat,
+            args.warmup + args.steps,
+            dtype=args.dtype,
         )
-        batch = make_batch(config.vocab_size, args.batch, args.seq_len)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        row["compile_s"] = time.perf_counter() - t0
         print(f"[{impl}] compiled in {row['compile_s']:.1f} s", flush=True)
         times, losses, _ = run_steps(compiled, state, batch, args.warmup, args.steps)
     except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
@@ -277,27 +324,25 @@ def run_steps(compiled, state, batch, warmup, steps):
     return times, losses, state
 
 
-def run_child(argv, impl):
-    """measure(impl) in a fresh process: its own peak memory, and a crash costs only its row."""
+def run_in_child(argv, failed: dict) -> dict:
+    """`python -m hybridjax.bench *argv` in a fresh process, which writes its one JSON row to
+    --result: its own peak memory, and a crash costs only its row (`failed`, with the exit code)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "row.json")
-        cmd = [
-            sys.executable,
-            "-m",
-            "hybridjax.bench",
-            "step",
-            *argv,
-            "--impls",
-            impl,
-            "--result",
-            path,
-        ]
+        cmd = [sys.executable, "-m", "hybridjax.bench", *argv, "--result", path]
         rc = subprocess.run(cmd, check=False).returncode
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
-    print(f"[{impl}] failed (its process exited with code {rc})", flush=True)
-    return {"impl": impl, "error": f"process exited with code {rc}"}
+    return {**failed, "error": f"its process exited with code {rc}"}
+
+
+def run_child(argv, impl):
+    """measure(impl) in a fresh process (`run_in_child`)."""
+    row = run_in_child(["step", *argv, "--impls", impl], {"impl": impl})
+    if "error" in row and "exited" in row["error"]:
+        print(f"[{impl}] failed ({row['error']})", flush=True)
+    return row
 
 
 def print_table(rows):
