@@ -1,4 +1,5 @@
-"""The packed cuDNN attention path: document spans on any backend, the kernel on a GPU."""
+"""The packed cuDNN attention path: document spans on any backend, the kernel on a GPU (the tests
+default to the CPU: `JAX_PLATFORMS=cuda python -m pytest tests/ops/test_attention_cudnn.py`)."""
 
 import jax
 import jax.numpy as jnp
