@@ -1,8 +1,8 @@
 """`python -m hybridjax.bench attention`: median forward and forward+backward times of causal
 attention (`hybridjax.ops.attention`), one document per row and packed documents.
 
-Implementations: cudnn (one document per row only: it cannot mask packed documents), pallas
-(GPU) and blockwise under both masks; xla (dense, quadratic memory) only when named. Timing as
+Implementations: cudnn (packed rows through its document offsets, `ops.attention_cudnn`),
+pallas (GPU) and blockwise under both masks; xla (dense, quadratic memory) only when named. Timing as
 `bench ssd`: medians of batches of back-to-back calls; forward+backward is one vjp with a random
 cotangent (gradients for q, k and v). TFLOP/s count the mask's allowed (query, key) pairs only:
 forward 4 * B * Hq * D * pairs, forward+backward 3.5 times that (FlashAttention's convention).
@@ -188,8 +188,6 @@ def main(argv=None):
         ):
             first = None  # the first impl's output under this mask: the others' reference
             for label, impl, kw in variants(impls, args.blocks, args.pallas_bwd_blocks):
-                if impl == "cudnn" and seg is not None:
-                    continue
                 row = {
                     "shape": name,
                     "mask": mask,
