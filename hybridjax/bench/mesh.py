@@ -80,7 +80,6 @@ def measure(layout: str, seq_len: int, args) -> dict:
     import jax
 
     from hybridjax.bench.step import (
-        PRESETS,
         build_step,
         packed_flops_per_token,
         peak_tflops,
@@ -95,7 +94,7 @@ def measure(layout: str, seq_len: int, args) -> dict:
     if n > len(jax.devices()):
         return {**row, "error": f"needs {n} devices, this host has {len(jax.devices())}"}
     compiled, state, data, row["compile_s"] = build_step(
-        args.preset, sizes, batch, seq_len, args.impl, args.remat, args.warmup + args.steps
+        args.config, sizes, batch, seq_len, args.impl, args.remat, args.warmup + args.steps
     )
     row["collectives"] = collective_counts(compiled.as_text())
     row["state_gib_per_device"] = (
@@ -106,7 +105,7 @@ def measure(layout: str, seq_len: int, args) -> dict:
         / GIB
     )
     times, losses, _ = run_steps(compiled, state, data, args.warmup, args.steps)
-    config = PRESETS[args.preset]["config"]
+    config = args.config
     step_s = statistics.median(times)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()[:n]]
     peak = peak_tflops(args)

@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 
-SCOPES = ("mamba2", "attention", "moe", "mlp", "loss", "optimizer")
+SCOPES = ("mamba2", "mamba3", "attention", "moe", "mlp", "loss", "optimizer")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 CONTROL_FLOW = ("while", "conditional", "call")
 MATMUL = re.compile(r"gemm|cublas|matmul|nvjet|xmma|cutlass", re.IGNORECASE)
@@ -197,7 +197,7 @@ def main(argv=None):
     from hybridjax.bench.step import build_step, run_steps
 
     compiled, state, data, compile_s = build_step(
-        args.preset,
+        args.config,
         args.sizes,
         args.batch,
         args.seq_len,

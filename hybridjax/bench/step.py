@@ -16,6 +16,7 @@ peak memory is its own and a crash (e.g. out of memory) costs only its row.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -126,6 +127,13 @@ def add_step_args(ap, *, batch_help, steps, steps_help="timed steps", warmup, le
         default=None,
         help="HybridConfig.remat (default: the preset's)",
     )
+    ap.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="HybridConfig fields over the preset's, e.g. attn_max_documents=2 attn_impl=blockwise",
+    )
     ap.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default: %(default)s)")
     ap.add_argument(
         "--warmup",
@@ -151,8 +159,36 @@ def finish_step_args(ap, args, *, lengths=False):
     preset = PRESETS[args.preset]
     args.batch = args.batch or preset["batch"]
     args.seq_len = args.seq_len or ([preset["seq_len"]] if lengths else preset["seq_len"])
-    args.remat = args.remat or preset["config"].remat
+    try:
+        args.config = preset["config"].replace(**_model_overrides(args.model))
+    except ValueError as e:
+        ap.error(f"--model: {e}")
+    args.remat = args.remat or args.config.remat
     return args
+
+
+def _model_overrides(items) -> dict:
+    """["field=value", ...] -> {field: value}, each value parsed as the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(HybridConfig)}
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"{item!r} is not FIELD=VALUE with a HybridConfig field")
+        default = fields[name].default
+        if isinstance(default, bool):
+            if text not in ("true", "false"):
+                raise ValueError(f"{name}: expected true or false, got {text!r}")
+            overrides[name] = text == "true"
+        elif isinstance(default, (int, float)):
+            try:
+                overrides[name] = type(default)(text)
+            except ValueError:
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise ValueError(f"{name}: expected {kind}, got {text!r}") from None
+        else:
+            overrides[name] = None if text == "null" else text
+    return overrides
 
 
 def parse_args(argv):
@@ -216,13 +252,12 @@ def packed_flops_per_token(config, seq_len):
     return flops_per_token(config, max(seq_len // DOCS_PER_ROW, 1))
 
 
-def build_step(preset, sizes, batch, seq_len, impl, remat, total_steps, *, dtype=None):
-    """(compiled train step, state, batch, compile seconds) of the preset's model (compute `dtype`,
-    default the preset's) on the mesh `sizes` ({} = one device, no mesh), exactly as the trainer
+def build_step(config, sizes, batch, seq_len, impl, remat, total_steps, *, dtype=None):
+    """(compiled train step, state, batch, compile seconds) of the model `config` (compute `dtype`,
+    default the config's) on the mesh `sizes` ({} = one device, no mesh), exactly as the trainer
     builds it: `init_state`, `make_optimizer`, `make_train_step` (state donated off the CPU)."""
     from hybridjax.sharding import batch_sharding, make_mesh
 
-    config = PRESETS[preset]["config"]
     config = config.replace(ssd_impl=impl, remat=remat, dtype=dtype or config.dtype)
     n = math.prod(sizes.values()) if sizes else 1
     mesh = make_mesh(**{"data": 1, **sizes}, devices=jax.devices()[:n]) if sizes else None
@@ -252,9 +287,7 @@ def build_step(preset, sizes, batch, seq_len, impl, remat, total_steps, *, dtype
 
 def measure(impl, args):
     """One row of the table: {"impl", ...measurements} or {"impl", "error"}."""
-    config = PRESETS[args.preset]["config"].replace(
-        ssd_impl=impl, dtype=args.dtype, remat=args.remat
-    )
+    config = args.config.replace(ssd_impl=impl, dtype=args.dtype, remat=args.remat)
     total, active = param_counts(config)
     flops = packed_flops_per_token(config, args.seq_len)
     peak = peak_tflops(args)
@@ -275,7 +308,7 @@ def measure(impl, args):
         return {**row, "error": f"skipped: {reason}"}
     try:
         compiled, state, batch, row["compile_s"] = build_step(
-            args.preset,
+            args.config,
             {},
             args.batch,
             args.seq_len,

@@ -43,3 +43,15 @@ def test_pallas_on_cpu_is_skipped_with_the_reason(capsys):
 def test_child_process_returns_its_row():
     row = step.run_child(["--preset", "tiny"], "pallas")
     assert row["impl"] == "pallas" and row["error"].startswith("skipped: ")
+
+
+def test_model_overrides_parse_as_the_fields_types():
+    from hybridjax.bench.step import parse_args
+
+    args = parse_args(
+        ["--preset", "tiny", "--model", "attn_max_documents=2", "attn_impl=blockwise"]
+    )
+    assert (args.config.attn_max_documents, args.config.attn_impl) == (2, "blockwise")
+    for bad in ("nope=1", "d_model=x", "tie_embeddings=yes"):
+        with pytest.raises(SystemExit):
+            parse_args(["--preset", "tiny", "--model", bad])
