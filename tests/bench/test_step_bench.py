@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from hybridjax.bench import step
 from hybridjax.bench.__main__ import main as bench_main
 
