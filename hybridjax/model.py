@@ -11,6 +11,11 @@ the block inputs, which is what long sequences need.
 
 Losses do not need the (B, L, vocab) logits: `hidden` gives the final normed hidden states and
 `head` the output projection, for the chunked losses of `hybridjax.ops.cross_entropy`.
+
+State passing (truncated backpropagation through time): `hidden_from(states, tokens, ...)` runs a
+chunk from the recurrent states the previous chunk of each row ended with (`init_states`: the
+Mamba-2 layers' conv windows and SSM states, stacked over repeats like the decode cache) and also
+returns the states after it; attention layers see the chunk alone.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 MIXERS = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
 SCOPES = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}  # jax name scopes: profiles
 CACHED = ("M", "*")  # letters whose mixers carry decode state
+RECURRENT = ("M",)  # letters whose state `hidden_from` carries from chunk to chunk
 
 # `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies.
 REMAT_POLICIES = {
@@ -116,13 +122,21 @@ class Block(nnx.Module):
         )
         self.mixer = MIXERS[letter](config, rngs=rngs)
 
-    def __call__(self, x, segment_ids, positions, token_mask=None):
+    def __call__(self, x, segment_ids, positions, token_mask=None, state=None):
+        """-> (output, MoE aux or None, recurrent state after x or None). `state`: the one a
+        RECURRENT block starts from (`HybridLM.hidden_from`), None for a fresh sequence."""
         x = checkpoint_name(x, BLOCK_INPUT)  # what remat="offload" moves to host memory
         kw = {"token_mask": token_mask} if self.letter == "E" else {}
+        if state is not None:
+            kw["state"] = state
         with jax.named_scope(SCOPES[self.letter]):
             y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions, **kw)
-        y, aux = y if self.letter == "E" else (y, None)
-        return x + y, aux
+        aux = None
+        if self.letter == "E":
+            y, aux = y
+        elif state is not None:
+            y, state = y
+        return x + y, aux, state
 
     def step(self, x, cache, prefill: bool):
         """Prefill (whole prompt) or decode (one token) through the block, updating its cache."""
@@ -143,17 +157,20 @@ class Period(nnx.Module):
     def __init__(self, letters: str, config: HybridConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(c, config, rngs=rngs) for c in letters])
 
-    def __call__(self, x, segment_ids, positions, token_mask=None, run_block=None):
-        """`run_block(block, x, segment_ids, positions, token_mask)` replaces `Block.__call__`
-        (per-block remat); a default of None, not a function, as nnx.remat passes defaults to
-        jax."""
+    def __call__(self, x, segment_ids, positions, token_mask=None, states=None, run_block=None):
+        """-> (x, MoE auxs, states after x or None). `states`: one per block (None for blocks
+        without one), or None. `run_block(block, x, segment_ids, positions, token_mask, state)`
+        replaces `Block.__call__` (per-block remat); a default of None, not a function, as
+        nnx.remat passes defaults to jax."""
         run_block = run_block or Block.__call__
-        auxs = []
-        for block in self.blocks:
-            x, aux = run_block(block, x, segment_ids, positions, token_mask)
+        auxs, new_states = [], []
+        for i, block in enumerate(self.blocks):
+            state = None if states is None else states[i]
+            x, aux, state = run_block(block, x, segment_ids, positions, token_mask, state)
+            new_states.append(state)
             if aux is not None:
                 auxs.append(aux)
-        return x, tuple(auxs)
+        return x, tuple(auxs), None if states is None else tuple(new_states)
 
     def step(self, x, caches, prefill: bool):
         new = []
@@ -219,18 +236,45 @@ class HybridLM(nnx.Module):
     def hidden(self, tokens, segment_ids=None, *, token_mask=None):
         """(final normed hidden states (B, L, d_model) in the compute dtype, ModelAux): the
         forward pass short of the output head. token_mask: see the class docstring."""
+        h, aux, _ = self._hidden(tokens, segment_ids, token_mask, None)
+        return h, aux
+
+    def hidden_from(self, states, tokens, segment_ids=None, *, token_mask=None):
+        """`hidden` continuing each row from `states` (`init_states`' structure): the Mamba-2
+        layers start from the conv window and SSM state the row's previous chunk ended with (a
+        new document in the chunk resets them, as always); attention sees this chunk alone.
+        -> (hidden states, ModelAux, the states after this chunk)."""
+        return self._hidden(tokens, segment_ids, token_mask, states)
+
+    def init_states(self, batch: int):
+        """Zero states for `hidden_from`: per block of the period a `Mamba2Cache` for RECURRENT
+        blocks (conv window and SSM state, both float32; float64 for a float64 model), None for
+        the others; stacked over repeats like the parameters."""
+
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(period):
+            return tuple(
+                b.mixer.init_cache(batch, None, b.mixer.acc_dtype)
+                if b.letter in RECURRENT
+                else None
+                for b in period.blocks
+            )
+
+        return make(self.periods)
+
+    def _hidden(self, tokens, segment_ids, token_mask, states):
         positions = document_positions(segment_ids, *tokens.shape)
         table = replicate(self.embeddings.embedding[...].astype(dtype_of(self.config.dtype)))
         x = constrain_batch(jnp.take(table, tokens, axis=0))
         run_period = _remat_period(self.config.remat)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=(nnx.Carry, 0))
-        def run_stack(period, x, segment_ids, positions, token_mask):
-            x, aux = run_period(period, x, segment_ids, positions, token_mask)
-            return constrain_batch(x), aux
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0), out_axes=(nnx.Carry, 0, 0))
+        def run_stack(period, x, segment_ids, positions, token_mask, states):
+            x, aux, states = run_period(period, x, segment_ids, positions, token_mask, states)
+            return constrain_batch(x), aux, states
 
-        x, auxs = run_stack(self.periods, x, segment_ids, positions, token_mask)
-        return self.norm_f(x), self._collect_aux(auxs)
+        x, auxs, states = run_stack(self.periods, x, segment_ids, positions, token_mask, states)
+        return self.norm_f(x), self._collect_aux(auxs), states
 
     def head(self) -> tuple[jax.Array, bool]:
         """(weight, vocab_major): the output projection in the compute dtype, read in place by
@@ -294,6 +338,19 @@ class HybridLM(nnx.Module):
 
         x, cache = run_stack(self.periods, x, cache)
         return self.logits(self.norm_f(x)), cache
+
+
+def continue_states(states, continues):
+    """The states a chunk starts from, given those its row's previous chunk ended with (`states`,
+    `HybridLM.init_states`' structure): zero for rows whose chunk starts a new document
+    (`continues` (B,) 0), as they were for the others (1); no gradient reaches the previous
+    chunk (truncated backpropagation through time)."""
+
+    def one(x):  # (repeats, B, ...): rows on axis 1
+        keep = continues.astype(bool).reshape(1, -1, *(1,) * (x.ndim - 2))
+        return jnp.where(keep, jax.lax.stop_gradient(x), jnp.zeros((), x.dtype))
+
+    return jax.tree.map(one, states)
 
 
 def _remat_period(remat: str):

@@ -47,6 +47,11 @@ sequence) and returns the final conv window and SSM state; `decode(x (B, 1, d), 
 recurrence step. With segment_ids in prefill, the cache continues the row's last document.
 `clamp_dt` is applied in decode too (transformers' torch decode step skips it; its chunked path
 clamps), so decode equals the full forward exactly.
+
+State passing (truncated backpropagation through time, the trainer's `trainer.state_passing`):
+`mixer(x, segment_ids=..., state=cache)` continues from `cache` (the conv window and SSM state the
+row reached before x, e.g. its previous chunk's) and returns `(y, state after x)` in the cache's
+dtypes; split anywhere, two chunks equal the whole sequence.
 """
 
 from __future__ import annotations
@@ -218,7 +223,7 @@ class Mamba2Mixer(nnx.Module):
                 f"{self.config.d_model})"
             )
 
-    def _forward(self, x, segment_ids, return_state):
+    def _forward(self, x, segment_ids, return_state, initial_state: Mamba2Cache | None = None):
         self._check(x)
         b, l, _ = x.shape
         if segment_ids is not None and segment_ids.shape != (b, l):
@@ -226,8 +231,12 @@ class Mamba2Mixer(nnx.Module):
                 f"Mamba2Mixer: segment_ids has shape {segment_ids.shape}, expected {(b, l)}"
             )
         z, xs, bc, dt_raw = self._project(x)
-        xs, conv_x_state = self._conv(self.conv_x, xs, segment_ids, return_state)
-        bc, conv_bc_state = self._conv(self.conv_bc, bc, segment_ids, return_state)
+        conv_x0 = conv_bc0 = ssm0 = None
+        if initial_state is not None:  # the window holds [x | B, C] channels, as decode's
+            conv_x0, conv_bc0 = jnp.split(initial_state.conv.astype(x.dtype), [self.d_inner], -1)
+            ssm0 = initial_state.ssm.astype(self.acc_dtype)
+        xs, conv_x_state = self._conv(self.conv_x, xs, segment_ids, return_state, conv_x0)
+        bc, conv_bc_state = self._conv(self.conv_bc, bc, segment_ids, return_state, conv_bc0)
         B, C = self._split_bc(bc, (b, l))
         out = ssd(
             xs.reshape(b, l, self.n_heads, self.head_dim),
@@ -237,6 +246,7 @@ class Mamba2Mixer(nnx.Module):
             C,
             D=self.D[...].astype(self.acc_dtype),
             chunk_size=self.config.chunk_size,
+            initial_state=ssm0,
             segment_ids=segment_ids,
             return_final_state=return_state,
             impl=self.config.ssd_impl,
@@ -246,20 +256,30 @@ class Mamba2Mixer(nnx.Module):
         return self._out(y, z), conv_state, ssm_state
 
     @staticmethod
-    def _conv(conv, x, segment_ids, return_state):
+    def _conv(conv, x, segment_ids, return_state, initial_state=None):
         """silu(causal depthwise conv) over flat channels -> (y, final window or None)."""
         kernel, bias = conv.flat()
         out = causal_conv1d(
-            x, kernel, bias, segment_ids=segment_ids, return_final_state=return_state
+            x,
+            kernel,
+            bias,
+            segment_ids=segment_ids,
+            initial_state=initial_state,
+            return_final_state=return_state,
         )
         y, state = out if return_state else (out, None)
         return jax.nn.silu(y), state
 
     # --- public API ---------------------------------------------------------------------------
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x (B, L, d_model), segment_ids (B, L) int | None -> (B, L, d_model). positions unused."""
+    def __call__(self, x, *, segment_ids=None, positions=None, state: Mamba2Cache | None = None):
+        """x (B, L, d_model), segment_ids (B, L) int | None -> (B, L, d_model). positions unused.
+
+        With `state`, x continues from it (module docstring: state passing) and the result is
+        (y, the state after x, in `state`'s dtypes)."""
         del positions
-        return self._forward(x, segment_ids, return_state=False)[0]
+        if state is None:
+            return self._forward(x, segment_ids, return_state=False)[0]
+        return self._run(x, segment_ids, state, state)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Mamba2Cache:
         """Zero decode state; max_len is unused (the state does not grow)."""
@@ -273,9 +293,13 @@ class Mamba2Mixer(nnx.Module):
     def prefill(self, x, cache: Mamba2Cache, *, segment_ids=None, positions=None):
         """Run a prompt from a fresh state; -> (y (B, L, d_model), cache after the prompt)."""
         del positions
-        y, conv_state, ssm_state = self._forward(x, segment_ids, return_state=True)
+        return self._run(x, segment_ids, None, cache)
+
+    def _run(self, x, segment_ids, initial_state, like: Mamba2Cache):
+        """(y, the state after x in `like`'s dtypes), from `initial_state` (None: zero)."""
+        y, conv_state, ssm_state = self._forward(x, segment_ids, True, initial_state)
         return y, Mamba2Cache(
-            conv=conv_state.astype(cache.conv.dtype), ssm=ssm_state.astype(cache.ssm.dtype)
+            conv=conv_state.astype(like.conv.dtype), ssm=ssm_state.astype(like.ssm.dtype)
         )
 
     def decode(self, x, cache: Mamba2Cache, *, positions=None):
