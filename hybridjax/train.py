@@ -16,7 +16,9 @@ and continues exactly as if never stopped: same data order, same RNG, same param
 `trainer.init_from` starts a new run (step 0, fresh optimizer and schedule) from another run's
 parameters, e.g. to extend a model trained short to longer contexts; `trainer.seq_len_schedule`
 then mixes batches of several lengths, step by step (one data stream and one compiled step per
-length).
+length). `trainer.state_passing` trains on long documents in consecutive chunks (truncated BPTT):
+each row of a length's stream continues its documents step after step, from the Mamba-2 states
+the row's previous chunk ended with, which the train state carries and the checkpoints keep.
 
 Several processes (hosts, or GPUs of one host) run one job when `hybridjax.distributed` finds
 them (SLURM, Open MPI, `trainer.distributed.*`, JAX_* variables; `launch/`): every process runs
@@ -49,6 +51,7 @@ from hybridjax.optim import make_optimizer
 from hybridjax.train_config import RunConfig, register_configs, resolve
 from hybridjax.train_step import (
     MODEL_INPUTS,
+    init_carry,
     init_state,
     make_eval_step,
     make_train_step,
@@ -147,6 +150,9 @@ def build(run: RunConfig, run_dir: str) -> Setup:
                 )
     tx, schedule = make_optimizer(run.optimizer, t.steps)
     graphdef, state = init_state(run.model, tx, t.seed, mesh)
+    if t.state_passing:  # before the step is built: the state's layout pins the step's
+        shapes = LengthSchedule(t).shapes
+        state = state._replace(carry=init_carry(graphdef, state, shapes, mesh))
     train_step = make_train_step(
         graphdef,
         tx,
@@ -199,6 +205,7 @@ class Loop:
             seq_len=seq_len,
             shard_index=index,
             shard_count=count,
+            streams=split == "train" and self.t.state_passing,
         )
         if split == "eval" and jax.process_count() > 1:
             return agreed_batches(batches)
@@ -334,7 +341,9 @@ class Loop:
         return (
             f"training {m.pattern!r} d_model={m.d_model} ({total:,} params, {active:,} "
             f"active) for {self.t.steps} steps from step {start}; "
-            f"batch {self.lengths.describe()}; run dir {self.s.run_dir}"
+            f"batch {self.lengths.describe()}"
+            f"{'; state passing between steps' if self.t.state_passing else ''}; "
+            f"run dir {self.s.run_dir}"
         )
 
     def restart_clock(self) -> None:

@@ -23,6 +23,7 @@ from hybridjax.config import HybridConfig
 from hybridjax.optim import OptimConfig
 
 RESUME = ("auto", "never")
+STREAMED = ("text", "mqar", "niah")  # data kinds that trainer.state_passing can stream
 # A model.vocab_size left to the data (null) is the data's vocabulary rounded up to a multiple of
 # this, as Megatron pads: whole matmul tiles, and the embedding splits evenly over tensor shards.
 VOCAB_MULTIPLE = 128
@@ -118,6 +119,9 @@ class TrainerConfig:
     eval_seq_len: int | None = None  # eval rows; None = seq_len
     init_from: str | None = None  # start at step 0 from this run's (latest) or this checkpoint's
     #   parameters and model state, with a fresh optimizer; the run's own checkpoints win (resume)
+    state_passing: bool = False  # truncated BPTT: each training row continues its documents in
+    #   the same row of the next step (of its length), from the Mamba-2 states the row's previous
+    #   chunk ended with (carried in the train state, no gradient between steps); eval unchanged
     seed: int = 0  # model init, data order and the step RNG all derive from it
     grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
     log_every: int = 10  # steps between metrics.jsonl lines (and NaN checks)
@@ -169,6 +173,18 @@ class TrainerConfig:
         )
         if isinstance(self.mesh, dict):
             self.mesh = MeshConfig(**self.mesh)
+        _check(
+            "state_passing",
+            isinstance(self.state_passing, bool),
+            f"must be true or false, got {self.state_passing!r}",
+        )
+        _check(
+            "state_passing",
+            not (self.state_passing and self.mesh.context > 1),
+            f"cannot be combined with trainer.mesh.context={self.mesh.context} (context "
+            f"parallelism from a carried state is not supported yet); use "
+            f"trainer.mesh.context=1 and split rows over trainer.mesh.data or fsdp",
+        )
         if isinstance(self.distributed, dict):
             try:
                 self.distributed = DistributedConfig(**self.distributed)
@@ -410,11 +426,17 @@ def resolve(cfg) -> RunConfig:
             f"vocabulary ({needed} ids); set at least {needed}, or null to follow "
             f"the data"
         )
+    trainer = build(TrainerConfig, plain["trainer"], "trainer")
+    if trainer.state_passing and kind not in STREAMED:
+        raise ValueError(
+            f"trainer.state_passing: data.kind {kind!r} has no documents to stream; state "
+            f"passing takes data.kind {', '.join(repr(k) for k in STREAMED)}"
+        )
     return RunConfig(
         model=build(HybridConfig, model, "model"),
         data=data,
         optimizer=build(OptimConfig, plain["optimizer"], "optimizer"),
         loss=build(LossConfig, plain["loss"], "loss"),
-        trainer=build(TrainerConfig, plain["trainer"], "trainer"),
+        trainer=trainer,
         logger=build(LoggerConfig, plain["logger"], "logger"),
     )

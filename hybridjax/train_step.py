@@ -15,10 +15,18 @@ float64 for a float64 model), and the eval step computes only the answer positio
 With `grad_accum` > 1 the batch is split into micro-batches that a `lax.scan` runs one after
 another, summing gradients; each micro-batch's cross-entropy is divided by the whole batch's
 token count, so the summed gradient equals the whole batch's.
+
+State passing (`trainer.state_passing`, truncated BPTT): `TrainState.carry` holds, per training
+length ("seq_len=<L>"), the recurrent states each batch row ended its last chunk with
+(`HybridLM.init_states`, float32, rows split like the batch's). The step starts every row from
+its carried state, zeroed where the batch's "continues" is 0 (the row starts a new document) and
+cut from the gradient (`hybridjax.model.continue_states`), and carries the states after the
+chunk to the next step of that length. The carry is part of the state, so checkpoints keep it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -27,10 +35,10 @@ import optax
 from flax import nnx
 
 from hybridjax.config import HybridConfig
-from hybridjax.model import HybridLM
+from hybridjax.model import HybridLM, continue_states
 from hybridjax.ops.cross_entropy import chunked_answer_losses, chunked_cross_entropy
 
-MODEL_INPUTS = ("tokens", "targets", "loss_mask", "segment_ids")
+MODEL_INPUTS = ("tokens", "targets", "loss_mask", "segment_ids", "continues")
 
 
 class TrainState(NamedTuple):
@@ -39,6 +47,7 @@ class TrainState(NamedTuple):
     model_state: Any  # pure dict of the other model variables (router biases)
     opt_state: Any
     rng: jax.Array  # uint32[2], split once per step (for stochastic layers)
+    carry: Any = None  # state passing: {"seq_len=<L>": recurrent states per row}, else None
 
 
 def init_model(config: HybridConfig, seed: int):
@@ -76,6 +85,34 @@ def init_state(config: HybridConfig, tx: optax.GradientTransformation, seed: int
     return graphdef, jax.jit(fresh, out_shardings=tree_shardings(abstract, mesh))()
 
 
+def carry_key(seq_len: int) -> str:
+    """The name of one training length's carried states in `TrainState.carry`."""
+    return f"seq_len={seq_len}"
+
+
+def init_carry(graphdef, state: TrainState, shapes, mesh=None) -> dict:
+    """Zero carried states for state passing: {carry_key(L): states of B rows} for each
+    (seq_len L, batch_size B) of `shapes`; on a `mesh` the rows are split like a batch's."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def zeros(batch):
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        return model.init_states(batch)
+
+    rows = None  # (repeats, B, ...): rows split over the mesh's batch axes
+    if mesh is not None:
+        from hybridjax.sharding import batch_axes
+
+        rows = NamedSharding(mesh, PartitionSpec(None, batch_axes(mesh)))
+    carry = {}
+    for seq_len, batch in shapes:
+        abstract = jax.eval_shape(functools.partial(zeros, batch))
+        shardings = None if rows is None else jax.tree.map(lambda _: rows, abstract)
+        make = functools.partial(jax.tree.map, lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+        carry[carry_key(seq_len)] = jax.jit(make, out_shardings=shardings)()
+    return carry
+
+
 def model_batch(batch: dict) -> dict:
     """The arrays the model and loss read (drops e.g. the eval-only "bucket")."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -91,10 +128,21 @@ def real_tokens(batch: dict):
 
 def token_losses(graphdef, params, model_state, batch):
     """(per-token cross-entropy (B, L) in >= float32, ModelAux), chunk by chunk over tokens."""
+    return token_losses_from(graphdef, params, model_state, batch, None)[:2]
+
+
+def token_losses_from(graphdef, params, model_state, batch, states):
+    """`token_losses` with state passing: each row starts from `states` (None: as
+    `token_losses`), zeroed where batch["continues"] is 0 and cut from the gradient; -> (losses,
+    ModelAux, the states after the batch or None)."""
     model = nnx.merge(graphdef, params, model_state)
-    h, aux = model.hidden(
-        batch["tokens"], segment_ids=batch.get("segment_ids"), token_mask=real_tokens(batch)
-    )
+    inputs = (batch["tokens"], batch.get("segment_ids"))
+    if states is None:
+        h, aux = model.hidden(*inputs, token_mask=real_tokens(batch))
+    else:
+        states = continue_states(states, batch["continues"])
+        h, aux, states = model.hidden_from(states, *inputs, token_mask=real_tokens(batch))
+        states = jax.lax.stop_gradient(states)
     head, vocab_major = model.head()
     with jax.named_scope("loss"):
         ce = chunked_cross_entropy(
@@ -104,7 +152,7 @@ def token_losses(graphdef, params, model_state, batch):
             vocab_major=vocab_major,
             chunk_size=model.config.loss_chunk_size,
         )
-    return ce, aux
+    return ce, aux, states
 
 
 def make_train_step(
@@ -127,29 +175,35 @@ def make_train_step(
     (from `init_state`), batches are split by `batch_sharding`, metrics are replicated.
     """
 
-    def micro_loss(params, model_state, micro, total_tokens):
-        ce, aux = token_losses(graphdef, params, model_state, micro)
+    def micro_loss(params, model_state, micro, total_tokens, states):
+        ce, aux, states = token_losses_from(graphdef, params, model_state, micro, states)
         mask = micro["loss_mask"].astype(jnp.float32)
         ce_sum = jnp.sum(ce * mask)
         loss = ce_sum / total_tokens + (lb_coef * aux.lb_loss + z_coef * aux.z_loss) / grad_accum
-        return loss, (ce_sum, aux)
+        return loss, (ce_sum, aux, states)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
         batch = model_batch(batch)
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        key = carry_key(batch["tokens"].shape[1])
+        states = None if state.carry is None else state.carry[key]
         if grad_accum == 1:
-            grads, (ce_sum, aux) = grad_fn(state.params, state.model_state, batch, total_tokens)
+            grads, (ce_sum, aux, states) = grad_fn(
+                state.params, state.model_state, batch, total_tokens, states
+            )
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
             )
+            micro_states = jax.tree.map(_split_rows(grad_accum), states)
 
-            def accumulate(carry, mb):
-                g, (c, a) = grad_fn(state.params, state.model_state, mb, total_tokens)
+            def accumulate(carry, xs):
+                mb, ms = xs
+                g, (c, a, ms) = grad_fn(state.params, state.model_state, mb, total_tokens, ms)
                 carry = jax.tree.map(jnp.add, carry, (g, c, a))
-                return carry, None
+                return carry, ms
 
             zeros = jax.tree.map(
                 jnp.zeros_like,
@@ -159,9 +213,13 @@ def make_train_step(
                     state.model_state,
                     jax.tree.map(lambda x: x[0], micro),
                     total_tokens,
+                    jax.tree.map(lambda x: x[0], micro_states),
                 ),
             )
-            (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zeros[0], *zeros[1]), micro)
+            (grads, ce_sum, aux), micro_states = jax.lax.scan(
+                accumulate, (zeros[0], *zeros[1][:2]), (micro, micro_states)
+            )
+            states = jax.tree.map(_join_rows, micro_states)
             aux = jax.tree.map(lambda x: x / grad_accum, aux)  # sums of means -> means
 
         with jax.named_scope("optimizer"):
@@ -191,6 +249,7 @@ def make_train_step(
             model_state=model_state,
             opt_state=opt_state,
             rng=rng,
+            carry=None if state.carry is None else {**state.carry, key: states},
         )
         return new_state, metrics
 
@@ -208,6 +267,22 @@ def make_train_step(
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
     )
+
+
+def _split_rows(n: int):
+    """(repeats, B, ...) -> (n, repeats, B / n, ...): carried states per micro-batch."""
+
+    def split(x):
+        x = x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    return split
+
+
+def _join_rows(x):
+    """Inverse of `_split_rows`."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
 def moe_stats(aux) -> dict:

@@ -10,6 +10,10 @@ of its own (`eval_context_lens`). The two draw from different streams
 (synthetic: different seeds; text: disjoint documents; memmap: disjoint spans). Everything is
 deterministic for a seed, and `iter(ds).get_state()` / `.set_state()` resume exactly (the states
 are JSON-able, as grain's orbax `CheckpointSave` / `CheckpointRestore` store them).
+
+`streams=True` (the trainer's `trainer.state_passing`) makes the train split a chunked stream
+instead: each row continues, batch after batch, the documents its previous row was in
+(`hybridjax.data.streams`, which adds a "continues" (B,) key).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from hybridjax.data._checks import check_choice, check_positive
 from hybridjax.data.mqar import MQARConfig
 from hybridjax.data.niah import NIAHConfig
 from hybridjax.data.packing import pack_documents
+from hybridjax.data.streams import FIELDS, ChunkedStreams, text_document
 from hybridjax.data.text import MemmapConfig, TextConfig, memmap_windows, text_documents
 from hybridjax.data.tokenizers import load_tokenizer
 
@@ -48,9 +53,11 @@ def make_dataset(
     seq_len: int,
     shard_index: int = 0,
     shard_count: int = 1,
+    streams: bool = False,
 ) -> grain.IterDataset:
     """Batches of `config`'s data. With shard_count > 1 (one shard per process), each shard
-    yields its own disjoint part of the stream, batch_size rows per batch."""
+    yields its own disjoint part of the stream, batch_size rows per batch. `streams`: the train
+    split as chunked row streams (module docstring)."""
     check_choice("split", split, SPLITS)
     for name, value in (
         ("batch_size", batch_size),
@@ -69,6 +76,11 @@ def make_dataset(
         )
     shard = slice(shard_index, None, shard_count)
     stream_seed = int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
+    if streams:
+        if split != "train":
+            raise ValueError(f"streams: only the train split is streamed, got split={split!r}")
+        documents = _train_documents(config, stream_seed, shard, shard_count, seq_len)
+        return ChunkedStreams(documents, batch_size, seq_len)
 
     if isinstance(config, (MQARConfig, NIAHConfig)):
         buckets = _buckets(config, seq_len, split)
@@ -149,6 +161,39 @@ def encode_document(text: str, tokenizer) -> np.ndarray:
 
 
 # --- internals -----------------------------------------------------------------------------------
+
+
+def _train_documents(config: DataConfig, seed: int, shard: slice, shard_count: int, seq_len: int):
+    """The endless, shuffled training documents of this shard, as stream fields (random access).
+    A synthetic task's examples are its documents: their lengths are its own (context_lens,
+    seq_lens) and may exceed seq_len, or seq_len when it leaves them to the row."""
+    if isinstance(config, (MQARConfig, NIAHConfig)):
+        lengths = config.context_lens if isinstance(config, NIAHConfig) else config.seq_lens
+        buckets = _buckets(config, None if lengths is not None else seq_len, "train")
+        examples = grain.MapDataset.range(sys.maxsize).seed(seed)
+        return examples.random_map(
+            functools.partial(_synthetic_document, config=config, buckets=buckets)
+        )[shard]
+    if isinstance(config, TextConfig):
+        tokenizer = _tokenizer(config)
+        docs = grain.MapDataset.source(text_documents(config, "train"))[shard]
+        _check_shard_nonempty(docs, "documents", shard_count)
+        return (
+            docs.seed(seed)
+            .shuffle()
+            .repeat(None)
+            .map(lambda text: text_document(encode_document(text, tokenizer), tokenizer.pad_id))
+        )
+    raise ValueError(
+        f"streams: {type(config).__name__} has no documents to stream; state passing takes "
+        f"text, mqar or niah data"
+    )
+
+
+def _synthetic_document(index: int, rng: np.random.Generator, *, config, buckets) -> dict:
+    """Example `index` of a synthetic task, unpadded: bucket index % len(buckets)."""
+    example = config.generate(rng, buckets[index % len(buckets)])
+    return {key: example[key] for key in FIELDS}
 
 
 def _buckets(config: MQARConfig | NIAHConfig, seq_len: int | None, split: str) -> tuple:
