@@ -12,14 +12,17 @@ import dataclasses
 # The implementation names, defined beside their implementations.
 from hybridjax.ops.attention import IMPLS as ATTN_IMPLS
 from hybridjax.ops.grouped_matmul import IMPLS as GROUPED_MATMULS
+from hybridjax.ops.mamba3 import IMPLS as MAMBA3_IMPLS
 from hybridjax.ops.ssd import IMPLS as SSD_IMPLS
 
-LAYER_LETTERS = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}
+LAYER_LETTERS = {"M": "mamba2", "3": "mamba3", "*": "attention", "E": "moe", "-": "mlp"}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ROUTERS = ("sigmoid", "softmax")
 ACTIVATIONS = ("relu2", "swiglu", "silu", "gelu")
 ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
 MOE_DISPATCH = ("dropless", "capacity")
+MAMBA3_A_ACTS = ("softplus", "heavy_tail")  # mamba_ssm 2.3.2 | its repository's HEAD
+MAMBA3_ROPE_FRACTIONS = (0.5, 1.0)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "block", "offload")
 
 
@@ -28,7 +31,7 @@ class HybridConfig:
     # --- stack -------------------------------------------------------------------------------
     vocab_size: int = 256
     d_model: int = 128
-    pattern: str = "M-M*M-M-"  # one letter per layer: M mamba2, * attention, E moe, - mlp
+    pattern: str = "M-M*M-M-"  # one letter per layer: M mamba2, 3 mamba3, * attention, E moe, - mlp
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     initializer_range: float = 0.02
@@ -53,6 +56,15 @@ class HybridConfig:
     time_step_floor: float = 1e-4
     clamp_dt: bool = True  # dt >= time_step_min after softplus, as transformers NemotronH
     ssd_impl: str = "auto"
+
+    # --- Mamba-3 (letter 3): sizes from the Mamba-2 fields above (mamba_heads, mamba_head_dim,
+    # ssm_state, n_groups, chunk_size, time_step_*; no conv) ---------------------------------
+    mamba3_mimo: bool = False  # MIMO (rank mamba3_mimo_rank) instead of SISO
+    mamba3_mimo_rank: int = 4
+    mamba3_rope_fraction: float = 0.5  # fraction of ssm_state channels the angles rotate
+    mamba3_a_floor: float = 1e-4  # A = min(-act(dd_A), -mamba3_a_floor)
+    mamba3_a_act: str = "softplus"  # act of dd_A: softplus | heavy_tail
+    mamba3_impl: str = "auto"  # the scan: auto | reference | chunked
 
     # --- attention (GQA) ----------------------------------------------------------------------
     attn_heads: int = 4
@@ -91,10 +103,12 @@ class HybridConfig:
     def __post_init__(self):
         _check_choice("pattern", set(self.pattern), LAYER_LETTERS, each=True)
         if not self.pattern:
-            raise ValueError("pattern: must hold at least one layer letter (M, *, E, -)")
+            raise ValueError("pattern: must hold at least one layer letter (M, 3, *, E, -)")
         for name in ("dtype", "param_dtype"):
             _check_choice(name, getattr(self, name), DTYPES)
         _check_choice("ssd_impl", self.ssd_impl, SSD_IMPLS)
+        _check_choice("mamba3_impl", self.mamba3_impl, MAMBA3_IMPLS)
+        _check_choice("mamba3_a_act", self.mamba3_a_act, MAMBA3_A_ACTS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("router", self.router, ROUTERS)
         _check_choice("expert_act", self.expert_act, ACTIVATIONS)
@@ -128,6 +142,8 @@ class HybridConfig:
                 raise ValueError(
                     f"n_groups: {self.n_groups} must divide mamba_heads ({self.mamba_heads})"
                 )
+        if self.has("3"):
+            self._check_mamba3()
         if self.has("*"):
             for name in ("attn_heads", "kv_heads", "head_dim"):
                 _check_positive(name, getattr(self, name))
@@ -157,6 +173,42 @@ class HybridConfig:
                 )
         if self.has("-"):
             _check_positive("ffn", self.ffn)
+
+    def _check_mamba3(self):
+        for name in (
+            "mamba_heads",
+            "mamba_head_dim",
+            "ssm_state",
+            "n_groups",
+            "chunk_size",
+            "time_step_min",
+            "time_step_max",
+            "mamba3_mimo_rank",
+            "mamba3_a_floor",
+        ):
+            _check_positive(name, getattr(self, name))
+        if self.mamba_heads % self.n_groups:
+            raise ValueError(
+                f"n_groups: {self.n_groups} must divide mamba_heads ({self.mamba_heads})"
+            )
+        if self.ssm_state % 2:
+            raise ValueError(
+                f"ssm_state: must be even for Mamba-3 (its channels rotate in pairs), got "
+                f"{self.ssm_state}"
+            )
+        _check_choice("mamba3_rope_fraction", self.mamba3_rope_fraction, MAMBA3_ROPE_FRACTIONS)
+        if self.mamba3_angles < 1:
+            raise ValueError(
+                f"ssm_state: {self.ssm_state} x mamba3_rope_fraction "
+                f"{self.mamba3_rope_fraction} leaves no channel pair to rotate; needs >= 2"
+            )
+
+    @property
+    def mamba3_angles(self) -> int:
+        """Rotation angles per Mamba-3 head (mamba_ssm's num_rope_angles): the rotated channels,
+        ssm_state x mamba3_rope_fraction rounded down to even, in pairs."""
+        rotated = int(self.ssm_state * self.mamba3_rope_fraction)
+        return (rotated - rotated % 2) // 2
 
     def has(self, letter: str) -> bool:
         return letter in self.pattern

@@ -1,7 +1,8 @@
 """HybridLM: a layer pattern turned into a stack of pre-norm residual blocks.
 
-Each letter of `HybridConfig.pattern` is one block `x + mixer(RMSNorm(x))` (M Mamba-2, * attention,
-E MoE, - dense MLP), then a final `norm_f` and an untied (or tied) `lm_head` — the NemotronH layout.
+Each letter of `HybridConfig.pattern` is one block `x + mixer(RMSNorm(x))` (M Mamba-2, 3 Mamba-3,
+* attention, E MoE, - dense MLP), then a final `norm_f` and an untied (or tied) `lm_head` — the
+NemotronH layout.
 
 A pattern that repeats a shorter period (e.g. "M-M*" * 6) is built once per period and its
 parameters are stacked over the repeats, so `nnx.scan` runs the stack and compile time does not
@@ -33,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 from hybridjax.config import HybridConfig
 from hybridjax.layers.attention import Attention
 from hybridjax.layers.mamba2 import Mamba2Mixer
+from hybridjax.layers.mamba3 import Mamba3Mixer, scan_chunk
 from hybridjax.layers.mlp import MLP
 from hybridjax.layers.moe import MoE, update_router_bias
 from hybridjax.layers.norm import RMSNorm
@@ -42,9 +44,10 @@ from hybridjax.sharding import constrain_batch, replicate
 
 log = logging.getLogger(__name__)
 
-MIXERS = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
-SCOPES = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}  # jax name scopes: profiles
-CACHED = ("M", "*")  # letters whose mixers carry decode state
+MIXERS = {"M": Mamba2Mixer, "3": Mamba3Mixer, "*": Attention, "E": MoE, "-": MLP}
+# jax name scopes: profiles
+SCOPES = {"M": "mamba2", "3": "mamba3", "*": "attention", "E": "moe", "-": "mlp"}
+CACHED = ("M", "3", "*")  # letters whose mixers carry decode state
 RECURRENT = ("M",)  # letters whose state `hidden_from` carries from chunk to chunk
 
 # `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies.
@@ -445,7 +448,9 @@ def flops_per_token(config: HybridConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), for the MFU estimate.
 
     6 x active matmul parameters (embedding lookup excluded, lm_head included), plus the
-    sequence-mixing work: causal attention scores and values, and the SSD chunked scan.
+    sequence-mixing work: causal attention scores and values, the SSD chunked scan and the
+    Mamba-3 chunked scan (per head, its (chunk x rank)^2 blocks of q.k and scores.v, and the
+    chunk states in and out).
     """
     _, active = param_counts(config)
     # The embedding table is a lookup, not a matmul; a tied table is also the head's matmul.
@@ -455,4 +460,6 @@ def flops_per_token(config: HybridConfig, seq_len: int) -> float:
     q = min(config.chunk_size, seq_len)
     h, p, n, g = config.mamba_heads, config.mamba_head_dim, config.ssm_state, config.n_groups
     ssd = n_ssm * 2 * (q * g * n + q * h * p + 2 * h * p * n)  # C.B^T, scores.x, states in/out
-    return 6.0 * matmul + 3.0 * (attn + ssd)
+    q3, r = min(scan_chunk(config), seq_len), config.mamba3_mimo_rank if config.mamba3_mimo else 1
+    m3 = config.pattern.count("3") * 2 * h * (q3 * r * r * (n + p) + 2 * r * p * n)
+    return 6.0 * matmul + 3.0 * (attn + ssd + m3)

@@ -19,8 +19,10 @@ from hybridjax.pytree import dotted
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
-# Leaves that take no weight decay: SSM dynamics, skip gains, biases and every norm's scale.
+# Leaves that take no weight decay: SSM dynamics, skip gains, biases and every norm's scale (and
+# Mamba-3's B/C biases and MIMO gains).
 NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "bias", "e_score_correction_bias")
+NO_DECAY_NAMES += ("B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")
 NO_DECAY_PATH = re.compile(r"norm", re.IGNORECASE)
 
 

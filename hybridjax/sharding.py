@@ -42,7 +42,7 @@ SEQUENCE_AXIS = "context"  # and the sequence over this one
 LOGICAL_RULES = {
     "embed": "fsdp",  # d_model
     "vocab": "tensor",
-    "heads": "tensor",  # attention query heads, Mamba-2 heads
+    "heads": "tensor",  # attention query heads, Mamba-2 and Mamba-3 heads
     "kv_heads": "tensor",
     "groups": "tensor",  # Mamba-2 B/C groups
     "mlp": "tensor",  # MLP and expert ffn
@@ -65,6 +65,12 @@ PARAM_AXES = (
     (r"(dt_bias|A_log|D)", ("heads",)),
     (r"mixer\.norm\.weight", ("heads", None)),
     (r"mixer\.out_proj\.kernel", ("heads", None, "embed")),
+    # Mamba-3 (zx_proj, dt_proj, dt_bias, D and out_proj as Mamba-2)
+    (r"bc_rank_proj\.kernel", ("embed", None, None, "groups", None)),
+    (r"(a_proj|trap_proj)\.kernel", ("embed", "heads")),
+    (r"angle_proj\.kernel", ("embed", None)),
+    (r"([BC]_bias|mimo_[xzo])", ("heads", None, None)),
+    (r"[BC]_norm\.weight", (None,)),
     # attention
     (r"q_proj\.kernel", ("embed", "heads", None)),
     (r"[kv]_proj\.kernel", ("embed", "kv_heads", None)),

@@ -38,6 +38,7 @@ from hybridjax.config import HybridConfig
 
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 LETTERS = {v: k for k, v in LAYER_TYPES.items()}
+LAYER_NAMES = {"3": "Mamba-3"}  # letters NemotronH lacks, named in the refusal
 # Ungated activations both sides compute identically (transformers ACT2FN; gelu is the erf form).
 HF_ACTIVATIONS = ("relu2", "silu", "gelu")
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -83,6 +84,17 @@ MAPPED_FIELDS = frozenset(
         "mlp_act",
     }
 )
+# Fields of layers NemotronH has no counterpart for at all: the layer's letter is refused itself,
+# so these are reported only through it (and mean nothing in a pattern without the letter).
+LETTER_ONLY_FIELDS = frozenset(
+    {
+        "mamba3_mimo",
+        "mamba3_mimo_rank",
+        "mamba3_rope_fraction",
+        "mamba3_a_floor",
+        "mamba3_a_act",
+    }
+)
 # How the model is run or trained, not what it computes (or only meaningful with RoPE, which
 # `rope_theta` already reports).
 RUNTIME_FIELDS = frozenset(
@@ -101,6 +113,7 @@ RUNTIME_FIELDS = frozenset(
         "rope_factor",
         "ep_capacity_factor",
         "loss_chunk_size",
+        "mamba3_impl",
     }
 )
 
@@ -111,8 +124,8 @@ def unsupported_features(cfg: HybridConfig) -> list[str]:
     bad = []
     for letter in sorted(set(cfg.pattern) - LAYER_TYPES.keys()):
         bad.append(
-            f"pattern letter {letter!r}: NemotronH layers are only M (Mamba-2), "
-            "* (attention), E (MoE), - (MLP)"
+            f"pattern letter {letter!r} ({LAYER_NAMES.get(letter, 'unknown')}): NemotronH "
+            "layers are only M (Mamba-2), * (attention), E (MoE), - (MLP)"
         )
     if cfg.has("M") and not cfg.clamp_dt:
         bad.append("clamp_dt=False: transformers NemotronH always clamps dt below at time_step_min")
@@ -153,7 +166,7 @@ def unsupported_features(cfg: HybridConfig) -> list[str]:
     default = HybridConfig()
     for field in dataclasses.fields(HybridConfig):
         name = field.name
-        if name in MAPPED_FIELDS or name in RUNTIME_FIELDS:
+        if name in MAPPED_FIELDS or name in RUNTIME_FIELDS or name in LETTER_ONLY_FIELDS:
             continue
         if getattr(cfg, name) != getattr(default, name):
             bad.append(f"{name}={getattr(cfg, name)!r}: has no NemotronH counterpart")
