@@ -143,29 +143,30 @@ def _cudnn_one_document(q, k, v, segment_ids, *, scale):
 
 def context_attention(q, k, v, segment_ids, *, scale):
     """Attention with the sequence split over the mesh's "context" axis: each device keeps its
-    stretch of queries and reads the keys and values of the whole row, gathered over the axis
-    (GQA keeps them small: Hk of Hq heads), in the blockwise kernel with its queries placed at
-    their positions in the row. Rows and heads split as in `attention_per_shard`."""
+    stretch of queries and reads the keys and values of the whole row, all-gathered over the
+    axis inside the shard_map (GQA keeps them small: Hk of Hq heads; their gradients go back by
+    a reduce-scatter), in the blockwise kernel with its queries placed at their positions in the
+    row. Rows and heads split as in `attention_per_shard`. Given whole arrays instead (in_specs
+    without the axis), XLA gathered the layer's input and formed K and V for the whole row on
+    every device, and summed their gradients over the whole row with an all-reduce."""
     mesh, rows, seq, heads, kv_heads = mesh_split(q.shape, k.shape[2])
     if heads is not None and kv_heads is None:
         k, v = (_repeat_kv(t, q.shape[2]) for t in (k, v))
-    whole = P(rows, None, heads, None)  # shard_map gathers k, v and the ids over "context"
+    split = P(rows, seq, heads, None)
 
     def local(q, k, v, segment_ids):
+        k, v = (lax.all_gather(t, seq, axis=1, tiled=True) for t in (k, v))
+        if segment_ids is not None:
+            segment_ids = lax.all_gather(segment_ids, seq, axis=1, tiled=True)
         q_start = lax.axis_index(seq) * q.shape[1]
         return _blockwise(q, k, v, segment_ids, q_start, scale=scale)
 
     return jax.shard_map(
         local,
         mesh=mesh,
-        out_specs=P(rows, seq, heads, None),
+        out_specs=split,
         check_vma=False,
-        in_specs=(
-            P(rows, seq, heads, None),
-            whole,
-            whole,
-            None if segment_ids is None else P(rows, None),
-        ),
+        in_specs=(split, split, split, None if segment_ids is None else P(rows, seq)),
     )(q, k, v, segment_ids)
 
 

@@ -8,6 +8,11 @@ into the previous document: x[t'] contributes to y[t] only when t' and t lie in 
 run of equal ids (`hybridjax.ops.segments`; an `initial_state` counts as part of the first
 position's document, as in `ops.ssd`).
 
+With the sequence split over the mesh's "context" axis, each device convolves its own stretch:
+the K-1 inputs (and ids) before it come from the previous device (one neighbour send), the
+first device takes `initial_state`. Left to XLA, the shifted windows of a split sequence became
+two all-to-alls of the whole activation per call.
+
 `causal_conv1d_update` is the one-token decode step over a window state (B, K-1, C) holding the
 last K-1 inputs, oldest first. Both compute in float32 (float64 for float64 input) and return
 x.dtype; no activation is applied here.
@@ -15,9 +20,11 @@ x.dtype; no activation is applied here.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from hybridjax.ops.segments import document_index
+from hybridjax.ops.segments import context_shards, document_index, over_context
+from hybridjax.sharding import SEQUENCE_AXIS
 
 
 def _check(x, kernel, bias):
@@ -58,9 +65,23 @@ def causal_conv1d(
             f"causal_conv1d: segment_ids has shape {segment_ids.shape}, "
             f"expected ({b}, {l}) = (batch, length)"
         )
+    n_shards = context_shards(l)
+    if n_shards > 1 and k > 1 and l // n_shards >= k - 1:
+        return _conv_over_context(x, kernel, bias, segment_ids, initial_state, return_final_state)
+    return _conv(x, kernel, bias, segment_ids, initial_state, return_final_state)
+
+
+def _conv(x, kernel, bias, segment_ids, initial_state, return_final_state, halo_ids=None):
+    """The conv of one stretch; `halo_ids` (B, K-1): the ids of the `initial_state` inputs (by
+    default they belong to the first position's document)."""
+    b, l, c = x.shape
+    k = kernel.shape[0]
     ct = jnp.result_type(jnp.float32, x.dtype)
     xp = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1).astype(ct)  # (B, K-1+L, C)
-    if segment_ids is not None:
+    if segment_ids is not None and halo_ids is not None:
+        docp = document_index(jnp.concatenate([halo_ids, segment_ids], axis=1))
+        doc = docp[:, k - 1 :]
+    elif segment_ids is not None:
         doc = document_index(segment_ids)
         docp = jnp.pad(doc, ((0, 0), (k - 1, 0)))  # the state belongs to the first document
     w = kernel.astype(ct)
@@ -77,6 +98,38 @@ def causal_conv1d(
     if segment_ids is not None and k > 1:
         final = final * (docp[:, l:] == doc[:, -1:])[..., None].astype(x.dtype)
     return y, final
+
+
+def _conv_over_context(x, kernel, bias, segment_ids, initial_state, return_final_state):
+    """`_conv` per stretch of the sequence over "context": the halo (the K-1 inputs before the
+    stretch and their ids) from the previous shard; shard 0 takes `initial_state`, whose inputs
+    belong to its first document. The final window (return_final_state) is the last shard's,
+    on every shard."""
+    k = kernel.shape[0]
+
+    def local(x, segment_ids, initial_state, kernel, bias):
+        shard = jax.lax.axis_index(SEQUENCE_AXIS)
+        n = jax.lax.axis_size(SEQUENCE_AXIS)
+        to_next = [(i, i + 1) for i in range(n - 1)]
+        halo = jax.lax.ppermute(x[:, 1 - k :], SEQUENCE_AXIS, to_next)
+        halo = jnp.where(shard > 0, halo, initial_state.astype(x.dtype))
+        halo_ids = None
+        if segment_ids is not None:
+            halo_ids = jax.lax.ppermute(segment_ids[:, 1 - k :], SEQUENCE_AXIS, to_next)
+            first = jnp.broadcast_to(segment_ids[:, :1], halo_ids.shape)
+            halo_ids = jnp.where(shard > 0, halo_ids, first)
+        out = _conv(x, kernel, bias, segment_ids, halo, return_final_state, halo_ids)
+        if not return_final_state:
+            return out
+        y, final = out
+        last = jnp.where(shard == n - 1, final, jnp.zeros_like(final))
+        return y, jax.lax.psum(last, SEQUENCE_AXIS)[:, None]  # (B, 1, K-1, C): whole per shard
+
+    out = over_context(local, x, segment_ids, initial_state, kernel, bias, shard_args=2)
+    if not return_final_state:
+        return out
+    y, final = out
+    return y, final[:, 0]
 
 
 def causal_conv1d_update(x, state, kernel, bias=None):

@@ -60,9 +60,12 @@ def test_context_parallel_equals_dense(sizes, packed):
         ).params["jaxpr"]
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-12)
-    # per device: its stretch of queries, the whole row of keys and values
+    # per device: its stretch of queries, keys and values; the keys and values (and ids) of the
+    # whole row gathered inside, so that their gradients leave by a reduce-scatter
     n = sizes["context"]
-    assert [v.aval.shape[1] for v in body.invars[:3]] == [l // n, l, l]
+    assert [v.aval.shape[1] for v in body.invars[:3]] == [l // n] * 3
+    gathered = [e.outvars[0].aval.shape for e in body.eqns if e.primitive.name == "all_gather"]
+    assert [s[1] for s in gathered] == [l] * (3 if packed else 2)
 
 
 def test_queries_at_an_offset_equal_the_rows_slice():

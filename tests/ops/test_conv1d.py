@@ -98,3 +98,42 @@ def test_bad_inputs():
         causal_conv1d(x, jnp.zeros((4, 3)), initial_state=jnp.zeros((2, 4, 3)))
     with pytest.raises(ValueError, match="state"):
         causal_conv1d_update(jnp.zeros((2, 3)), jnp.zeros((2, 2, 3)), jnp.zeros((4, 3)))
+
+
+def test_context_parallel_equals_one_device_with_neighbour_sends_only():
+    """The sequence split over "context": each shard's halo comes from its neighbour (documents
+    starting inside shards, at a shard edge and one id that comes back), values and gradients
+    (initial and final state included) equal one device, and the compiled step moves only the
+    halos and the small sums: no all-to-all or all-gather of the activation."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from hybridjax.bench.mesh import collective_counts
+    from hybridjax.sharding import make_mesh
+
+    b, l, c = 2, 64, 6
+    x, kern, bias, init = _r((b, l, c), 0), _r((4, c), 1), _r((c,), 2), _r((b, 3, c), 3)
+    seg = np.zeros((b, l), np.int32)
+    seg[0, 10:32], seg[0, 32:50], seg[0, 50:] = 1, 2, 1  # edge 32 (and 16, 48 at context 4)
+    seg[1, 7:9] = 1  # a two-token document inside shard 0
+    sizes = {"data": 2, "context": 4}
+
+    def loss(x, kern, bias, init, seg):
+        y, final = causal_conv1d(
+            x, kern, bias, segment_ids=seg, initial_state=init, return_final_state=True
+        )
+        return jnp.sum(y * jnp.cos(y)) + jnp.sum(final**2), (y, final)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    want = grad(x, kern, bias, init, seg)
+    mesh = make_mesh(**{"data": 1, **sizes}, devices=jax.devices()[: np.prod(list(sizes.values()))])
+    split = NamedSharding(mesh, P("data", "context"))
+    with jax.set_mesh(mesh):
+        args = (jax.device_put(x, split), kern, bias, init, jax.device_put(seg, split))
+        got = jax.jit(grad)(*args)
+        hlo = jax.jit(grad).lower(*args).compile().as_text()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-12)
+    counts = collective_counts(hlo)
+    assert counts["all-to-all"] == counts["all-gather"] == 0, counts
+    assert counts["collective-permute"] > 0, counts

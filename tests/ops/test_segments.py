@@ -136,3 +136,47 @@ def test_model_reused_ids_equal_fresh_ids():
     x = tokens(0, 2, L)
     logits = nnx.jit(lambda m, seg: m(x, seg))
     np.testing.assert_allclose(logits(model, SEG), logits(model, FRESH), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes", [{"context": 8}, {"data": 2, "context": 4}])
+def test_context_split_sequence_carries_across_shards(sizes):
+    """With the sequence split over "context" the index and positions are formed per shard and
+    carried across: equal to one device (documents over shard edges, ids that come back, a
+    `previous`), and no reduce-window in the compiled program spans more than a shard. XLA's
+    own partitioning of a cumsum / cummax over the split axis was a reduce-window as wide as the
+    row over a gathered copy: O(L^2 / shards) work per device."""
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from hybridjax.sharding import make_mesh
+
+    seg = jnp.asarray(np.tile(np.concatenate([ids(REUSED, False)] * 4, axis=1), (2, 1)))[:, :64]
+    seg = seg.at[:, 32].set(7)  # a one-token document at a shard edge
+    previous = jnp.asarray([seg[0, 0], 9, seg[2, 0], 9])
+    b, l = seg.shape
+
+    def f(seg, previous):
+        return (
+            document_index(seg),
+            document_index(seg, previous),
+            document_positions(seg, b, l),
+        )
+
+    want = f(seg, previous)
+    n = int(np.prod(list(sizes.values())))
+    mesh = make_mesh(**{"data": 1, **sizes}, devices=jax.devices()[:n])
+    with jax.set_mesh(mesh):
+        args = (jax.device_put(seg, NamedSharding(mesh, P("data", "context"))), previous)
+        got = jax.jit(f)(*args)
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    shard = l // sizes["context"]
+    # a cumsum's reduce-window (no stride): its widest dimension
+    windows = [
+        max(int(d) for d in w.split("x"))
+        for w in re.findall(r"reduce-window\(.*window=\{size=([\dx]+)(?: pad=\S*)?\}", hlo)
+    ]
+    assert max(windows, default=0) <= shard, windows
