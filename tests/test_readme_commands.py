@@ -152,6 +152,11 @@ GROUPS = {
             "{seq_len: 128}]'",
             TRAIN,
         ),
+        Step(
+            "python -m hybridjax.train trainer.init_from=outputs/short optimizer=adamw_constant "
+            "trainer.state_passing=true 'data.seq_lens=[512]' trainer.eval_seq_len=512",
+            TRAIN,
+        ),
     ),
     "long_context_and_report": (
         Step(
@@ -211,6 +216,9 @@ SKIPPED = {
     "multi-process job on localhost",
     "python -m experiments.long_context run +experiment=long_context_gpu": "GPU scale (16K-token training rows, a grid to 128K): a tiny run would override every "
     "length it sets; tests/experiments/test_long_context.py composes its two stages",
+    "python -m experiments.long_context run name=long_context_tbptt": "the long_context_and_report "
+    "entry runs the experiment; tests/train/test_state_passing_run.py composes this extension "
+    "stage and the short_then_long entry trains with state passing",
     "python -m hybridjax.bench step --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.kernels.check": GPU_KERNELS,
     "python -m hybridjax.kernels.check --stages": GPU_KERNELS,

@@ -140,3 +140,17 @@ def test_data_without_documents_is_refused(tmp_path, tiny_compose):
         resolve(tiny_compose(overrides))
     with pytest.raises(ValueError, match="trainer.state_passing: cannot be combined with"):
         resolve(tiny_compose(["trainer.state_passing=true", "trainer.mesh.context=2"]))
+
+
+def test_the_experiments_extension_stage_passes_states(tiny_compose):
+    """experiments.long_context with name=long_context_tbptt: its extension stage streams needle
+    examples of 1 to 8 rows at the short run's row length, with state passing."""
+    job = ["+experiment=long_context", "name=long_context_tbptt", "model.pattern=MMMM", "data=niah"]
+    short = resolve(tiny_compose(job))
+    extend = resolve(
+        tiny_compose([*job, "+experiment/extension=long_context_tbptt", "trainer.init_from=x"])
+    )
+    assert not short.trainer.state_passing and extend.trainer.state_passing
+    assert extend.trainer.seq_len == short.trainer.seq_len
+    assert extend.data.context_lens == (64, 128, 256, 512)  # the experiment's rows are 64
+    assert extend.optimizer.schedule == "constant"
