@@ -432,6 +432,12 @@ def resolve(cfg) -> RunConfig:
             f"trainer.state_passing: data.kind {kind!r} has no documents to stream; state "
             f"passing takes data.kind {', '.join(repr(k) for k in STREAMED)}"
         )
+    if trainer.state_passing and "3" in model["pattern"]:
+        raise ValueError(
+            f"trainer.state_passing: model.pattern {model['pattern']!r} has Mamba-3 layers "
+            f"('3'), which would restart every chunk from zero; state passing carries the "
+            f"states of Mamba-2 layers ('M') only"
+        )
     return RunConfig(
         model=build(HybridConfig, model, "model"),
         data=data,

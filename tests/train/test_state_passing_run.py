@@ -140,6 +140,8 @@ def test_data_without_documents_is_refused(tmp_path, tiny_compose):
         resolve(tiny_compose(overrides))
     with pytest.raises(ValueError, match="trainer.state_passing: cannot be combined with"):
         resolve(tiny_compose(["trainer.state_passing=true", "trainer.mesh.context=2"]))
+    with pytest.raises(ValueError, match="trainer.state_passing: model.pattern 'M3' has Mamba-3"):
+        resolve(tiny_compose(["trainer.state_passing=true", "model.pattern=M3"]))
 
 
 def test_the_experiments_extension_stage_passes_states(tiny_compose):
