@@ -19,6 +19,7 @@ from hybridjax.export.hf import check_exportable
 from hybridjax.layers.mamba3 import Mamba3Mixer, heavy_tail
 from hybridjax.model import HybridLM, flops_per_token, param_counts
 from hybridjax.ops.cross_entropy import head_logits
+from hybridjax.optim import decays
 from hybridjax.sharding import logical_axes, make_mesh, param_spec
 from tests.ops.test_mamba3 import numpy_loop, rel_err
 from tests.tiny import tiny, tokens
@@ -160,6 +161,10 @@ def test_init():
     assert (dt >= cfg.time_step_min * 0.99).all() and (dt <= cfg.time_step_max * 1.01).all()
     assert Mamba3Mixer(SISO, rngs=nnx.Rngs(0)).angle_proj.kernel.shape == (24, 2)
     np.testing.assert_allclose(heavy_tail(jnp.asarray([-1.0, 0.0, 2.0])), [0.5, 1.0, 3.0])
+    mixer = "periods.blocks.0.mixer."
+    for name in ("B_bias", "C_bias", "mimo_x", "mimo_o", "B_norm.weight", "dt_bias", "D"):
+        assert not decays(mixer + name), name
+    assert decays(mixer + "bc_rank_proj.kernel") and decays(mixer + "angle_proj.kernel")
 
 
 @pytest.mark.parametrize(
