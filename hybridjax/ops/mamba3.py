@@ -77,7 +77,7 @@ class _Checker:
 
 
 def _check(fn, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo, D, z, state, seg, chunk):
-    """Validates every argument (q, k with their rank axis for MIMO only); returns s."""
+    """Raises a ValueError naming the first bad argument (q, k carry a rank axis for MIMO only)."""
     c = _Checker(fn)
     mimo_op = fn == "mamba3_mimo"
     if v.ndim != 4:
