@@ -23,7 +23,6 @@ from hybridjax.config import HybridConfig
 from hybridjax.optim import OptimConfig
 
 RESUME = ("auto", "never")
-STREAMED = ("text", "mqar", "niah")  # data kinds that trainer.state_passing can stream
 # A model.vocab_size left to the data (null) is the data's vocabulary rounded up to a multiple of
 # this, as Megatron pads: whole matmul tiles, and the embedding splits evenly over tensor shards.
 VOCAB_MULTIPLE = 128
@@ -427,11 +426,6 @@ def resolve(cfg) -> RunConfig:
             f"the data"
         )
     trainer = build(TrainerConfig, plain["trainer"], "trainer")
-    if trainer.state_passing and kind not in STREAMED:
-        raise ValueError(
-            f"trainer.state_passing: data.kind {kind!r} has no documents to stream; state "
-            f"passing takes data.kind {', '.join(repr(k) for k in STREAMED)}"
-        )
     if trainer.state_passing and "3" in model["pattern"]:
         raise ValueError(
             f"trainer.state_passing: model.pattern {model['pattern']!r} has Mamba-3 layers "

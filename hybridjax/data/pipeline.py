@@ -31,8 +31,14 @@ from hybridjax.data._checks import check_choice, check_positive
 from hybridjax.data.mqar import MQARConfig
 from hybridjax.data.niah import NIAHConfig
 from hybridjax.data.packing import pack_documents
-from hybridjax.data.streams import FIELDS, ChunkedStreams, text_document
-from hybridjax.data.text import MemmapConfig, TextConfig, memmap_windows, text_documents
+from hybridjax.data.streams import FIELDS, ChunkedStreams, SpanStreams, text_document
+from hybridjax.data.text import (
+    MemmapConfig,
+    TextConfig,
+    TokenWindows,
+    memmap_windows,
+    text_documents,
+)
 from hybridjax.data.tokenizers import load_tokenizer
 
 DataConfig = MQARConfig | NIAHConfig | TextConfig | MemmapConfig
@@ -79,6 +85,25 @@ def make_dataset(
     if streams:
         if split != "train":
             raise ValueError(f"streams: only the train split is streamed, got split={split!r}")
+        if isinstance(config, MemmapConfig):
+            whole = memmap_windows(config, split, seq_len)
+            windows = functools.partial(
+                TokenWindows,
+                whole.path,
+                whole.dtype,
+                seq_len=seq_len,
+                vocab_size=whole.vocab_size,
+                eos_id=whole.eos_id,
+            )
+            return SpanStreams(
+                windows,
+                whole.start,
+                whole.stop,
+                first_row=shard_index * batch_size,
+                row_count=shard_count * batch_size,
+                batch_size=batch_size,
+                seed=stream_seed,
+            )
         documents = _train_documents(config, stream_seed, shard, shard_count, seq_len)
         return ChunkedStreams(documents, batch_size, seq_len)
 
@@ -184,10 +209,7 @@ def _train_documents(config: DataConfig, seed: int, shard: slice, shard_count: i
             .repeat(None)
             .map(lambda text: text_document(encode_document(text, tokenizer), tokenizer.pad_id))
         )
-    raise ValueError(
-        f"streams: {type(config).__name__} has no documents to stream; state passing takes "
-        f"text, mqar or niah data"
-    )
+    raise ValueError(f"streams: {type(config).__name__} cannot be streamed")
 
 
 def _synthetic_document(index: int, rng: np.random.Generator, *, config, buckets) -> dict:

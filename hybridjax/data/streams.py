@@ -18,6 +18,11 @@ A batch has the keys of the pipeline's contract (`hybridjax.data.pipeline`) and 
 
 Everything is a function of the documents and of each row's position (document, offset), the
 JSON-able iterator state, so a stream resumed from `get_state()` continues exactly.
+
+A token file (memmap data) has no documents to deal out: `SpanStreams` gives each row a
+contiguous span of it instead, read window after window from a seeded starting window and
+wrapping around at the span's end (a new document there); with an `eos_id` a window that
+follows an EOS starts a new document.
 """
 
 from __future__ import annotations
@@ -93,6 +98,54 @@ class StreamIterator(grain.DatasetIterator):
         for key, parts in pieces.items():
             out[key] = np.concatenate(parts).astype(DTYPES.get(key, np.int32))
         return out
+
+
+class SpanStreams(grain.IterDataset):
+    """Row streams over a token file: global row g of `row_count` (this shard's rows are
+    `first_row`, ... + batch_size - 1) reads span g of `windows`' range, a `TokenWindows`
+    factory `windows(start, stop)` (module docstring)."""
+
+    def __init__(self, windows, start, stop, *, first_row, row_count, batch_size, seed):
+        super().__init__()
+        span = (stop - start) // row_count
+        self.rows = [
+            windows(start + g * span, start + (g + 1) * span)
+            for g in range(first_row, first_row + batch_size)
+        ]
+        if not len(self.rows[0]):
+            raise ValueError(
+                f"streams: {row_count} rows leave each row a span of {span} tokens, shorter "
+                f"than one row of seq_len + 1 = {self.rows[0].seq_len + 1}"
+            )
+        rng = np.random.default_rng(seed)
+        self.offsets = [int(rng.integers(len(w))) for w in self.rows]
+
+    def __iter__(self) -> SpanIterator:
+        return SpanIterator(self)
+
+
+class SpanIterator(grain.DatasetIterator):
+    def __init__(self, streams: SpanStreams):
+        super().__init__()
+        self.rows, self.offsets, self.step = streams.rows, streams.offsets, 0
+
+    def __next__(self) -> dict:
+        rows = []
+        for windows, offset in zip(self.rows, self.offsets):
+            index = (offset + self.step) % len(windows)
+            row = windows[index]
+            continues = self.step > 0 and index > 0
+            if continues and windows.eos_id is not None:  # did the previous window end one?
+                continues = windows.token(index * windows.seq_len - 1) != windows.eos_id
+            rows.append({**row, "continues": np.int32(continues)})
+        self.step += 1
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
 
 
 def text_document(tokens: np.ndarray, pad_id: int) -> dict:

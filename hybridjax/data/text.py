@@ -176,7 +176,7 @@ class TokenWindows:
         vocab_size: int,
         eos_id: int | None,
     ):
-        self.path, self.dtype, self.start = path, dtype, start
+        self.path, self.dtype, self.start, self.stop = path, dtype, start, stop
         self.seq_len, self.vocab_size, self.eos_id = seq_len, vocab_size, eos_id
         self._len = max(0, (stop - start - 1) // seq_len)  # each row needs seq_len + 1 tokens
         self._tokens = None
@@ -186,6 +186,12 @@ class TokenWindows:
 
     def __getstate__(self):
         return {**self.__dict__, "_tokens": None}
+
+    def token(self, offset: int) -> int:
+        """The token `offset` positions into the span."""
+        if self._tokens is None:
+            self._tokens = open_tokens(self.path, self.dtype)
+        return int(self._tokens[self.start + offset])
 
     def __getitem__(self, index: int) -> dict:
         if self._tokens is None:

@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from hybridjax.data import NIAHConfig, TextConfig, make_dataset
+from hybridjax.data import MemmapConfig, NIAHConfig, TextConfig, make_dataset
 from hybridjax.data.streams import ChunkedStreams
 
 LENGTHS = [5, 12, 0, 3, 8, 20, 7, 1, 16, 9, 4, 11]  # an empty document (skipped) among them
@@ -109,3 +109,41 @@ def test_streams_refuse_what_they_cannot_stream(tmp_path):
     it = iter(make_dataset(config, split="train", seed=0, batch_size=2, seq_len=16, streams=True))
     with pytest.raises(ValueError, match="streams: the state holds 3 row positions"):
         it.set_state({"rows": [[0, 0]] * 3})
+
+
+def test_token_file_rows_read_their_spans_window_after_window(tmp_path):
+    """Memmap data: row g reads span g of the training range from a seeded window on, wrapping
+    at its end; `continues` is 0 at the first window, at a wrap and after a window ending in
+    EOS; a restored state goes on the same."""
+    eos = 1
+    tokens = (np.arange(1000) % 7 + 2).astype(np.int32)
+    tokens[::13] = eos
+    np.save(tmp_path / "t.npy", tokens)
+    config = MemmapConfig(path=str(tmp_path / "t.npy"), vocab_size=16, eos_id=eos)
+
+    def make():
+        return make_dataset(config, split="train", seed=1, batch_size=2, seq_len=8, streams=True)
+
+    ds = make()
+    it = iter(ds)
+    batches = [next(it) for _ in range(70)]
+    span = round(1000 * 0.99) // 2  # the train range (eval_fraction 0.01) in two spans
+    windows = (span - 1) // 8
+    for g, offset in enumerate(ds.offsets):
+        for t, batch in enumerate(batches):
+            w = (offset + t) % windows
+            lo = g * span + 8 * w
+            np.testing.assert_array_equal(batch["tokens"][g], tokens[lo : lo + 8])
+            np.testing.assert_array_equal(batch["targets"][g], tokens[lo + 1 : lo + 9])
+            want = t > 0 and w > 0 and tokens[lo - 1] != eos
+            assert batch["continues"][g] == want, (g, t)
+    flags = np.stack([b["continues"] for b in batches])
+    assert flags.any() and not flags[1:].all()
+    assert (np.array(ds.offsets) + 69 >= windows).any()  # a wrap happened
+    state = json.loads(json.dumps(it.get_state()))
+    other = iter(make())
+    other.set_state(state)
+    for _ in range(3):
+        a, b = next(it), next(other)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -128,16 +128,7 @@ def test_bad_settings_name_the_field(trainer, message):
         TrainerConfig(**trainer)
 
 
-def test_data_without_documents_is_refused(tmp_path, tiny_compose):
-    np.save(tmp_path / "t.npy", np.arange(1000, dtype=np.int32) % 64)
-    overrides = [
-        "data=memmap",
-        f"data.path={tmp_path / 't.npy'}",
-        "data.vocab_size=64",
-        "trainer.state_passing=true",
-    ]
-    with pytest.raises(ValueError, match="trainer.state_passing: data.kind 'memmap'"):
-        resolve(tiny_compose(overrides))
+def test_context_parallelism_and_mamba3_are_refused(tiny_compose):
     with pytest.raises(ValueError, match="trainer.state_passing: cannot be combined with"):
         resolve(tiny_compose(["trainer.state_passing=true", "trainer.mesh.context=2"]))
     with pytest.raises(ValueError, match="trainer.state_passing: model.pattern 'M3' has Mamba-3"):
