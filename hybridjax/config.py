@@ -23,7 +23,7 @@ ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
 MOE_DISPATCH = ("dropless", "capacity")
 MAMBA3_A_ACTS = ("softplus", "heavy_tail")  # mamba_ssm 2.3.2 | its repository's HEAD
 MAMBA3_ROPE_FRACTIONS = (0.5, 1.0)
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "block", "offload")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "block", "offload", "nested")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,8 @@ class HybridConfig:
     scan_layers: bool = True  # nnx.scan over repeats of the pattern's period
     # activation checkpointing: "full"/"dots"/"dots_no_batch" per period; "block" keeps only each
     # block's input (one block's internals live at a time in the backward), "offload" keeps
-    # those inputs in pinned host memory
+    # those inputs in pinned host memory, "nested" keeps only each period's input and recomputes
+    # the period's block inputs in its backward (one more forward pass, for the longest sequences)
     remat: str = "none"
     loss_chunk_size: int = 4096  # tokens whose logits the loss forms at a time
 

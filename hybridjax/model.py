@@ -6,9 +6,9 @@ NemotronH layout.
 
 A pattern that repeats a shorter period (e.g. "M-M*" * 6) is built once per period and its
 parameters are stacked over the repeats, so `nnx.scan` runs the stack and compile time does not
-grow with depth. `remat` checkpoints each period ("full", "dots", "dots_no_batch") or each block
-("block", "offload"): per block, the backward pass holds one block's internals at a time besides
-the block inputs, which is what long sequences need.
+grow with depth. `remat` checkpoints each period ("full", "dots", "dots_no_batch"), each block
+("block", "offload") or both ("nested"): per block, the backward pass holds one block's internals
+at a time besides the block inputs, which is what long sequences need.
 
 Losses do not need the (B, L, vocab) logits: `hidden` gives the final normed hidden states and
 `head` the output projection, for the chunked losses of `hybridjax.ops.cross_entropy`.
@@ -21,7 +21,6 @@ returns the states after it; attention layers see the chunk alone.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import NamedTuple
 
@@ -377,7 +376,13 @@ def _remat_period(remat: str):
                 'inputs stay on the device (as remat="block")',
                 jax.default_backend(),
             )
-    return functools.partial(Period.__call__, run_block=nnx.remat(Block.__call__, policy=policy))
+    run_block = nnx.remat(Block.__call__, policy=policy)
+
+    def per_block(period, x, segment_ids, positions, token_mask=None, states=None):
+        return Period.__call__(period, x, segment_ids, positions, token_mask, states, run_block)
+
+    # "nested": the scan keeps one input per period; its backward recomputes the block inputs
+    return nnx.remat(per_block) if remat == "nested" else per_block
 
 
 def host_offload_supported() -> bool:

@@ -81,7 +81,7 @@ def test_packed_documents_equal_separate_runs():
     np.testing.assert_allclose(out[:, 13:], model(doc_b), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "block", "offload"])
+@pytest.mark.parametrize("remat", ["full", "dots", "block", "offload", "nested"])
 def test_remat_keeps_values_and_gradients(remat):
     cfg = tiny(pattern="M*E-M*E-")
     plain = HybridLM(cfg, rngs=nnx.Rngs(0))
@@ -114,6 +114,23 @@ def test_offload_keeps_block_inputs_on_the_host():
     }
     assert "f64<host>[2,2,9,32]" in _grad_jaxpr(models["offload"], x)
     assert "<host>" not in _grad_jaxpr(models["block"], x)
+
+
+def test_nested_remat_keeps_one_input_per_period():
+    """The layer scan's saved (B, L, d) activations, stacked over the repeats: one per block with
+    remat="block", one per period with remat="nested" (its backward recomputes the others)."""
+    x = tokens(3, 2, 9)
+
+    def stacked_residuals(remat):
+        model = HybridLM(tiny(pattern="M-*-M-*-", remat=remat), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        grad = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(x)[0]))
+        forward_scan = next(
+            e for e in jax.make_jaxpr(grad)(state).eqns if e.primitive.name == "scan"
+        )
+        return sum(str(v.aval) == "float64[2,2,9,32]" for v in forward_scan.outvars)
+
+    assert (stacked_residuals("block"), stacked_residuals("nested")) == (4, 1)
 
 
 def test_offload_without_pinned_host_memory_stays_on_the_device(monkeypatch, caplog):

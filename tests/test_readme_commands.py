@@ -170,6 +170,12 @@ GROUPS = {
     "bench_step": (
         Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python -m hybridjax.bench step", BENCH),
     ),
+    "bench_step_model": (
+        Step(
+            "python -m hybridjax.bench step --model attn_max_documents=2 attn_impl=blockwise",
+            BENCH,
+        ),
+    ),
     "bench_mesh": (
         Step("python -m hybridjax.bench mesh --layouts 1 data=2 fsdp=2", BENCH, devices=2),
     ),
@@ -220,6 +226,7 @@ SKIPPED = {
     "entry runs the experiment; tests/train/test_state_passing_run.py composes this extension "
     "stage and the short_then_long entry trains with state passing",
     "python -m hybridjax.bench step --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
+    "python -m hybridjax.bench step --impls pallas --remat dots_no_batch": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.kernels.check": GPU_KERNELS,
     "python -m hybridjax.kernels.check --stages": GPU_KERNELS,
     "python -m hybridjax.kernels.check --variants ...": GPU_KERNELS,

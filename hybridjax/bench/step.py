@@ -57,12 +57,14 @@ GPU_SIZES = {
 }
 PRESETS = {
     # 1.03B parameters in the NemotronH-8B layout at d_model 2048: its repeating unit "M-M-M-M*-"
-    # three times = 12 Mamba-2, 3 attention (GQA, NoPE) and 12 relu2 MLP layers. Without remat the
-    # step needs hundreds of GiB; with full remat per period XLA (CPU compile, chunked SSD) plans
-    # ~17 GiB of temporaries per sequence of 4096 besides 11.5 GiB of params and AdamW moments:
-    # b4 leaves room inside the 75% of an H200 that jax preallocates, b8 would not.
+    # three times = 12 Mamba-2, 3 attention (GQA, NoPE) and 12 relu2 MLP layers. Remat per period
+    # saving the matmul outputs: on an H200 at b4 x 4096 it plans 21.9 GiB of temporaries besides
+    # 11.5 GiB of params and AdamW moments and steps 5% faster than full remat (15.4 GiB); no
+    # remat plans 87.7 GiB and is slower (docs/measurements/h200_bench_step_remat_4k.log).
     "1b": {
-        "config": HybridConfig(**GPU_SIZES, pattern="M-M-M-M*-" * 3, ffn=10240),
+        "config": HybridConfig(
+            **{**GPU_SIZES, "remat": "dots_no_batch"}, pattern="M-M-M-M*-" * 3, ffn=10240
+        ),
         "batch": 4,
         "seq_len": 4096,
     },
