@@ -215,18 +215,18 @@ class Loop:
         batch = {k: np.asarray(v) for k, v in batch.items()}
         if self.s.mesh is None:
             return jax.device_put(batch)
-        from hybridjax.sharding import batch_sharding
+        from hybridjax.train_step import batch_shardings
 
-        sharding = batch_sharding(self.s.mesh)
+        shardings = batch_shardings(self.s.mesh, batch)
         if jax.process_count() > 1:  # each process holds its own rows of the global batch
             count = process_rows(self.s.mesh)[1]
             return {
                 k: jax.make_array_from_process_local_data(
-                    sharding, v, (v.shape[0] * count, *v.shape[1:])
+                    shardings[k], v, (v.shape[0] * count, *v.shape[1:])
                 )
                 for k, v in batch.items()
             }
-        return jax.device_put(batch, sharding)
+        return jax.device_put(batch, shardings)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:

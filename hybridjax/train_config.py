@@ -177,13 +177,6 @@ class TrainerConfig:
             isinstance(self.state_passing, bool),
             f"must be true or false, got {self.state_passing!r}",
         )
-        _check(
-            "state_passing",
-            not (self.state_passing and self.mesh.context > 1),
-            f"cannot be combined with trainer.mesh.context={self.mesh.context} (context "
-            f"parallelism from a carried state is not supported yet); use "
-            f"trainer.mesh.context=1 and split rows over trainer.mesh.data or fsdp",
-        )
         if isinstance(self.distributed, dict):
             try:
                 self.distributed = DistributedConfig(**self.distributed)

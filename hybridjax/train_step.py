@@ -113,6 +113,17 @@ def init_carry(graphdef, state: TrainState, shapes, mesh=None) -> dict:
     return carry
 
 
+def batch_shardings(mesh, batch: dict) -> dict:
+    """{key: sharding} of a batch on `mesh`: (B, L, ...) arrays by `batch_sharding` (rows and
+    sequence), per-row (B,) arrays ("continues", "bucket") by rows alone."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from hybridjax.sharding import batch_axes, batch_sharding
+
+    rows = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    return {k: rows if jnp.ndim(v) == 1 else batch_sharding(mesh) for k, v in batch.items()}
+
+
 def model_batch(batch: dict) -> dict:
     """The arrays the model and loss read (drops e.g. the eval-only "bucket")."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -258,13 +269,17 @@ def make_train_step(
         return jax.jit(step, donate_argnums=donate_argnums)
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from hybridjax.sharding import batch_sharding
+    from hybridjax.sharding import batch_axes, batch_sharding
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_in = batch_sharding(mesh)
+    if state.carry is not None:  # state passing: batches have "continues" (B,) too
+        rows = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+        batch_in = {k: rows if k == "continues" else batch_in for k in MODEL_INPUTS}
     return jax.jit(
         step,
         donate_argnums=donate_argnums,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
+        in_shardings=(state_shardings, batch_in),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
     )
 

@@ -3,6 +3,8 @@ the row's next chunk, a run stopped and resumed equals the straight run bit for 
 data streams in the checkpoint), data parallel meshes split the carry's rows, bad settings are
 refused by name."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from hybridjax.metrics_log import read_metrics
 from hybridjax.model import continue_states
 from hybridjax.train import TrainBatches, build
 from hybridjax.train_config import TrainerConfig, resolve
-from hybridjax.train_step import MODEL_INPUTS
+from hybridjax.train_step import MODEL_INPUTS, batch_shardings
 
 TEXT = "\n\n".join(f"document {i} " + "words and more words " * (1 + i % 9) for i in range(40))
 
@@ -30,11 +32,20 @@ def corpus(tmp_path):
     ]
 
 
-def test_step_carries_each_rows_state_to_its_next_chunk(corpus, tiny_compose):
-    """Two steps over consecutive chunks, in two micro-batches: the carry after each is what the
-    model's own hidden_from reaches over the whole batch from the carry before (zeroed where a
-    row starts a document), with the step's parameters."""
-    overrides = [*corpus, "trainer.seq_len=16", "trainer.grad_accum=2", "model.pattern=M-"]
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["trainer.grad_accum=2"],
+        ["trainer.mesh.data=2", "trainer.mesh.fsdp=2", "trainer.mesh.context=2"],
+    ],
+    ids=["micro_batches", "data_fsdp_context"],
+)
+def test_step_carries_each_rows_state_to_its_next_chunk(corpus, tiny_compose, layout):
+    """Two steps over consecutive chunks, in two micro-batches or on a mesh that splits rows and
+    sequence: the carry after each is what the model's own hidden_from reaches on one device
+    over the whole batch from the carry before (zeroed where a row starts a document), with the
+    step's parameters."""
+    overrides = [*corpus, "trainer.seq_len=16", "model.pattern=M-", *layout]
     run = resolve(tiny_compose(overrides))
     setup = build(run, "unused")
     state = setup.state
@@ -64,8 +75,11 @@ def test_step_carries_each_rows_state_to_its_next_chunk(corpus, tiny_compose):
     batches = TrainBatches(Loop())
     for step in range(2):
         batch = {k: v for k, v in batches.next(step).items() if k in MODEL_INPUTS}
-        want = carried(state, batch)
-        state, _ = setup.train_step(state, batch)
+        want = carried(jax.device_get(state), batch)
+        if setup.mesh is not None:
+            batch = jax.device_put(batch, batch_shardings(setup.mesh, batch))
+        with jax.set_mesh(setup.mesh) if setup.mesh is not None else contextlib.nullcontext():
+            state, _ = setup.train_step(state, batch)
         for a, b in zip(jax.tree.leaves(state.carry["seq_len=16"]), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
         assert all(np.any(np.asarray(a)) for a in jax.tree.leaves(state.carry))
@@ -116,10 +130,6 @@ def test_data_parallel_splits_the_carry_rows(corpus, tiny_compose):
 @pytest.mark.parametrize(
     "trainer, message",
     [
-        (
-            {"state_passing": True, "mesh": {"context": 2}},
-            "state_passing: cannot be combined with trainer.mesh.context=2",
-        ),
         ({"state_passing": "yes"}, "state_passing: must be true or false, got 'yes'"),
     ],
 )
@@ -128,9 +138,7 @@ def test_bad_settings_name_the_field(trainer, message):
         TrainerConfig(**trainer)
 
 
-def test_context_parallelism_and_mamba3_are_refused(tiny_compose):
-    with pytest.raises(ValueError, match="trainer.state_passing: cannot be combined with"):
-        resolve(tiny_compose(["trainer.state_passing=true", "trainer.mesh.context=2"]))
+def test_mamba3_is_refused(tiny_compose):
     with pytest.raises(ValueError, match="trainer.state_passing: model.pattern 'M3' has Mamba-3"):
         resolve(tiny_compose(["trainer.state_passing=true", "model.pattern=M3"]))
 
