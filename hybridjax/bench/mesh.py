@@ -161,6 +161,7 @@ def run_child(args, layout, seq_len):
         layout,
     ]
     argv += ["--same-batch"] if args.same_batch else []
+    argv += ["--model", *args.model] if args.model else []
     return run_in_child(argv, {"layout": layout, "seq_len": seq_len})
 
 
