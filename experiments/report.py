@@ -11,7 +11,8 @@ What the runs differ in is read from their configs, not from the sweep: every co
 value is not the same in all runs is a *setting* (a column of the table), except the seed and
 keys that only echo another setting (`data.vocab_size: ${model.vocab_size}`). Runs equal in
 every setting form a *group*; the tables give each metric's mean and spread over its seeds.
-The layer pattern also yields `attn_fraction` (attention layers / sequence-mixing layers).
+The layer pattern also yields `attn_fraction` (attention layers / sequence-mixing layers, Mamba-2
+`M` and Mamba-3 `3` both count as mixers).
 
 Writes in --out (default: <first root>/report):
   runs.csv               one row per run (unfinished runs included, status column)
@@ -21,6 +22,9 @@ Writes in --out (default: <first root>/report):
                          when it varies, else per group
   throughput_memory.png  tokens/s, memory and parameter count, on the same x axis
   learning_curves.png    held-out accuracy against training step, one line per group
+  accuracy_vs_length.png only when buckets are lengths alone (`len=N`, the state-tracking
+                         tasks): held-out accuracy against the test length, a line per group,
+                         a panel per task (`data.task`)
 """
 
 from __future__ import annotations
@@ -50,21 +54,28 @@ IGNORED_KEYS = {
     "trainer.keep_checkpoints",
     "trainer.async_checkpoint",
 }
-# Model keys that mean something only when the pattern holds their layer letter; elsewhere they are
-# leftover defaults (a dense run's n_experts), shown as "–" and left out of labels.
+# Model keys that mean something only when the pattern holds one of their layer letters; elsewhere
+# they are leftover defaults (a dense run's n_experts), shown as "–" and left out of labels.
+MAMBA_KEYS = (  # the sizes Mamba-2 and Mamba-3 share
+    "mamba_heads",
+    "mamba_head_dim",
+    "ssm_state",
+    "n_groups",
+    "chunk_size",
+    "time_step_min",
+    "time_step_max",
+    "time_step_floor",
+)
 LAYER_KEYS = {
-    "M": (
-        "mamba_heads",
-        "mamba_head_dim",
-        "ssm_state",
-        "n_groups",
-        "conv_kernel",
-        "chunk_size",
-        "time_step_min",
-        "time_step_max",
-        "time_step_floor",
-        "clamp_dt",
-        "ssd_impl",
+    "M3": MAMBA_KEYS,
+    "M": ("conv_kernel", "clamp_dt", "ssd_impl"),
+    "3": (
+        "mamba3_mimo",
+        "mamba3_mimo_rank",
+        "mamba3_rope_fraction",
+        "mamba3_a_floor",
+        "mamba3_a_act",
+        "mamba3_impl",
     ),
     "*": (
         "attn_heads",
@@ -94,7 +105,8 @@ LAYER_KEYS = {
     ),
     "-": ("ffn", "mlp_act"),
 }
-LAYER_OF = {f"model.{name}": letter for letter, names in LAYER_KEYS.items() for name in names}
+LAYER_OF = {f"model.{name}": letters for letters, names in LAYER_KEYS.items() for name in names}
+MIXERS = "M3"  # the sequence-mixing layers besides attention
 ACC = "eval/accuracy"
 BUCKET_PREFIX = ACC + "/"
 # Per-run metrics, in table order: (column, header in report.md, format).
@@ -118,6 +130,7 @@ MEMORY_KEYS = (  # summary.json keys, best first: (key, what it measures)
     ),
 )
 FRACTION_AXIS = "attention fraction of the sequence-mixing layers"
+LENGTH_BUCKET = re.compile(r"len=(\d+)")  # a bucket that is a test length alone
 
 
 # --- reading run directories ---------------------------------------------------------------------
@@ -187,8 +200,9 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def pattern_stats(pattern: str) -> dict:
-    """Layer counts of a pattern; attn_fraction = attention / (attention + Mamba) layers."""
-    n_attn, n_mamba = pattern.count("*"), pattern.count("M")
+    """Layer counts of a pattern; attn_fraction = attention / (attention + Mamba-2 and Mamba-3)
+    layers."""
+    n_attn, n_mamba = pattern.count("*"), sum(pattern.count(letter) for letter in MIXERS)
     mixers = n_attn + n_mamba
     return {
         "n_layers": len(pattern),
@@ -322,7 +336,8 @@ def _other_settings(row: pd.Series, settings: Sequence[str]) -> list[str]:
 
 def applies(key: str, pattern) -> bool:
     """Whether a setting means anything for a model of `pattern` (see LAYER_KEYS)."""
-    return not isinstance(pattern, str) or LAYER_OF.get(key, "") in pattern
+    letters = LAYER_OF.get(key)
+    return not isinstance(pattern, str) or letters is None or any(c in pattern for c in letters)
 
 
 def short(key: str) -> str:
@@ -408,6 +423,8 @@ def markdown_report(title, roots, table, settings, buckets, summary) -> str:
         "![learning curves](learning_curves.png)",
         "",
     ]
+    if length_buckets(buckets):
+        lines += ["![accuracy vs test length](accuracy_vs_length.png)", ""]
     return "\n".join(lines)
 
 
@@ -501,6 +518,45 @@ def plot_accuracy(path: str, summary, settings, buckets) -> None:
     _save(plt, fig, path)
 
 
+def length_buckets(buckets: Sequence[str]) -> dict[str, int]:
+    """The buckets that are a test length alone (`eval/accuracy/len=N`) -> N."""
+    lengths = {b: LENGTH_BUCKET.fullmatch(b[len(BUCKET_PREFIX) :]) for b in buckets}
+    return {b: int(m.group(1)) for b, m in lengths.items() if m}
+
+
+def plot_length(path: str, summary, lengths: dict[str, int]) -> None:
+    """Held-out accuracy against the test length (log2 axis): a line per group, a panel per task
+    (`data.task` where the runs have one), groups without length buckets left out."""
+    plt = _pyplot()
+    columns = sorted(lengths, key=lengths.get)
+    xs = [lengths[c] for c in columns]
+    tasks = summary["data.task"] if "data.task" in summary else pd.Series([None] * len(summary))
+    panels = list(dict.fromkeys(tasks.tolist()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        for i in np.flatnonzero((tasks == task).to_numpy() if task is not None else tasks.isna()):
+            row = summary.iloc[i]
+            means = np.array(
+                [math.nan if row[f"{c}_mean"] is None else row[f"{c}_mean"] for c in columns], float
+            )
+            if np.isnan(means).all():
+                continue
+            stds = np.array([row[f"{c}_std"] or 0.0 for c in columns], float)
+            ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, label=row["label"])
+        ax.set_xscale("log", base=2)
+        ax.set(
+            xlabel="test length (tokens)",
+            ylabel="held-out accuracy",
+            ylim=(-0.02, 1.02),
+            xticks=xs,
+            xticklabels=[str(x) for x in xs],
+            title=task or "accuracy vs test length",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(plt, fig, path)
+
+
 def plot_cost(path: str, summary, settings) -> None:
     plt = _pyplot()
     lines = fraction_lines(summary, settings)
@@ -571,6 +627,9 @@ def report(roots: Sequence[str], out_dir: str, title: str | None = None) -> dict
             "report.md",
         )
     }
+    lengths = length_buckets(buckets)
+    if lengths:
+        files["accuracy_vs_length.png"] = os.path.join(out_dir, "accuracy_vs_length.png")
     write_csv(files["runs.csv"], table, table.columns.drop("curve"))
     write_csv(
         files["summary.csv"],
@@ -588,6 +647,8 @@ def report(roots: Sequence[str], out_dir: str, title: str | None = None) -> dict
     plot_accuracy(files["accuracy.png"], summary, settings, buckets)
     plot_cost(files["throughput_memory.png"], summary, settings)
     plot_curves(files["learning_curves.png"], summary)
+    if lengths:
+        plot_length(files["accuracy_vs_length.png"], summary, lengths)
     with open(files["report.md"], "w") as f:
         f.write(markdown_report(title, roots, table, settings, buckets, summary))
     return {

@@ -22,7 +22,7 @@ ACTIVATIONS = ("relu2", "swiglu", "silu", "gelu")
 ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
 MOE_DISPATCH = ("dropless", "capacity")
 MAMBA3_A_ACTS = ("softplus", "heavy_tail")  # mamba_ssm 2.3.2 | its repository's HEAD
-MAMBA3_ROPE_FRACTIONS = (0.5, 1.0)
+MAMBA3_ROPE_FRACTIONS = (0.0, 0.5, 1.0)  # 0: no rotation (the ablation of the angles)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "block", "offload", "nested")
 
 
@@ -62,7 +62,7 @@ class HybridConfig:
     # ssm_state, n_groups, chunk_size, time_step_*; no conv) ---------------------------------
     mamba3_mimo: bool = False  # MIMO (rank mamba3_mimo_rank) instead of SISO
     mamba3_mimo_rank: int = 4
-    mamba3_rope_fraction: float = 0.5  # fraction of ssm_state channels the angles rotate
+    mamba3_rope_fraction: float = 0.5  # fraction of ssm_state channels the angles rotate (0: none)
     mamba3_a_floor: float = 1e-4  # A = min(-act(dd_A), -mamba3_a_floor)
     mamba3_a_act: str = "softplus"  # act of dd_A: softplus | heavy_tail
     mamba3_impl: str = "auto"  # the scan: auto | reference | chunked
@@ -198,7 +198,7 @@ class HybridConfig:
                 f"{self.ssm_state}"
             )
         _check_choice("mamba3_rope_fraction", self.mamba3_rope_fraction, MAMBA3_ROPE_FRACTIONS)
-        if self.mamba3_angles < 1:
+        if self.mamba3_rope_fraction and self.mamba3_angles < 1:
             raise ValueError(
                 f"ssm_state: {self.ssm_state} x mamba3_rope_fraction "
                 f"{self.mamba3_rope_fraction} leaves no channel pair to rotate; needs >= 2"

@@ -114,6 +114,13 @@ GROUPS = {
             extra=("+experiment/ssm=groups2", "trainer.seed=0"),
         ),
     ),
+    "ablation_mixer": (
+        Step(
+            "python -m hybridjax.train +experiment=ablation_mixer",
+            TRAIN,
+            extra=("+experiment/mixer_task=mqar", "+experiment/mixer=mamba3", "trainer.seed=0"),
+        ),
+    ),
     "ratio_sweep_gpu": (
         Step(
             "python -m hybridjax.train +experiment=ratio_sweep_gpu",

@@ -1,4 +1,5 @@
-"""Data room: grain pipelines for synthetic recall tasks (MQAR, NIAH) and language modelling.
+"""Data room: grain pipelines for synthetic recall tasks (MQAR, NIAH), state tracking (parity,
+modular addition) and language modelling.
 
 ds = make_dataset(MQARConfig(), split="train", seed=0, batch_size=64, seq_len=128)
 it = iter(ds); batch = next(it)       # dict of numpy arrays, see pipeline.py
@@ -16,6 +17,7 @@ from hybridjax.data.pipeline import (
     make_dataset,
     vocab_size,
 )
+from hybridjax.data.state_tracking import StateTrackingConfig, state_tracking_example
 from hybridjax.data.text import MemmapConfig, TextConfig
 from hybridjax.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -27,6 +29,7 @@ __all__ = [
     "MQARConfig",
     "MemmapConfig",
     "NIAHConfig",
+    "StateTrackingConfig",
     "TextConfig",
     "bucket_names",
     "config_from_dict",
@@ -35,5 +38,6 @@ __all__ = [
     "mqar_example",
     "niah_example",
     "pack_documents",
+    "state_tracking_example",
     "vocab_size",
 ]

@@ -31,6 +31,7 @@ from hybridjax.data._checks import check_choice, check_positive
 from hybridjax.data.mqar import MQARConfig
 from hybridjax.data.niah import NIAHConfig
 from hybridjax.data.packing import pack_documents
+from hybridjax.data.state_tracking import StateTrackingConfig
 from hybridjax.data.streams import FIELDS, ChunkedStreams, SpanStreams, text_document
 from hybridjax.data.text import (
     MemmapConfig,
@@ -41,8 +42,15 @@ from hybridjax.data.text import (
 )
 from hybridjax.data.tokenizers import load_tokenizer
 
-DataConfig = MQARConfig | NIAHConfig | TextConfig | MemmapConfig
-CONFIGS = {"mqar": MQARConfig, "niah": NIAHConfig, "text": TextConfig, "memmap": MemmapConfig}
+DataConfig = MQARConfig | NIAHConfig | StateTrackingConfig | TextConfig | MemmapConfig
+CONFIGS = {
+    "mqar": MQARConfig,
+    "niah": NIAHConfig,
+    "state_tracking": StateTrackingConfig,
+    "text": TextConfig,
+    "memmap": MemmapConfig,
+}
+SYNTHETIC = (MQARConfig, NIAHConfig, StateTrackingConfig)
 SPLITS = ("train", "eval")
 SYNTHETIC_PAD = 0
 # One background thread: the 2-core CPU box also runs the training step.
@@ -107,7 +115,7 @@ def make_dataset(
         documents = _train_documents(config, stream_seed, shard, shard_count, seq_len)
         return ChunkedStreams(documents, batch_size, seq_len)
 
-    if isinstance(config, (MQARConfig, NIAHConfig)):
+    if isinstance(config, SYNTHETIC):
         buckets = _buckets(config, seq_len, split)
         count = sys.maxsize if split == "train" else config.num_eval_examples
         examples = (
@@ -148,7 +156,7 @@ def make_dataset(
 def bucket_names(config: DataConfig, seq_len: int | None = None, split: str = "train") -> list[str]:
     """Labels of `split`'s "bucket" ids, e.g. "pairs=16,len=128"; [] for text / memmap data.
     `seq_len` (the row length) is needed when the config leaves example lengths to it."""
-    if isinstance(config, (MQARConfig, NIAHConfig)):
+    if isinstance(config, SYNTHETIC):
         return [config.bucket_name(b) for b in _buckets(config, seq_len, split)]
     return []
 
@@ -192,8 +200,9 @@ def _train_documents(config: DataConfig, seed: int, shard: slice, shard_count: i
     """The endless, shuffled training documents of this shard, as stream fields (random access).
     A synthetic task's examples are its documents: their lengths are its own (context_lens,
     seq_lens) and may exceed seq_len, or seq_len when it leaves them to the row."""
-    if isinstance(config, (MQARConfig, NIAHConfig)):
-        lengths = config.context_lens if isinstance(config, NIAHConfig) else config.seq_lens
+    if isinstance(config, SYNTHETIC):
+        lengths = {NIAHConfig: "context_lens", StateTrackingConfig: "train_lens"}
+        lengths = getattr(config, lengths.get(type(config), "seq_lens"))
         buckets = _buckets(config, None if lengths is not None else seq_len, "train")
         examples = grain.MapDataset.range(sys.maxsize).seed(seed)
         return examples.random_map(
@@ -218,10 +227,11 @@ def _synthetic_document(index: int, rng: np.random.Generator, *, config, buckets
     return {key: example[key] for key in FIELDS}
 
 
-def _buckets(config: MQARConfig | NIAHConfig, seq_len: int | None, split: str) -> tuple:
-    """A synthetic task's buckets in `split`: NIAH's eval grid may differ from its training one."""
+def _buckets(config, seq_len: int | None, split: str) -> tuple:
+    """A synthetic task's buckets in `split`: NIAH's and state tracking's eval grids may differ
+    from their training ones."""
     check_choice("split", split, SPLITS)
-    if isinstance(config, NIAHConfig):
+    if isinstance(config, (NIAHConfig, StateTrackingConfig)):
         return config.buckets(seq_len, split)
     return config.buckets(seq_len)
 

@@ -118,7 +118,9 @@ class Mamba3Mixer(nnx.Module):
         self.dt_proj = Dense(dt, dtype=dtype)
         self.a_proj = Dense(a, dtype=dtype)
         self.trap_proj = Dense(trap, dtype=dtype)
-        self.angle_proj = Dense(angles, dtype=dtype)
+        # mamba3_rope_fraction 0 (no rotation): no angle projection (a zero-size kernel cannot
+        # be checkpointed); the scans get (b, l, h, 0) angles
+        self.angle_proj = Dense(angles, dtype=dtype) if s else None
         self.dt_bias = nnx.Param(_init_dt_bias(config)(rngs.params(), (h,), param_dtype))
         self.B_bias = nnx.Param(jnp.ones((h, r, n), param_dtype))
         self.C_bias = nnx.Param(jnp.ones((h, r, n), param_dtype))
@@ -160,9 +162,8 @@ class Mamba3Mixer(nnx.Module):
         act = A_ACTS[self.config.mamba3_a_act]
         A = jnp.minimum(-act(self.a_proj(x).astype(acc)), -self.config.mamba3_a_floor)
         trap = self.trap_proj(x).astype(acc)
-        angles = jnp.broadcast_to(
-            self.angle_proj(x).astype(acc)[:, :, None], (b, l, self.n_heads, self.n_angles)
-        )
+        raw = self.angle_proj(x) if self.angle_proj is not None else jnp.zeros((b, l, 0))
+        angles = jnp.broadcast_to(raw.astype(acc)[:, :, None], (b, l, self.n_heads, self.n_angles))
         kw = {
             "D": self.D[...].astype(acc),
             "z": z,
