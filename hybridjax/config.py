@@ -44,6 +44,9 @@ class HybridConfig:
     # the period's block inputs in its backward (one more forward pass, for the longest sequences)
     remat: str = "none"
     loss_chunk_size: int = 4096  # tokens whose logits the loss forms at a time
+    # tokens of a row the dense MLPs take at a time, each chunk rematerialised on its own, so the
+    # backward holds (chunk x ffn) hidden activations instead of (L x ffn); 0 = the whole row
+    mlp_chunk_size: int = 0
 
     # --- Mamba-2 (d_inner = mamba_heads * mamba_head_dim) -----------------------------------
     mamba_heads: int = 8
@@ -127,6 +130,10 @@ class HybridConfig:
             "attn_max_documents",
         ):
             _check_positive(name, getattr(self, name))
+        if self.mlp_chunk_size < 0:
+            raise ValueError(
+                f"mlp_chunk_size: must be >= 0 (0 = the whole row), got {self.mlp_chunk_size!r}"
+            )
         if self.has("M"):
             for name in (
                 "mamba_heads",

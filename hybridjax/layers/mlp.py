@@ -113,14 +113,31 @@ class MLP(nnx.Module):
             self.gate_proj = None
         self.up_proj = linear(config, config.d_model, self.d_ff, rngs=rngs)
         self.down_proj = linear(config, self.d_ff, config.d_model, rngs=rngs)
+        self.chunk_size = config.mlp_chunk_size
 
     def __call__(self, x, *, segment_ids=None, positions=None):
         """x (B, L, d_model) -> (B, L, d_model) in config.dtype. segment_ids/positions unused."""
         del segment_ids, positions
         x = x.astype(self.dtype)
+        if not self.chunk_size or x.shape[-2] <= self.chunk_size:
+            return self._apply(x)
+        return token_chunked(jax.checkpoint(self._apply), x, self.chunk_size)
+
+    def _apply(self, x):
         h = self.up_proj(x)
         if self.gate_proj is not None:
             h = self.act_fn(self.gate_proj(x)) * h
         else:
             h = self.act_fn(h)
         return self.down_proj(h)
+
+
+def token_chunked(fn, x, chunk: int):
+    """`fn` (token-local: each output token depends on its own input token) over x (B, L, d) in
+    chunks of `chunk` tokens, one after another (lax.map): with a rematerialised `fn` the backward
+    holds one chunk's intermediates. L is padded to a multiple of `chunk` and cut back."""
+    b, length, d = x.shape
+    n = -(-length // chunk)
+    xs = jnp.pad(x, ((0, 0), (0, n * chunk - length), (0, 0)))
+    ys = jax.lax.map(fn, xs.reshape(b, n, chunk, d).swapaxes(0, 1))
+    return ys.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :length]

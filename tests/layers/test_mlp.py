@@ -93,3 +93,21 @@ def test_bad_inputs():
         MLP(CFG, d_ff=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="activation"):
         MLP(CFG, act="relu", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("act", ["relu2", "swiglu"])
+def test_token_chunks_equal_the_whole_row(act):
+    """mlp_chunk_size runs the same function chunk by chunk (a length that is not a multiple of
+    the chunk): values and gradients equal the whole-row MLP in float64."""
+    cfg = HybridConfig(d_model=16, ffn=40, dtype="float64", param_dtype="float64", mlp_act=act)
+    whole, chunked = (MLP(cfg.replace(mlp_chunk_size=c), rngs=nnx.Rngs(0)) for c in (0, 7))
+    x = jax.random.normal(jax.random.key(1), (2, 23, 16), jnp.float64)
+    np.testing.assert_allclose(chunked(x), whole(x), rtol=1e-13, atol=1e-15)
+    grad = nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x))), argnums=(0, 1))
+    for a, b in zip(jax.tree.leaves(grad(chunked, x)), jax.tree.leaves(grad(whole, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_chunk_size_must_not_be_negative():
+    with pytest.raises(ValueError, match="mlp_chunk_size"):
+        HybridConfig(mlp_chunk_size=-1)

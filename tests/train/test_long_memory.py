@@ -123,6 +123,13 @@ def test_block_remat_plans_less_memory_than_none():
     assert temps["block"] < temps["none"] / 2, temps
 
 
+def test_token_chunked_mlp_plans_a_chunk_of_hidden_activations():
+    """mlp_chunk_size: the MLP's (L x ffn) hidden activations live one chunk at a time."""
+    config = tiny(pattern="--", dtype="float32", param_dtype="float32", ffn=2048, remat="block")
+    temps = {c: _planned_temp(config.replace(mlp_chunk_size=c), 16384) for c in (0, 1024)}
+    assert temps[1024] < temps[0] / 4, temps
+
+
 LONG = {
     "vocab_size": 32768,
     "d_model": 64,
