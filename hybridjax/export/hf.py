@@ -13,8 +13,8 @@ rule in `tensor_specs` (rename + transpose: our kernels are (in, out), torch's L
 (RoPE, a softmax router, swiglu, no shared expert, ...) raises ONE ValueError listing every such
 feature, before anything is written.
 
-Semantics to know: transformers NemotronH always clamps dt below at `time_step_min` (our
-`clamp_dt=True`), always builds a shared expert, has one activation (`mlp_hidden_act`) for the
+Semantics to know: transformers NemotronH clamps dt below at `time_step_min` (our
+`clamp_dt=True`; 5.16 always did, 5.25 does it through `time_step_limit`, which export writes), always builds a shared expert, has one activation (`mlp_hidden_act`) for the
 dense MLP, the routed and the shared experts, and runs its MoE dropless (a model trained with
 `moe_dispatch="capacity"` is exported as the dropless model it approximates). It ignores
 `tie_word_embeddings` (its lm_head is always its own tensor), so a tied model is written with
@@ -228,8 +228,8 @@ def hf_config(
         "time_step_min": float(cfg.time_step_min),
         "time_step_max": float(cfg.time_step_max),
         "time_step_floor": float(cfg.time_step_floor),
-        # transformers >= 5.16 clamps at (time_step_min, inf) whatever this says; older readers
-        # and mamba_ssm-based engines take the clamp from here.
+        # the clamp: transformers 5.25 and mamba_ssm-based engines read it from here (5.16 clamped
+        # at time_step_min whatever this said)
         "time_step_limit": [float(cfg.time_step_min), float("inf")],
         "mamba_hidden_act": "silu",
         "use_conv_bias": True,

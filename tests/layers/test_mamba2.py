@@ -70,6 +70,8 @@ def _hf_mixer(cfg, mixer):
         layer_norm_epsilon=cfg.norm_eps,
         time_step_min=cfg.time_step_min,
         time_step_max=cfg.time_step_max,
+        # the clamp as export writes it (transformers 5.25 clamps at time_step_limit alone)
+        time_step_limit=(cfg.time_step_min, float("inf")),
         use_conv_bias=True,
         use_bias=False,
         use_mamba_kernels=False,
