@@ -135,21 +135,8 @@ class HybridConfig:
                 f"mlp_chunk_size: must be >= 0 (0 = the whole row), got {self.mlp_chunk_size!r}"
             )
         if self.has("M"):
-            for name in (
-                "mamba_heads",
-                "mamba_head_dim",
-                "ssm_state",
-                "n_groups",
-                "conv_kernel",
-                "chunk_size",
-                "time_step_min",
-                "time_step_max",
-            ):
-                _check_positive(name, getattr(self, name))
-            if self.mamba_heads % self.n_groups:
-                raise ValueError(
-                    f"n_groups: {self.n_groups} must divide mamba_heads ({self.mamba_heads})"
-                )
+            self._check_mamba_sizes()
+            _check_positive("conv_kernel", self.conv_kernel)
         if self.has("3"):
             self._check_mamba3()
         if self.has("*"):
@@ -182,7 +169,8 @@ class HybridConfig:
         if self.has("-"):
             _check_positive("ffn", self.ffn)
 
-    def _check_mamba3(self):
+    def _check_mamba_sizes(self):
+        """The sizes Mamba-2 and Mamba-3 layers share."""
         for name in (
             "mamba_heads",
             "mamba_head_dim",
@@ -191,14 +179,17 @@ class HybridConfig:
             "chunk_size",
             "time_step_min",
             "time_step_max",
-            "mamba3_mimo_rank",
-            "mamba3_a_floor",
         ):
             _check_positive(name, getattr(self, name))
         if self.mamba_heads % self.n_groups:
             raise ValueError(
                 f"n_groups: {self.n_groups} must divide mamba_heads ({self.mamba_heads})"
             )
+
+    def _check_mamba3(self):
+        self._check_mamba_sizes()
+        for name in ("mamba3_mimo_rank", "mamba3_a_floor"):
+            _check_positive(name, getattr(self, name))
         if self.ssm_state % 2:
             raise ValueError(
                 f"ssm_state: must be even for Mamba-3 (its channels rotate in pairs), got "

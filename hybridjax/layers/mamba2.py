@@ -120,6 +120,16 @@ def _torch_conv_init(key, kernel_size: int, channels: int, dtype):
     return kernel.astype(dtype), bias.astype(dtype)
 
 
+def out_projection(config: HybridConfig, rngs: nnx.Rngs) -> Dense:
+    """A Mamba layer's out_proj (H, P, d_model): kaiming_uniform(a=sqrt(5)) on fan_in = d_inner,
+    divided by sqrt(n_layers) (rescale_prenorm_residual), as mamba_ssm and transformers init it."""
+    h, p = config.mamba_heads, config.mamba_head_dim
+    bound = 1.0 / math.sqrt(config.d_inner)
+    out = jax.random.uniform(rngs.params(), (h * p, config.d_model), jnp.float32, -bound, bound)
+    out = (out / math.sqrt(config.n_layers)).astype(jnp.dtype(config.param_dtype))
+    return Dense(out.reshape(h, p, config.d_model), n_in=2, dtype=jnp.dtype(config.dtype))
+
+
 class GatedRMSNorm(nnx.Module):
     """NemotronHRMSNormGated: weight (any shape of d elements); rmsnorm(x * silu(z)) over groups of group_size."""
 
@@ -174,13 +184,7 @@ class Mamba2Mixer(nnx.Module):
         self.norm = GatedRMSNorm(
             (h, p), self.d_inner // g, eps=config.norm_eps, param_dtype=param_dtype
         )
-        bound = 1.0 / math.sqrt(self.d_inner)  # kaiming_uniform(a=sqrt(5)) on fan_in = d_inner
-        out = jax.random.uniform(rngs.params(), (self.d_inner, d), jnp.float32, -bound, bound)
-        self.out_proj = Dense(
-            (out / math.sqrt(config.n_layers)).astype(param_dtype).reshape(h, p, d),
-            n_in=2,
-            dtype=dtype,
-        )
+        self.out_proj = out_projection(config, rngs)
 
     # --- pieces shared by the forward and the decode step ---------------------------------------
     def _project(self, x):

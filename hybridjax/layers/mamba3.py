@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import HybridConfig
-from hybridjax.layers.mamba2 import _init_dt_bias
+from hybridjax.layers.mamba2 import _init_dt_bias, out_projection
 from hybridjax.layers.mlp import Dense
 from hybridjax.layers.norm import RMSNorm
 from hybridjax.ops.mamba3 import Mamba3State, mamba3_mimo, mamba3_siso
@@ -131,13 +131,7 @@ class Mamba3Mixer(nnx.Module):
             self.mimo_z = nnx.Param(jnp.ones((h, r, p), param_dtype))
             self.mimo_o = nnx.Param(jnp.full((h, r, p), 1.0 / r, param_dtype))
         self.D = nnx.Param(jnp.ones((h,), param_dtype))
-        bound = 1.0 / math.sqrt(self.d_inner)  # kaiming_uniform(a=sqrt(5)) on fan_in = d_inner
-        out = jax.random.uniform(rngs.params(), (self.d_inner, d), jnp.float32, -bound, bound)
-        self.out_proj = Dense(
-            (out / math.sqrt(config.n_layers)).astype(param_dtype).reshape(h, p, d),
-            n_in=2,
-            dtype=dtype,
-        )
+        self.out_proj = out_projection(config, rngs)
 
     def _check(self, x, segment_ids=None):
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
