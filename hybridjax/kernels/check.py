@@ -215,6 +215,7 @@ def stage_times(shape, pallas_kw):
     D = jnp.ones((h,), F32)
     dy = jax.random.normal(jax.random.key(4), (b, l, h, p), F32).astype(jnp.bfloat16)
     cfg, x, dt, B, C, _ = S.prepare(x, dt, B, C, interpret=_INTERPRET, **pallas_kw)
+    ld = dt * A  # the log decay: Mamba-2's weighted scan has weight dt, log decay dt A
     cfgb = S.dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
     dy = jnp.pad(dy, [(0, 0), (0, x.shape[1] - l), (0, 0), (0, 0)])
     K = x.shape[1] // cfg.T
@@ -225,9 +226,9 @@ def stage_times(shape, pallas_kw):
         out[name] = bench(f, *a)[0]
         return f(*a)
 
-    _, _, s_in = timed("fwd: whole", lambda *a: S._forward(cfg, *a, None, None), x, dt, A, B, C, D)
+    _, _, s_in = timed("fwd: whole", lambda *a: S._forward(cfg, *a, None, None), x, dt, ld, B, C, D)
     dtT, cs, ind, outd, *_ = timed(
-        "fwd: decays", lambda dt, A: S._decays(dt, A, None, cfg.Q), dt, A
+        "fwd: decays", lambda dt, ld: S._decays(dt, ld, None, cfg.Q), dt, ld
     )
     if K > 1:
         timed(
@@ -254,10 +255,10 @@ def stage_times(shape, pallas_kw):
     )
     timed(
         "bwd: whole",
-        lambda *a: S._backward(cfg, *a[:6], None, a[6], None, a[7], jnp.zeros_like(s_in[:, 0])),
+        lambda *a: S._backward(cfg, *a[:6], None, a[6], a[7], jnp.zeros_like(s_in[:, 0])),
         x,
         dt,
-        A,
+        ld,
         B,
         C,
         D,
@@ -265,7 +266,7 @@ def stage_times(shape, pallas_kw):
         dy,
     )
     dtT, cs, ind, outd, *_ = timed(
-        "bwd: decays", lambda dt, A: S._decays(dt, A, None, cfgb.Q), dt, A
+        "bwd: decays", lambda dt, ld: S._decays(dt, ld, None, cfgb.Q), dt, ld
     )
     _, s_chunks, s_win = timed(
         "bwd: sweep",

@@ -4,6 +4,14 @@ Same contract as `hybridjax.ops.ssd` (see its docstring): x (b, l, h, p), dt (b,
 A (h,) < 0, B/C (b, l, g, n), optional D (h,), initial_state (b, h, p, n) and segment_ids (b, l);
 returns y (b, l, h, p) in x.dtype [and the final state (b, h, p, n) in float32].
 
+The kernels never tie the input weight to the decay: they take the weight per position (called
+dt in ssd_kernels.py) and the decays as per-position vectors built from the cumulative log decay.
+So the core (`weighted_ssd_pallas`) takes them as two inputs, h_t = exp(log_decay_t) h_{t-1} +
+weight_t x_t B_t^T, and returns their gradients separately: d weight is the column sums' x.v,
+d log_decay the windowed sums below. Mamba-2 is weight dt, log decay dt A (`ssd_pallas`, whose
+d dt = d weight + A d log_decay and dA = sum dt d log_decay follow by autodiff of that product);
+Mamba-3 is the same core with weight gamma + w (`hybridjax.kernels.mamba3`).
+
 Structure (kernels in ssd_kernels.py; everything here is cheap XLA over (b, h, l) vectors or
 (b, K, h, p, n) superchunk states):
   forward   [state kernel: each superchunk's own end state]  (only when K > 1)
@@ -17,15 +25,15 @@ Structure (kernels in ssd_kernels.py; everything here is cheap XLA over (b, h, l
             dc kernel, one program per (chunk, block of heads): dC, row sums
             dx kernel, one program per (chunk, block of heads): dx, dB, x.v_t (column sums), dy.x
             XLA: dB/dC summed over the blocks of a group; d(log decay) by reverse cumsums
-            inside windows; ddt, dA, dD from (b, h, l) vectors.
+            inside windows; d(weight) and dD from (b, h, l) vectors.
   The backward's heavy kernels carry no state: as sequential walks carrying a (p, n) float32
   state next to the per-chunk products they were slower (H200, b1 l65536 h64 p64 n128 g1, bf16:
   the backward 7.1 -> 6.0 ms). Each of their programs then takes a block of heads of one group
   (shared C.B^T, dB/dC summed in registers, the next head's tiles prefetched): 6.0 -> 4.7 ms.
 
 The decay gradient needs no extra pass. With the pair terms
-P(t', s) = (dy_t' . x_s)(C_t' . B_s) dt_s exp(cs_t' - cs_s) (masked by resets), the gradient with
-respect to the log decay a_t = dt_t A is the sum of P over the pairs that straddle t,
+P(t', s) = (dy_t' . x_s)(C_t' . B_s) dt_s exp(cs_t' - cs_s) (masked by resets; dt the weight),
+the gradient with respect to the log decay a_t (dt_t A for Mamba-2) is the sum of P over the pairs that straddle t,
 s < t <= t'. For t inside a window of W positions ending at e this is
     sum_{t'=t..e} (row_t' - col_t')  +  Z_e,
 row_t' = sum_s P(t', s), col_s = sum_t' P(t', s), Z_e = <G_e, S_e> (the pairs straddling e: the
@@ -123,12 +131,14 @@ def pallas_unsupported_reason(
 # ----------------------------------------------------------------------------------------------
 # per-position decay vectors and the superchunk passing matrix
 # ----------------------------------------------------------------------------------------------
-def _decays(dt, A, resets, Q):
-    """dt (b, L, h), resets (b, L) bool | None -> per-position (b, h, L) vectors and chunk data."""
-    b, L, h = dt.shape
+def _decays(weight, log_decay, resets, Q):
+    """weight, log_decay (b, L, h) float32, resets (b, L) bool | None -> per-position (b, h, L)
+    vectors and chunk data: the input weight, cs (the log decay's cumsum inside each chunk), ind,
+    outd, the document index, each chunk's total log decay and whether a reset falls inside it."""
+    b, L, h = weight.shape
     nc = L // Q
-    dtT = jnp.transpose(dt.astype(F32), (0, 2, 1))
-    cs = jnp.cumsum((dtT * A.astype(F32)[None, :, None]).reshape(b, h, nc, Q), axis=-1)
+    wT = jnp.transpose(weight, (0, 2, 1))
+    cs = jnp.cumsum(jnp.transpose(log_decay, (0, 2, 1)).reshape(b, h, nc, Q), axis=-1)
     ind = jnp.exp(cs)
     outd = jnp.exp(cs[..., -1:] - cs)
     doc = creset = None
@@ -140,7 +150,7 @@ def _decays(dt, A, resets, Q):
         outd = jnp.where((docc == docc[..., -1:])[:, None], outd, 0.0)
         creset = docc[..., -1] != prev  # (b, nc): a reset inside the chunk
     flat = lambda t: t.reshape(b, h, L)
-    return dtT, flat(cs), flat(ind), flat(outd), doc, cs[..., -1], creset
+    return wT, flat(cs), flat(ind), flat(outd), doc, cs[..., -1], creset
 
 
 def _passing_matrix(chunk_logdec, creset, K):
@@ -166,33 +176,35 @@ def _hi(eq, *ops):
 # ----------------------------------------------------------------------------------------------
 # forward and backward on padded inputs (L a multiple of T)
 # ----------------------------------------------------------------------------------------------
-def _forward(cfg, x, dt, A, B, C, D, s_init, resets):
+def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets):
     b, L, h, p = x.shape
     n = B.shape[-1]
     K = L // cfg.T
-    dtT, cs, ind, outd, doc, clog, creset = _decays(dt, A, resets, cfg.Q)
+    wT, cs, ind, outd, doc, clog, creset = _decays(weight, log_decay, resets, cfg.Q)
     s0 = jnp.zeros((b, h, p, n), F32) if s_init is None else s_init.astype(F32)
     if K == 1:
         s_in = s0[:, None]
-        y, s_out = K_.fwd_call(cfg, x, B, C, dtT, cs, ind, outd, doc, s_in, D)
+        y, s_out = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D)
         return y, s_out[:, 0], s_in
-    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=dtT)
+    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT)
     W = _passing_matrix(clog, creset, K)
     s_all = _hi("bhkm,bmhpn->bkhpn", W, jnp.concatenate([s0[:, None], local], axis=1))
     s_in = s_all[:, :K]
-    y, _ = K_.fwd_call(cfg, x, B, C, dtT, cs, ind, outd, doc, s_in, D)
+    y, _ = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D)
     return y, s_all[:, K], s_in
 
 
-def _backward(cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal):
+def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
+    """The gradients (dx, d weight, d log decay, dB, dC, dD, d initial state); the kernels call
+    the input weight dt (it is dt for Mamba-2)."""
     cfg = dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
     b, L, h, _ = x.shape
     g, n = B.shape[2:]
     K = L // cfg.T
-    dtT, cs, ind, outd, doc, clog, creset = _decays(dt, A, resets, cfg.Q)
+    wT, cs, ind, outd, doc, clog, creset = _decays(weight, log_decay, resets, cfg.Q)
     dy = dy.astype(x.dtype)
     dfinal = dfinal.astype(F32)
-    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=dtT, s0=s_in)
+    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in)
     if K == 1:
         g_end = dfinal[:, None]
     else:
@@ -201,43 +213,41 @@ def _backward(cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal):
         f_all = _hi("bhkm,bkhpn->bmhpn", W, jnp.concatenate([local, dfinal[:, None]], axis=1))
         g_end = f_all[:, 1:]
     g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win)
-    dCk, rows = K_.bwd_dc_call(cfg, dy, x, B, C, dtT, cs, ind, doc, s_chunks)
-    dx, dBk, xv, dyx = K_.bwd_dx_call(cfg, dy, x, B, C, dtT, cs, outd, doc, g_chunks, D)
+    dCk, rows = K_.bwd_dc_call(cfg, dy, x, B, C, wT, cs, ind, doc, s_chunks)
+    dx, dBk, xv, dyx = K_.bwd_dx_call(cfg, dy, x, B, C, wT, cs, outd, doc, g_chunks, D)
     d_init = g_start[:, 0] if K == 1 else f_all[:, 0]
     # d(log decay) at t: the pair terms (s < t <= t') = reverse cumsum inside t's window of
     # (row sum - column sum) + Z, all pairs straddling the window's end (see the module docstring).
     W_ = cfg.Q * cfg.wq
-    tot = (rows - dtT * xv).reshape(b, h, L // W_, W_)
+    tot = (rows - wT * xv).reshape(b, h, L // W_, W_)
     dda = (jnp.flip(jnp.cumsum(jnp.flip(tot, -1), axis=-1), -1) + z[..., None]).reshape(b, h, L)
-    Af = A.astype(F32)
-    ddt = jnp.transpose(xv + Af[None, :, None] * dda, (0, 2, 1))
-    dA = jnp.sum(dtT * dda, axis=(0, 2))
+    to_blh = lambda t: jnp.transpose(t, (0, 2, 1))
     dD = None if D is None else jnp.sum(dyx, axis=(0, 2))
     group_sum = lambda t: t.reshape(b, L, g, -1, n).sum(3)  # over the head blocks of a group
-    return dx, ddt, dA, group_sum(dBk), group_sum(dCk), dD, d_init
+    return dx, to_blh(xv), to_blh(dda), group_sum(dBk), group_sum(dCk), dD, d_init
 
 
-def _core_impl(cfg, x, dt, A, B, C, D, s_init, resets):
-    y, final, _ = _forward(cfg, x, dt, A, B, C, D, s_init, resets)
+def _core_impl(cfg, x, weight, log_decay, B, C, D, s_init, resets):
+    y, final, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
     return y, final
 
 
-def _core_fwd(cfg, x, dt, A, B, C, D, s_init, resets):
-    y, final, s_in = _forward(cfg, x, dt, A, B, C, D, s_init, resets)
-    return (y, final), (x, dt, A, B, C, D, s_init, resets, s_in, final)
+def _core_fwd(cfg, x, weight, log_decay, B, C, D, s_init, resets):
+    y, final, s_in = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
+    return (y, final), (x, weight, log_decay, B, C, D, s_init, resets, s_in)
 
 
 def _core_bwd(cfg, res, cts):
-    x, dt, A, B, C, D, s_init, resets, s_in, final = res
+    x, weight, log_decay, B, C, D, s_init, resets, s_in = res
     dy, dfinal = cts
-    dx, ddt, dA, dB, dC, dD, d_init = _backward(
-        cfg, x, dt, A, B, C, D, resets, s_in, final, dy, dfinal
+    dx, dw, dld, dB, dC, dD, d_init = _backward(
+        cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal
     )
     cast = lambda g, ref: None if ref is None else g.astype(ref.dtype)
     return (
         dx.astype(x.dtype),
-        cast(ddt, dt),
-        cast(dA, A),
+        cast(dw, weight),
+        cast(dld, log_decay),
         cast(dB, B),
         cast(dC, C),
         cast(dD, D),
@@ -246,6 +256,8 @@ def _core_bwd(cfg, res, cts):
     )
 
 
+# The kernels' scan, y_t = C_t . h_t (+ D x_t) with h_t = exp(log_decay_t) h_{t-1} + weight_t
+# x_t B_t^T, on inputs padded to whole superchunks; weight and log_decay (b, L, h) float32.
 _core = jax.custom_vjp(_core_impl, nondiff_argnums=(0,))
 _core.defvjp(_core_fwd, _core_bwd)
 
@@ -340,14 +352,68 @@ def ssd_pallas(
     heads_per_program (of the backward's dc/dx kernels), launch ((kernel, (num_warps,
     num_stages)) pairs), and poison=True, which starts every kernel output as NaN. interpret=True
     runs the same kernels in Pallas interpret mode (CPU).
+
+    Mamba-2's step is the weighted scan's with input weight dt and log decay dt A (formed here
+    in float32, so d dt = d weight + A d(log decay) and dA = sum dt d(log decay) come from
+    autodiff of that product, outside the kernels).
     """
     reason = pallas_unsupported_reason(x, dt, A, B, C, chunk_size=chunk_size, interpret=interpret)
     if reason is not None:
         raise ValueError(f"ssd(impl='pallas'): {reason}")
-    cfg, xp, dtp, Bp, Cp, resets = prepare(
-        x, dt, B, C, chunk_size=chunk_size, segment_ids=segment_ids, interpret=interpret, **tuning
+    dt = jnp.asarray(dt).astype(F32)
+    out = weighted_ssd_pallas(
+        x,
+        dt,
+        dt * jnp.asarray(A).astype(F32),
+        B,
+        C,
+        D=D,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        interpret=interpret,
+        **tuning,
     )
+    return out if return_final_state else out[0]
+
+
+def weighted_ssd_pallas(
+    x,
+    weight,
+    log_decay,
+    B,
+    C,
+    *,
+    D=None,
+    chunk_size=256,
+    initial_state=None,
+    segment_ids=None,
+    interpret=False,
+    **tuning,
+):
+    """The kernels' scan with the input weight and the log decay as separate inputs:
+
+        h_t = exp(log_decay_t) h_{t-1} + weight_t x_t B_t^T      y_t = C_t . h_t + D x_t
+
+    x (b, l, h, p), weight and log_decay (b, l, h) (float32; log_decay <= 0), B, C (b, l, g, n),
+    D (h,), initial_state (b, h, p, n), segment_ids (b, l) as `ssd_pallas`. Returns (y (b, l, h, p)
+    in x.dtype, final state (b, h, p, n) float32), differentiable in every float input. Mamba-2
+    (`ssd_pallas`: weight dt, log decay dt A) and Mamba-3 (`hybridjax.kernels.mamba3`: weight
+    gamma + w, log decay A dt) both run through it. The caller checks support
+    (`pallas_unsupported_reason`).
+    """
+    cfg, xp, wp, Bp, Cp, resets = prepare(
+        x,
+        jnp.asarray(weight).astype(F32),
+        B,
+        C,
+        chunk_size=chunk_size,
+        segment_ids=segment_ids,
+        interpret=interpret,
+        **tuning,
+    )
+    pad = xp.shape[1] - x.shape[1]
+    ldp = jnp.pad(jnp.asarray(log_decay).astype(F32), [(0, 0), (0, pad), (0, 0)])
     Df = None if D is None else jnp.asarray(D).astype(F32)
-    y, final = _core(cfg, xp, dtp, A, Bp, Cp, Df, initial_state, resets)
-    y = y[:, : x.shape[1]]
-    return (y, final) if return_final_state else y
+    y, final = _core(cfg, xp, wp, ldp, Bp, Cp, Df, initial_state, resets)
+    return y[:, : x.shape[1]], final
