@@ -44,9 +44,10 @@ class HybridConfig:
     # the period's block inputs in its backward (one more forward pass, for the longest sequences)
     remat: str = "none"
     loss_chunk_size: int = 4096  # tokens whose logits the loss forms at a time
-    # tokens of a row the dense MLPs take at a time, each chunk rematerialised on its own, so the
-    # backward holds (chunk x ffn) hidden activations instead of (L x ffn); 0 = the whole row
-    mlp_chunk_size: int = 0
+    # tokens of a row the dense MLP and Mamba-2 layers take at a time, each chunk rematerialised
+    # on its own (Mamba-2 carries its conv window and SSM state from chunk to chunk), so a
+    # layer's backward holds one chunk's internals instead of the row's; 0 = the whole row
+    layer_chunk_size: int = 0
 
     # --- Mamba-2 (d_inner = mamba_heads * mamba_head_dim) -----------------------------------
     mamba_heads: int = 8
@@ -130,9 +131,9 @@ class HybridConfig:
             "attn_max_documents",
         ):
             _check_positive(name, getattr(self, name))
-        if self.mlp_chunk_size < 0:
+        if self.layer_chunk_size < 0:
             raise ValueError(
-                f"mlp_chunk_size: must be >= 0 (0 = the whole row), got {self.mlp_chunk_size!r}"
+                f"layer_chunk_size: must be >= 0 (0 = the whole row), got {self.layer_chunk_size!r}"
             )
         if self.has("M"):
             self._check_mamba_sizes()

@@ -113,7 +113,7 @@ RUNTIME_FIELDS = frozenset(
         "rope_factor",
         "ep_capacity_factor",
         "loss_chunk_size",
-        "mlp_chunk_size",
+        "layer_chunk_size",
         "mamba3_impl",
     }
 )

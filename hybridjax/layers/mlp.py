@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import ACTIVATIONS, HybridConfig
+from hybridjax.ops.segments import context_shards
 
 # Activations whose MLP has a separate gate projection: act(gate_proj(x)) * up_proj(x).
 GATED = frozenset({"swiglu"})
@@ -113,13 +114,13 @@ class MLP(nnx.Module):
             self.gate_proj = None
         self.up_proj = linear(config, config.d_model, self.d_ff, rngs=rngs)
         self.down_proj = linear(config, self.d_ff, config.d_model, rngs=rngs)
-        self.chunk_size = config.mlp_chunk_size
+        self.chunk_size = config.layer_chunk_size
 
     def __call__(self, x, *, segment_ids=None, positions=None):
         """x (B, L, d_model) -> (B, L, d_model) in config.dtype. segment_ids/positions unused."""
         del segment_ids, positions
         x = x.astype(self.dtype)
-        if not self.chunk_size or x.shape[-2] <= self.chunk_size:
+        if not runs_in_chunks(self.chunk_size, x.shape[-2]):
             return self._apply(x)
         return token_chunked(jax.checkpoint(self._apply), x, self.chunk_size)
 
@@ -130,6 +131,13 @@ class MLP(nnx.Module):
         else:
             h = self.act_fn(h)
         return self.down_proj(h)
+
+
+def runs_in_chunks(chunk: int, length: int) -> bool:
+    """Whether a layer takes a row of `length` tokens `chunk` (config.layer_chunk_size) at a
+    time: when the row is longer than a chunk and not split over a "context" mesh axis (there each
+    device holds a stretch of the row and the layer runs it whole)."""
+    return 0 < chunk < length and context_shards(length) == 1
 
 
 def token_chunked(fn, x, chunk: int):

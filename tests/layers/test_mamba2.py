@@ -303,3 +303,37 @@ def test_bad_inputs():
         m(jnp.zeros((1, 4, CFG.d_model)), segment_ids=jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="one token"):
         m.decode(jnp.zeros((1, 2, CFG.d_model)), m.init_cache(1))
+
+
+# --- layer_chunk_size: the row in chunks, the state carried between them -------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_chunks_equal_the_whole_row(impl):
+    """layer_chunk_size 7 over 23 tokens (three chunks and a tail): values, the state after the
+    row and the gradients of every parameter, the input and the initial state equal the whole-row
+    layer in float64. Documents start inside a chunk, exactly at a chunk start (row 0, token 14)
+    and in the tail; row 1 is one document continuing from the initial state."""
+    cfg = CFG.replace(ssd_impl=impl)
+    whole, chunked = _mixer(cfg), _mixer(cfg.replace(layer_chunk_size=7))
+    x = random_x((2, 23, cfg.d_model), 4)
+    seg = jnp.array([[1] * 5 + [2] * 9 + [3] * 8 + [4], [7] * 23])
+    key = jax.random.key(9)
+    state = Mamba2Cache(
+        conv=jax.random.normal(key, whole.init_cache(2).conv.shape, jnp.float64),
+        ssm=jax.random.normal(jax.random.fold_in(key, 1), whole.init_cache(2).ssm.shape),
+    )
+
+    def loss(m, x, state):
+        y, after = m(x, segment_ids=seg, state=state)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(after.ssm)) + jnp.sum(after.conv**2)
+
+    for got, want in zip(
+        jax.tree.leaves(nnx.jit(lambda m, x, s: m(x, segment_ids=seg, state=s))(chunked, x, state)),
+        jax.tree.leaves(nnx.jit(lambda m, x, s: m(x, segment_ids=seg, state=s))(whole, x, state)),
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(fwd(chunked, x), fwd(whole, x), rtol=1e-11, atol=1e-13)
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1, 2)))
+    got, want = grad(chunked, x, state), grad(whole, x, state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert np.abs(np.asarray(got[2].ssm)).max() > 1e-3  # the initial state does get a gradient

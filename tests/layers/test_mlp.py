@@ -97,10 +97,10 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("act", ["relu2", "swiglu"])
 def test_token_chunks_equal_the_whole_row(act):
-    """mlp_chunk_size runs the same function chunk by chunk (a length that is not a multiple of
+    """layer_chunk_size runs the same function chunk by chunk (a length that is not a multiple of
     the chunk): values and gradients equal the whole-row MLP in float64."""
     cfg = HybridConfig(d_model=16, ffn=40, dtype="float64", param_dtype="float64", mlp_act=act)
-    whole, chunked = (MLP(cfg.replace(mlp_chunk_size=c), rngs=nnx.Rngs(0)) for c in (0, 7))
+    whole, chunked = (MLP(cfg.replace(layer_chunk_size=c), rngs=nnx.Rngs(0)) for c in (0, 7))
     x = jax.random.normal(jax.random.key(1), (2, 23, 16), jnp.float64)
     np.testing.assert_allclose(chunked(x), whole(x), rtol=1e-13, atol=1e-15)
     grad = nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x))), argnums=(0, 1))
@@ -109,5 +109,5 @@ def test_token_chunks_equal_the_whole_row(act):
 
 
 def test_chunk_size_must_not_be_negative():
-    with pytest.raises(ValueError, match="mlp_chunk_size"):
-        HybridConfig(mlp_chunk_size=-1)
+    with pytest.raises(ValueError, match="layer_chunk_size"):
+        HybridConfig(layer_chunk_size=-1)

@@ -123,10 +123,18 @@ def test_block_remat_plans_less_memory_than_none():
     assert temps["block"] < temps["none"] / 2, temps
 
 
-def test_token_chunked_mlp_plans_a_chunk_of_hidden_activations():
-    """mlp_chunk_size: the MLP's (L x ffn) hidden activations live one chunk at a time."""
-    config = tiny(pattern="--", dtype="float32", param_dtype="float32", ffn=2048, remat="block")
-    temps = {c: _planned_temp(config.replace(mlp_chunk_size=c), 16384) for c in (0, 1024)}
+@pytest.mark.parametrize(
+    "layers",
+    [
+        pytest.param({"pattern": "--", "ffn": 2048}, id="mlp"),
+        pytest.param({"pattern": "MM", "mamba_heads": 16, "mamba_head_dim": 64}, id="mamba2"),
+    ],
+)
+def test_layer_chunks_plan_one_chunk_of_internals(layers):
+    """layer_chunk_size: a dense MLP's (L x ffn) hidden activations and a Mamba-2 layer's
+    projections, conv, scan and gated norm (L x d_inner wide) live one chunk at a time."""
+    config = tiny(dtype="float32", param_dtype="float32", remat="block", **layers)
+    temps = {c: _planned_temp(config.replace(layer_chunk_size=c), 16384) for c in (0, 1024)}
     assert temps[1024] < temps[0] / 4, temps
 
 
