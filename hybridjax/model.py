@@ -15,8 +15,8 @@ Losses do not need the (B, L, vocab) logits: `hidden` gives the final normed hid
 
 State passing (truncated backpropagation through time): `hidden_from(states, tokens, ...)` runs a
 chunk from the recurrent states the previous chunk of each row ended with (`init_states`: the
-Mamba-2 layers' conv windows and SSM states, stacked over repeats like the decode cache) and also
-returns the states after it; attention layers see the chunk alone.
+Mamba-2 and Mamba-3 layers' decode caches, stacked over repeats) and also returns the states
+after it; attention layers see the chunk alone.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ MIXERS = {"M": Mamba2Mixer, "3": Mamba3Mixer, "*": Attention, "E": MoE, "-": MLP
 # jax name scopes: profiles
 SCOPES = {"M": "mamba2", "3": "mamba3", "*": "attention", "E": "moe", "-": "mlp"}
 CACHED = ("M", "3", "*")  # letters whose mixers carry decode state
-RECURRENT = ("M",)  # letters whose state `hidden_from` carries from chunk to chunk
+RECURRENT = ("M", "3")  # letters whose state `hidden_from` carries from chunk to chunk
 
 # `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies.
 REMAT_POLICIES = {
@@ -242,16 +242,17 @@ class HybridLM(nnx.Module):
         return h, aux
 
     def hidden_from(self, states, tokens, segment_ids=None, *, token_mask=None):
-        """`hidden` continuing each row from `states` (`init_states`' structure): the Mamba-2
-        layers start from the conv window and SSM state the row's previous chunk ended with (a
-        new document in the chunk resets them, as always); attention sees this chunk alone.
+        """`hidden` continuing each row from `states` (`init_states`' structure): the Mamba-2 and
+        Mamba-3 layers start from the state the row's previous chunk ended with (a new document
+        in the chunk resets them, as always); attention sees this chunk alone.
         -> (hidden states, ModelAux, the states after this chunk)."""
         return self._hidden(tokens, segment_ids, token_mask, states)
 
     def init_states(self, batch: int):
-        """Zero states for `hidden_from`: per block of the period a `Mamba2Cache` for RECURRENT
-        blocks (conv window and SSM state, both float32; float64 for a float64 model), None for
-        the others; stacked over repeats like the parameters."""
+        """Zero states for `hidden_from`: per block of the period the decode cache of RECURRENT
+        blocks (Mamba-2: conv window and SSM state; Mamba-3: angle, SSM state, last k and v; all
+        float32, float64 for a float64 model), None for the others; stacked over repeats like
+        the parameters."""
 
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(period):

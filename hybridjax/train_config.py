@@ -419,12 +419,6 @@ def resolve(cfg) -> RunConfig:
             f"the data"
         )
     trainer = build(TrainerConfig, plain["trainer"], "trainer")
-    if trainer.state_passing and "3" in model["pattern"]:
-        raise ValueError(
-            f"trainer.state_passing: model.pattern {model['pattern']!r} has Mamba-3 layers "
-            f"('3'), which would restart every chunk from zero; state passing carries the "
-            f"states of Mamba-2 layers ('M') only"
-        )
     return RunConfig(
         model=build(HybridConfig, model, "model"),
         data=data,

@@ -35,6 +35,12 @@ def mamba():
     return HybridLM(tiny(pattern="M-M-"), rngs=nnx.Rngs(0))
 
 
+@pytest.fixture(scope="module")
+def mamba3():
+    """A float64 Mamba-3 + Mamba-2 + MLP stack."""
+    return HybridLM(tiny(pattern="3-M-3-M-", mamba3_rope_fraction=1.0), rngs=nnx.Rngs(1))
+
+
 def with_remat(model, remat):
     """`model`'s parameters under another remat mode (no new initialisation)."""
     config = dataclasses.replace(model.config, remat=remat)
@@ -56,11 +62,14 @@ def two_chunks(model, x, seg):
     return jnp.concatenate([h1, h2], axis=1), final
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "block"])
-def test_two_chunks_equal_one_forward(mamba, remat):
+@pytest.mark.parametrize(
+    "stack, remat",
+    [("mamba", "none"), ("mamba", "full"), ("mamba", "block"), ("mamba3", "block")],
+)
+def test_two_chunks_equal_one_forward(stack, remat, request):
     """Packed documents, boundaries inside the chunks and at their edge; the final states are
     the ones one forward over the whole row reaches."""
-    model = with_remat(mamba, remat)
+    model = with_remat(request.getfixturevalue(stack), remat)
     x, seg = tokens(0, B, L), packed_segments()
 
     def run(model, x, seg):

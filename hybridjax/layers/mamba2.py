@@ -66,7 +66,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import HybridConfig
-from hybridjax.layers.mlp import Dense, runs_in_chunks
+from hybridjax.layers.chunks import recurrent_chunked, runs_in_chunks
+from hybridjax.layers.mlp import Dense
 from hybridjax.ops.conv1d import causal_conv1d, causal_conv1d_update
 from hybridjax.ops.norms import gated_rmsnorm
 from hybridjax.ops.ssd import ssd
@@ -284,47 +285,14 @@ class Mamba2Mixer(nnx.Module):
         (y, the state after x, in `state`'s dtypes)."""
         del positions
         if runs_in_chunks(self.config.layer_chunk_size, x.shape[1]):
-            y, final = self._in_chunks(x, segment_ids, state)
-            return y if state is None else (y, final)
+            self._check(x)
+            start = self.init_cache(x.shape[0], dtype=self.acc_dtype) if state is None else state
+            run = lambda x, seg, s: self._run(x, seg, s, s)
+            y, after = recurrent_chunked(run, x, segment_ids, start, self.config.layer_chunk_size)
+            return y if state is None else (y, after)
         if state is None:
             return self._forward(x, segment_ids, return_state=False)[0]
         return self._run(x, segment_ids, state, state)
-
-    def _in_chunks(self, x, segment_ids, state: Mamba2Cache | None):
-        """`config.layer_chunk_size` tokens at a time, the conv window and SSM state carried
-        from chunk to chunk (zeroed where a chunk starts a new document) and each chunk
-        rematerialised, so the backward holds one chunk's projections, conv, scan and gated norm
-        at a time. -> (y, state after x in `state`'s dtypes, or in float32 when None)."""
-        self._check(x)
-        b, length, _ = x.shape
-        chunk = self.config.layer_chunk_size
-        n_full, rest = divmod(length, chunk)
-        carry = self.init_cache(b, dtype=self.acc_dtype) if state is None else state
-        seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
-        starts = jnp.arange(n_full + (rest > 0)) * chunk
-        continues = seg[:, starts] == seg[:, jnp.maximum(starts - 1, 0)]  # (b, chunks)
-
-        @jax.checkpoint
-        def run(carry, piece):
-            x, seg, keep = piece
-            start = Mamba2Cache(
-                *(
-                    jnp.where(keep.reshape(-1, *(1,) * (s.ndim - 1)), s, 0).astype(s.dtype)
-                    for s in carry
-                )
-            )
-            y, after = self._run(x, None if segment_ids is None else seg, start, carry)
-            return after, y
-
-        split = lambda t: t[:, : n_full * chunk].reshape(b, n_full, chunk, *t.shape[2:])
-        pieces = jax.tree.map(lambda t: t.swapaxes(0, 1), (split(x), split(seg)))
-        carry, ys = jax.lax.scan(run, carry, (*pieces, continues[:, :n_full].T))
-        y = ys.swapaxes(0, 1).reshape(b, n_full * chunk, -1)
-        if rest:
-            tail = (x[:, n_full * chunk :], seg[:, n_full * chunk :], continues[:, -1])
-            carry, y_tail = run(carry, tail)
-            y = jnp.concatenate([y, y_tail], axis=1)
-        return y, carry
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Mamba2Cache:
         """Zero decode state; max_len is unused (the state does not grow)."""

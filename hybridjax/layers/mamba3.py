@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import HybridConfig
+from hybridjax.layers.chunks import recurrent_chunked, runs_in_chunks
 from hybridjax.layers.mamba2 import _init_dt_bias, out_projection
 from hybridjax.layers.mlp import Dense
 from hybridjax.layers.norm import RMSNorm
@@ -182,11 +183,21 @@ class Mamba3Mixer(nnx.Module):
         return self.out_proj(y.astype(self.dtype)), state
 
     # --- public API ---------------------------------------------------------------------------
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x (B, L, d_model), segment_ids (B, L) int | None -> (B, L, d_model). positions unused."""
+    def __call__(self, x, *, segment_ids=None, positions=None, state: Mamba3Cache | None = None):
+        """x (B, L, d_model), segment_ids (B, L) int | None -> (B, L, d_model). positions unused.
+
+        With `state` (state passing: the cache the row's previous chunk ended with), x continues
+        from it and the result is (y, the state after x)."""
         del positions
         self._check(x, segment_ids)
-        return self._scan(x, segment_ids, None, False, self.config.mamba3_impl)[0]
+        impl = self.config.mamba3_impl
+        if runs_in_chunks(self.config.layer_chunk_size, x.shape[1]):
+            start = self.init_cache(x.shape[0]) if state is None else state
+            run = lambda x, seg, s: self._scan(x, seg, s, True, impl)
+            y, after = recurrent_chunked(run, x, segment_ids, start, self.config.layer_chunk_size)
+            return y if state is None else (y, after)
+        y, after = self._scan(x, segment_ids, state, state is not None, impl)
+        return y if state is None else (y, after)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Mamba3Cache:
         """Zero decode state (float32, float64 for a float64 model); max_len and dtype are unused

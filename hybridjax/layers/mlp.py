@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.config import ACTIVATIONS, HybridConfig
-from hybridjax.ops.segments import context_shards
+from hybridjax.layers.chunks import runs_in_chunks, token_chunked
 
 # Activations whose MLP has a separate gate projection: act(gate_proj(x)) * up_proj(x).
 GATED = frozenset({"swiglu"})
@@ -131,21 +131,3 @@ class MLP(nnx.Module):
         else:
             h = self.act_fn(h)
         return self.down_proj(h)
-
-
-def runs_in_chunks(chunk: int, length: int) -> bool:
-    """Whether a layer takes a row of `length` tokens `chunk` (config.layer_chunk_size) at a
-    time: when the row is longer than a chunk and not split over a "context" mesh axis (there each
-    device holds a stretch of the row and the layer runs it whole)."""
-    return 0 < chunk < length and context_shards(length) == 1
-
-
-def token_chunked(fn, x, chunk: int):
-    """`fn` (token-local: each output token depends on its own input token) over x (B, L, d) in
-    chunks of `chunk` tokens, one after another (lax.map): with a rematerialised `fn` the backward
-    holds one chunk's intermediates. L is padded to a multiple of `chunk` and cut back."""
-    b, length, d = x.shape
-    n = -(-length // chunk)
-    xs = jnp.pad(x, ((0, 0), (0, n * chunk - length), (0, 0)))
-    ys = jax.lax.map(fn, xs.reshape(b, n, chunk, d).swapaxes(0, 1))
-    return ys.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :length]

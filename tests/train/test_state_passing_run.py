@@ -138,11 +138,6 @@ def test_bad_settings_name_the_field(trainer, message):
         TrainerConfig(**trainer)
 
 
-def test_mamba3_is_refused(tiny_compose):
-    with pytest.raises(ValueError, match="trainer.state_passing: model.pattern 'M3' has Mamba-3"):
-        resolve(tiny_compose(["trainer.state_passing=true", "model.pattern=M3"]))
-
-
 def test_the_experiments_extension_stage_passes_states(tiny_compose):
     """experiments.long_context with name=long_context_tbptt: its extension stage streams needle
     examples of 1 to 8 rows at the short run's row length, with state passing."""
