@@ -69,7 +69,7 @@ class HybridConfig:
     mamba3_rope_fraction: float = 0.5  # fraction of ssm_state channels the angles rotate (0: none)
     mamba3_a_floor: float = 1e-4  # A = min(-act(dd_A), -mamba3_a_floor)
     mamba3_a_act: str = "softplus"  # act of dd_A: softplus | heavy_tail
-    mamba3_impl: str = "auto"  # the scan: auto | reference | chunked
+    mamba3_impl: str = "auto"  # the scan: auto | reference | chunked | pallas (SISO, GPU)
 
     # --- attention (GQA) ----------------------------------------------------------------------
     attn_heads: int = 4

@@ -106,24 +106,35 @@ def pallas_unsupported_reason(
     del dt, A, C, D, initial_state, segment_ids, return_final_state, unused
     if x.ndim != 4 or B.ndim != 4:
         return f"x must be (b, l, h, p) and B (b, l, g, n); got {x.shape} and {B.shape}"
-    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+    return limits_reason("x", x.dtype, x.shape[-1], B.shape[-1], chunk_size) or backend_reason(
+        "hybridjax.kernels.ssd_pallas", interpret
+    )
+
+
+def limits_reason(name, dtype, p, n, chunk_size):
+    """None when the kernels take operands of this dtype (the array called `name`), head_dim p,
+    d_state n and chunk_size, else why not."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
         return (
-            f"x dtype {jnp.dtype(x.dtype).name} is not supported by the Pallas kernel "
+            f"{name} dtype {jnp.dtype(dtype).name} is not supported by the Pallas kernel "
             "(bfloat16, float16 or float32; use impl='reference' for float64)"
         )
-    p, n = x.shape[-1], B.shape[-1]
-    for name, v in (("head_dim p", p), ("d_state n", n)):
+    for what, v in (("head_dim p", p), ("d_state n", n)):
         if not (_pow2(v) and 16 <= v <= 256):
-            return f"{name}={v} is not supported by the Pallas kernel (a power of two in 16..256)"
+            return f"{what}={v} is not supported by the Pallas kernel (a power of two in 16..256)"
     if p * n > 128 * 128:
         return f"head_dim*d_state={p}*{n} exceeds the kernel's register budget (at most 128*128)"
     if not isinstance(chunk_size, int) or chunk_size < 1:
         return f"chunk_size must be a positive int, got {chunk_size!r}"
+    return None
+
+
+def backend_reason(fn, interpret):
+    """None on a GPU backend or in interpret mode, else why not (fn: what runs it on the CPU)."""
     if not interpret and jax.default_backend() != "gpu":
         return (
             f"the Pallas kernel needs a GPU backend (default backend is "
-            f"{jax.default_backend()!r}); hybridjax.kernels.ssd_pallas(..., interpret=True) "
-            "runs it on the CPU"
+            f"{jax.default_backend()!r}); {fn}(..., interpret=True) runs it on the CPU"
         )
     return None
 

@@ -35,9 +35,17 @@ the whole carry (angle, S, last k and v) is zeroed, so a document starts as a fr
 Implementations (`impl=`):
   "reference"  `lax.scan` over time, one step per token: the oracle.
   "chunked"    the SSD-style chunked matmul form in XLA (`mamba3_chunked`), any length.
-  "auto"       `_auto_impl`: "chunked" on every backend for now.
+  "pallas"     SISO only: the GPU path of `hybridjax.kernels.mamba3` (the same SSD form through
+               the Pallas SSD kernels, forward and backward; imported only when asked for). It
+               runs per device under a mesh and refuses a mesh that splits the sequence, float64
+               and sizes the kernels lack (`mamba3_pallas_unsupported_reason` says which). MIMO
+               has no Pallas path: its ranks fold into the chunk, which those kernels do not
+               express, so it stays on "chunked".
+  "auto"       `_auto_impl`: SISO on a GPU backend "pallas" when it supports the call, else
+               (and MIMO always) "chunked".
 Decays, angles and states in float32 (float64 for float64 inputs); y in v.dtype, the state in
-float32 (float64). Under a mesh the sequence is left to XLA: no per-shard state passing yet.
+float32 (float64). Under a mesh the XLA paths leave the sequence to XLA: no per-shard state
+passing yet.
 """
 
 from __future__ import annotations
@@ -51,15 +59,25 @@ from hybridjax.ops.mamba3_chunked import mamba3_chunked
 from hybridjax.ops.mamba3_reference import Mamba3State, mamba3_reference, rank_values
 from hybridjax.ops.ssd import accumulation_dtype
 
-IMPLS = ("auto", "reference", "chunked")
+IMPLS = ("auto", "reference", "chunked", "pallas")
 
 __all__ = ["IMPLS", "Mamba3State", "mamba3_mimo", "mamba3_siso"]
 
 
-def _auto_impl(*arrays) -> str:
-    """What impl="auto" runs. The one place a GPU kernel (issue 14, item 3) will be picked."""
-    del arrays
-    return "chunked"
+def _auto_impl(fn, q, v, chunk_size) -> str:
+    """What impl="auto" runs: "pallas" for SISO on a GPU backend where the kernels support the
+    call (dtype, sizes, a mesh that keeps sequences whole), else "chunked"."""
+    if fn != "mamba3_siso" or jax.default_backend() != "gpu":
+        return "chunked"
+    try:
+        from hybridjax.kernels import mamba3_pallas_unsupported_reason
+    except ImportError:  # a jax without Pallas's Triton backend
+        return "chunked"
+    return (
+        "pallas"
+        if mamba3_pallas_unsupported_reason(q, v, chunk_size=chunk_size) is None
+        else "chunked"
+    )
 
 
 class _Checker:
@@ -178,9 +196,29 @@ def mamba3_siso(
         segment_ids,
         chunk_size,
     )
+    impl = _auto_impl("mamba3_siso", q, v, chunk_size) if impl == "auto" else impl
+    if impl == "pallas":
+        from hybridjax.kernels import mamba3_siso_pallas
+
+        return mamba3_siso_pallas(
+            q,
+            k,
+            v,
+            adt,
+            dt,
+            trap,
+            q_bias,
+            k_bias,
+            angles,
+            D=D,
+            z=z,
+            chunk_size=chunk_size,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            return_final_state=return_final_state,
+        )
     if initial_state is not None:  # the internal layout has a rank axis
         initial_state = initial_state._replace(k=initial_state.k[:, None])
-    impl = _auto_impl(q, v) if impl == "auto" else impl
     out = _mamba3_xla(
         q[:, :, None],
         k[:, :, None],
@@ -264,7 +302,12 @@ def mamba3_mimo(
         segment_ids,
         chunk_size,
     )
-    impl = _auto_impl(q, v) if impl == "auto" else impl
+    if impl == "pallas":
+        raise ValueError(
+            "mamba3_mimo: impl='pallas' is SISO only (MIMO's ranks fold into the chunk, which "
+            "the Pallas SSD kernels do not express); use impl='chunked' or 'auto'"
+        )
+    impl = _auto_impl("mamba3_mimo", q, v, chunk_size) if impl == "auto" else impl
     return _mamba3_xla(
         q,
         k,

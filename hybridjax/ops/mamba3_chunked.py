@@ -28,6 +28,8 @@ operands in the input dtype (float32 on the CPU for 16-bit inputs) and accumulat
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -68,6 +70,50 @@ def _intra_chunk(q_BCLRHN, k_BCLRHN, v_BCLRHP, W_BCHLS, mm_dtype, acc_dtype):
     return _mm("bchlrst,bcsthp->bclrhp", M, v_BCLRHP, mm_dtype, acc_dtype)
 
 
+class SsdForm(NamedTuple):
+    """The per-step pieces of the SSD form (module docstring), in the accumulation dtype: what
+    the chunked XLA path here and the Pallas path (`hybridjax.kernels.mamba3`) both scan."""
+
+    phi: jax.Array  # (b, l, h, s) cumulative angles
+    q: jax.Array  # (b, l, R, h, n) q~: biased, rotated
+    k: jax.Array  # (b, l, R, h, n) k~
+    v: jax.Array  # (b, l, R, h, p) v_r
+    gamma: jax.Array  # (b, l, h) the diagonal's input weight, lam dt
+    # (b, l, h) the next step's beta weight short of alpha (0 at the end and before a start)
+    w: jax.Array
+    s0: jax.Array | None  # (b, h, p, n) the caller's initial state, primed
+    starts: jax.Array  # (b, l) bool, where a document starts
+
+
+def ssd_form(
+    q, k, v, dt, trap, q_bias, k_bias, angles, mimo_x, initial_state, segment_ids, acc, pairing
+) -> SsdForm:
+    """Angles, rotated q and k, trapezoid weights, values per rank and the primed initial state.
+    Shapes as `mamba3_reference`."""
+    b, l = q.shape[:2]
+    cast = lambda t: t.astype(acc)
+    dt = cast(dt)
+    starts = jnp.zeros((b, l), bool) if segment_ids is None else document_starts(segment_ids)
+    init = None if initial_state is None else Mamba3State(*(cast(t) for t in initial_state))
+    phi_BLHS = running_angle(
+        angle_increment(cast(angles), dt), starts, None if init is None else init.angle
+    )
+    q_BLRHN = rotate(heads_with_bias(cast(q), cast(q_bias)), phi_BLHS[:, :, None], pairing)
+    k_BLRHN = rotate(heads_with_bias(cast(k), cast(k_bias)), phi_BLHS[:, :, None], pairing)
+    lam = jax.nn.sigmoid(cast(trap))
+    gamma = lam * dt
+    ahead = dt * (1 - lam)  # the beta term's weight, short of alpha; it belongs to step t-1
+    ahead = jnp.where(starts[..., None], 0, ahead)  # no step before a document start gets one
+    w = jnp.concatenate([ahead[:, 1:], jnp.zeros_like(ahead[:, :1])], 1)
+    mimo_x = None if mimo_x is None else cast(mimo_x)
+    v_BLRHP = rank_values(cast(v), mimo_x)
+    S0 = None
+    if init is not None:
+        prev = jnp.einsum("brhp,brhn->bhpn", rank_values(init.v, mimo_x), init.k)
+        S0 = init.ssm + ahead[:, 0, :, None, None] * prev
+    return SsdForm(phi_BLHS, q_BLRHN, k_BLRHN, v_BLRHP, gamma, w, S0, starts)
+
+
 def mamba3_chunked(
     q,
     k,
@@ -92,28 +138,12 @@ def mamba3_chunked(
     mm_dtype = jnp.float64 if acc == jnp.float64 else v.dtype
     if jax.default_backend() == "cpu" and jnp.dtype(mm_dtype).itemsize < 4:
         mm_dtype = jnp.float32  # XLA:CPU lacks some bf16 x bf16 -> f32 dots
-    cast = lambda t: t.astype(acc)
-    dt, adt = cast(dt), cast(adt)
-    starts = jnp.zeros((b, l), bool) if segment_ids is None else document_starts(segment_ids)
-    init = None if initial_state is None else Mamba3State(*(cast(t) for t in initial_state))
-
+    adt = adt.astype(acc)
     # Per-step pieces: angles, rotated q and k, trapezoid weights, values per rank.
-    phi_BLHS = running_angle(
-        angle_increment(cast(angles), dt), starts, None if init is None else init.angle
+    form = ssd_form(
+        q, k, v, dt, trap, q_bias, k_bias, angles, mimo_x, initial_state, segment_ids, acc, pairing
     )
-    q_BLRHN = rotate(heads_with_bias(cast(q), cast(q_bias)), phi_BLHS[:, :, None], pairing)
-    k_BLRHN = rotate(heads_with_bias(cast(k), cast(k_bias)), phi_BLHS[:, :, None], pairing)
-    lam = jax.nn.sigmoid(cast(trap))
-    gamma = lam * dt
-    ahead = dt * (1 - lam)  # the beta term's weight, short of alpha; it belongs to step t-1
-    ahead = jnp.where(starts[..., None], 0, ahead)  # no step before a document start gets one
-    w = jnp.concatenate([ahead[:, 1:], jnp.zeros_like(ahead[:, :1])], 1)
-    mimo_x = None if mimo_x is None else cast(mimo_x)
-    v_BLRHP = rank_values(cast(v), mimo_x)
-    S0 = None
-    if init is not None:
-        prev = jnp.einsum("brhp,brhn->bhpn", rank_values(init.v, mimo_x), init.k)
-        S0 = init.ssm + ahead[:, 0, :, None, None] * prev
+    phi_BLHS, q_BLRHN, k_BLRHN, v_BLRHP, gamma, w, S0, starts = form
 
     # Chunks of L steps; padded steps have adt = 0 (decay 1) and no input.
     L = min(chunk_size, l)
@@ -158,5 +188,5 @@ def mamba3_chunked(
     from_start_BCHL = _masked_exp(cs_BCHL, start_alive_BCL[:, :, None])
     y_BCLRHP = y_BCLRHP + y_off * jnp.moveaxis(from_start_BCHL, 3, 2)[:, :, :, None, :, None]
 
-    final = Mamba3State(angle=phi_BLHS[:, -1], ssm=final_BHPN, k=k_BLRHN[:, -1], v=cast(v[:, -1]))
+    final = Mamba3State(phi_BLHS[:, -1], final_BHPN, k_BLRHN[:, -1], v[:, -1].astype(acc))
     return y_BCLRHP.reshape(b, c * L, R, h, p)[:, :l], final

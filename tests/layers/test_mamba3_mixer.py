@@ -173,7 +173,7 @@ def test_init():
         ({"ssm_state": 7}, "ssm_state"),
         ({"mamba3_rope_fraction": 0.25}, "mamba3_rope_fraction"),
         ({"mamba3_a_act": "relu"}, "mamba3_a_act"),
-        ({"mamba3_impl": "pallas"}, "mamba3_impl"),
+        ({"mamba3_impl": "triton"}, "mamba3_impl"),
         ({"mamba3_mimo_rank": 0}, "mamba3_mimo_rank"),
         ({"n_groups": 3}, "n_groups"),
         ({"ssm_state": 2}, "ssm_state"),  # half of 2 channels rounds to no pair

@@ -353,8 +353,8 @@ def test_input_errors_name_the_argument():
         call(initial_state=kw["initial_state"]._replace(ssm=jnp.zeros((1, 2, 2, 3))))
     with pytest.raises(ValueError, match="segment_ids must be integers"):
         call(segment_ids=jnp.zeros((1, 5)))
-    with pytest.raises(ValueError, match="unknown impl 'pallas'"):
-        call(impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl 'triton'"):
+        call(impl="triton")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         call(chunk_size=0)
     ones = jnp.ones((2, 1, 2))
