@@ -20,6 +20,7 @@ capacity
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -63,13 +64,54 @@ def dropless_dispatch(x_TD, expert_idx_TK, n_experts: int):
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
     group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    return x_TD[order // k], DroplessPlan(order, inverse, group_sizes, k)
+    plan = DroplessPlan(order, inverse, group_sizes, k)
+    return _sort_rows(x_TD, order, inverse, k), plan
 
 
 def dropless_combine(y_AD, plan: DroplessPlan, weights_TK):
     """Sorted expert outputs (T*k, D) -> sum_k weights * output: (T, D) in the promoted dtype."""
-    y_TKD = y_AD[plan.inverse].reshape(-1, plan.top_k, y_AD.shape[-1])
+    y_TKD = _unsort_rows(y_AD, plan.order, plan.inverse).reshape(-1, plan.top_k, y_AD.shape[-1])
     return weighted_sum(y_TKD, weights_TK)
+
+
+# Both directions are gathers, forward and backward: autodiff would transpose each gather into a
+# scatter-add over (T*k, D) rows, which GPUs serialise on colliding rows; the plan already holds
+# the inverse permutation that turns each backward into a gather.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sort_rows(x_TD, order, inverse, k: int):
+    """x (T, D) -> (T*k, D): row a is token order[a] // k."""
+    return x_TD[order // k]
+
+
+def _sort_rows_fwd(x_TD, order, inverse, k):
+    return x_TD[order // k], (order, inverse)
+
+
+def _sort_rows_bwd(k, res, dy_AD):
+    _, inverse = res
+    dx = dy_AD[inverse].reshape(-1, k, dy_AD.shape[-1])  # each token's k copies
+    dx = dx.sum(1, dtype=jnp.promote_types(dy_AD.dtype, jnp.float32)).astype(dy_AD.dtype)
+    return dx, None, None
+
+
+_sort_rows.defvjp(_sort_rows_fwd, _sort_rows_bwd)
+
+
+@jax.custom_vjp
+def _unsort_rows(y_AD, order, inverse):
+    """Sorted rows (T*k, D) -> (T*k, D) in assignment order t * k + s."""
+    return y_AD[inverse]
+
+
+def _unsort_rows_fwd(y_AD, order, inverse):
+    return y_AD[inverse], order
+
+
+def _unsort_rows_bwd(order, dy):
+    return dy[order], None, None
+
+
+_unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
 
 
 def weighted_sum(y_TKD, weights_TK):

@@ -93,3 +93,46 @@ def test_capacity_gradient_is_zero_for_dropped_tokens():
 
     g = np.asarray(jax.grad(f)(x))
     np.testing.assert_allclose(g, [[2, 2], [2, 2], [0, 0], [2, 2]])
+
+
+def test_dropless_gradients_equal_autodiff_of_plain_gathers():
+    """The gather-only backward of dispatch and combine equals autodiff of the plain gathers
+    (whose transposes are scatter-adds), for the input rows, expert outputs and weights."""
+    idx, w, x = routing(t=13, k=3, e=4, seed=3)
+    maps = jnp.asarray(expert_maps(4))
+    idx, w, x = jnp.asarray(idx), jnp.asarray(w), jnp.asarray(x)
+
+    def layer(x, w, gathers):
+        rows, plan = md.dropless_dispatch(x, idx, 4)
+        experts = jnp.repeat(jnp.arange(4), plan.group_sizes, total_repeat_length=rows.shape[0])
+        if gathers == "plain":
+            rows = x[plan.order // 3]
+        y = jnp.einsum("ad,ade->ae", rows, maps[experts])
+        if gathers == "plain":
+            return jnp.sum(jnp.sin(md.weighted_sum(y[plan.inverse].reshape(-1, 3, 4), w)))
+        return jnp.sum(jnp.sin(md.dropless_combine(y, plan, w)))
+
+    got = jax.grad(layer, argnums=(0, 1))(x, w, "ours")
+    want = jax.grad(layer, argnums=(0, 1))(x, w, "plain")
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+    def float_scatters(gathers):
+        """Scatter equations on floating rows in the gradient's jaxpr (nested ones included)."""
+        found, todo = [], [jax.make_jaxpr(jax.grad(layer), static_argnums=2)(x, w, gathers).jaxpr]
+        while todo:
+            for eqn in todo.pop().eqns:
+                if "scatter" in eqn.primitive.name:
+                    found += (
+                        [eqn] if jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating) else []
+                    )
+                for v in eqn.params.values():
+                    todo += (
+                        [getattr(v, "jaxpr", v)]
+                        if hasattr(v, "eqns") or hasattr(v, "jaxpr")
+                        else []
+                    )
+        return found
+
+    assert len(float_scatters("plain")) >= 2  # the transposed gathers
+    assert float_scatters("ours") == []
