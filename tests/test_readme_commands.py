@@ -53,6 +53,7 @@ SSD = (
     "--batch",
     "1",
 )
+MAMBA3 = ("--shapes", "b1,l64,h2,p16,n16", "--warmup", "1", "--repeats", "1", "--batch", "1")
 # XLA's CPU backend compiles these programs 2-3x faster without LLVM's optimisations and with its
 # older loop emitters; the commands run two steps, so how fast the compiled code runs is moot.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
@@ -174,6 +175,7 @@ GROUPS = {
         Step("python -m experiments.long_context multirun/long_context/<time>"),
     ),
     "bench_ssd": (Step("python -m hybridjax.bench ssd --impls chunked pallas mamba_ssm", SSD),),
+    "bench_mamba3": (Step("python -m hybridjax.bench mamba3", MAMBA3),),
     "bench_step": (
         Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python -m hybridjax.bench step", BENCH),
     ),

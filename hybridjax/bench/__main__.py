@@ -1,11 +1,12 @@
-"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, step, mesh, attention,
-profile."""
+"""`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, mamba3, step, mesh,
+attention, profile."""
 
 import importlib
 import sys
 
 BENCHMARKS = {
     "ssd": "hybridjax.bench.ssd",
+    "mamba3": "hybridjax.bench.mamba3",
     "step": "hybridjax.bench.step",
     "mesh": "hybridjax.bench.mesh",
     "attention": "hybridjax.bench.attention",

@@ -13,6 +13,7 @@ Forward+backward is one vjp with a random cotangent, gradients for x, dt, A, B, 
 import argparse
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import statistics
@@ -37,17 +38,19 @@ SLOW_LIMIT = 2**24  # b*l*h*p*n above which reference/assoc run only when named
 ALL_IMPLS = (*(i for i in SSD_IMPLS if i != "auto"), "mamba_ssm")  # and the peer
 
 
-def parse_shape(text):
+def parse_shape(text, letters="blhpng", optional="", example="b4,l4096,h64,p64,n128,g1"):
+    """{"b": 4, "l": 4096, ...} from "b4,l4096,...": every letter of `letters` given, those of
+    `optional` allowed."""
     dims = {}
     for tok in text.replace(" ", "").split(","):
-        if len(tok) < 2 or tok[0] not in "blhpng" or not tok[1:].isdigit():
-            raise ValueError(
-                f"--shapes: bad token {tok!r} in {text!r}; want e.g. b4,l4096,h64,p64,n128,g1"
-            )
+        if len(tok) < 2 or tok[0] not in letters + optional or not tok[1:].isdigit():
+            raise ValueError(f"--shapes: bad token {tok!r} in {text!r}; want e.g. {example}")
         dims[tok[0]] = int(tok[1:])
-    missing = [k for k in "blhpng" if k not in dims]
+    missing = [k for k in letters if k not in dims]
     if missing:
-        raise ValueError(f"--shapes: {text!r} lacks {', '.join(missing)} (need b, l, h, p, n, g)")
+        raise ValueError(
+            f"--shapes: {text!r} lacks {', '.join(missing)} (need {', '.join(letters)})"
+        )
     return dims
 
 
@@ -89,8 +92,9 @@ def jax_fns(impl, chunk_size):
     return fwd, fwd_bwd
 
 
-def load_mamba():
-    """mamba_chunk_scan_combined, or a string saying why not."""
+def load_mamba(module="mamba_ssm.ops.triton.ssd_combined", name="mamba_chunk_scan_combined"):
+    """The peer function `name` of mamba_ssm's `module` (default its Triton SSD,
+    mamba_chunk_scan_combined), or a string saying why not."""
     try:
         import torch
     except ImportError:
@@ -108,10 +112,9 @@ def load_mamba():
         pkg.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = pkg
     try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return getattr(importlib.import_module(module), name)
     except Exception as e:  # noqa: BLE001 - report and go on without the peer
         return f"mamba_ssm import failed: {type(e).__name__}: {e}"
-    return mamba_chunk_scan_combined
 
 
 def to_torch(a):
