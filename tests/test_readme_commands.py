@@ -122,6 +122,15 @@ GROUPS = {
             extra=("+experiment/mixer_task=mqar", "+experiment/mixer=mamba3", "trainer.seed=0"),
         ),
     ),
+    "ablation_mixer_parity": (
+        Step(
+            "python -m hybridjax.train +experiment=ablation_mixer '+experiment/mixer_task=parity' "
+            "'+experiment/mixer=mamba2,mamba3,mamba3_norope,mamba3_mimo' trainer.steps=2000",
+            TRAIN,
+            extra=("trainer.seed=0",),
+            fill=(("mamba2,mamba3,mamba3_norope,mamba3_mimo", "mamba3"),),
+        ),
+    ),
     "ratio_sweep_gpu": (
         Step(
             "python -m hybridjax.train +experiment=ratio_sweep_gpu",
