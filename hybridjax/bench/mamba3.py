@@ -14,7 +14,7 @@ cotangent and gradients for every input (the peer: torch.autograd.grad over the 
 Each row's note gives its y's relative and largest absolute error against the peer's y (else
 against the first impl's): a check that both compute the same scan.
 
-  python -m hybridjax.bench mamba3                                # issue 14's shapes, bf16
+  python -m hybridjax.bench mamba3                                # the default shapes, bf16
   python -m hybridjax.bench mamba3 --shapes b1,l256,h4,p16,n16    # CPU smoke test
   python -m hybridjax.bench mamba3 --impls pallas mamba_ssm --out bench_out
 """
@@ -32,7 +32,7 @@ import numpy as np
 from hybridjax.bench.ssd import add_timing_args, load_mamba, median_ms, parse_shape, to_torch
 from hybridjax.ops import mamba3_siso
 
-# issue 14's peer figures (one H200: fwd / fwd+bwd ms 0.954 / 2.774, 11.83 / 28.51, 1.72 / 5.03)
+# the peer's figures on one H200 (fwd / fwd+bwd ms): 0.954 / 2.774, 11.83 / 28.51, 1.72 / 5.03
 DEFAULT_SHAPES = [
     "b4,l4096,h32,p64,n128",
     "b1,l65536,h32,p64,n128",
