@@ -161,3 +161,17 @@ def test_65k_tokens_with_a_32k_vocabulary_plan_under_2_gib(pattern):
     (M*M-: blockwise attention, the default attn_impl on the CPU)."""
     temp = _planned_temp(HybridConfig(pattern=pattern, **LONG), 65536)
     assert temp < 2 * GiB, f"{temp / GiB:.2f} GiB"
+
+
+def test_a_chunked_hybrid_step_plans_memory_linear_in_length():
+    """remat nested + layer_chunk_size over Mamba-2, blockwise attention and an MLP: the planned
+    temporaries per token do not grow from 8K to 32K tokens (about 11 and 9 KB/token here, 55 and
+    54 without layer chunks): the step's memory is O(L) with a chunk's working set on top."""
+    config = HybridConfig(
+        pattern="M*M-",
+        **{**LONG, "remat": "nested", "mamba_heads": 8, "ffn": 512, "vocab_size": 1024},
+        layer_chunk_size=2048,
+    )
+    per_token = {n: _planned_temp(config, n) / n for n in (8192, 32768)}
+    assert per_token[32768] <= 1.02 * per_token[8192], per_token
+    assert per_token[8192] < 16_000, per_token
