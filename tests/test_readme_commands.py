@@ -213,6 +213,18 @@ GROUPS = {
             fill=(("32768 131072", "256 512"),),
         ),
     ),
+    "bench_mesh_long_chunked": (
+        Step(
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m hybridjax.bench mesh --layouts 1 "
+            "--seq-len 32768 131072 524288 --batch 1 --remat nested "
+            "--model layer_chunk_size=16384 attn_max_documents=4",
+            BENCH,
+            fill=(
+                ("32768 131072 524288", "256 512"),
+                ("layer_chunk_size=16384", "layer_chunk_size=96"),
+            ),
+        ),
+    ),
     "bench_profile": (
         Step("python -m hybridjax.bench profile --layout context=2 --out prof", BENCH, devices=2),
     ),
