@@ -84,11 +84,10 @@ def _sort_rows(x_TD, order, inverse, k: int):
 
 
 def _sort_rows_fwd(x_TD, order, inverse, k):
-    return x_TD[order // k], (order, inverse)
+    return x_TD[order // k], inverse  # the backward needs the inverse permutation alone
 
 
-def _sort_rows_bwd(k, res, dy_AD):
-    _, inverse = res
+def _sort_rows_bwd(k, inverse, dy_AD):
     dx = dy_AD[inverse].reshape(-1, k, dy_AD.shape[-1])  # each token's k copies
     dx = dx.sum(1, dtype=jnp.promote_types(dy_AD.dtype, jnp.float32)).astype(dy_AD.dtype)
     return dx, None, None
