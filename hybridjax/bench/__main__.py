@@ -1,5 +1,6 @@
 """`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, mamba3, step, mesh,
-attention, profile."""
+attention, profile,
+grouped_matmul."""
 
 import importlib
 import sys
@@ -11,6 +12,7 @@ BENCHMARKS = {
     "mesh": "hybridjax.bench.mesh",
     "attention": "hybridjax.bench.attention",
     "profile": "hybridjax.bench.profile",
+    "grouped_matmul": "hybridjax.bench.grouped_matmul",
 }
 
 

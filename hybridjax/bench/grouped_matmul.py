@@ -1,0 +1,186 @@
+"""`python -m hybridjax.bench grouped_matmul`: median forward and forward+backward times of the
+MoE layer's grouped matmul (M, K) x (E, K, N) -> (M, N), ours against the JAX peers.
+
+Ours: `hybridjax.ops.grouped_matmul` with impl ragged_dot (`jax.lax.ragged_dot`), mgpu (jax's
+Mosaic GPU kernels with our VJP) and padded (one batched matmul over capacity buffers; only when
+named). Peers, when importable on a Hopper GPU: jax-linear-attention's Mosaic GPU `ragged_dot`
+(pip install jax-linear-attention) and tokamax's `ragged_dot` with its Mosaic GPU implementation
+(pip install tokamax). Every impl gets the same bf16 operands and group sizes: rows routed to
+experts as a router does (a multinomial draw over E equally likely experts, so sizes differ by a
+few percent), sorted by expert. Forward+backward is one vjp with a random cotangent and
+gradients for both matrices. TFLOP/s counts 2MKN per matmul (three in forward+backward). Each
+row's note gives its output's relative error against the first impl's.
+
+  python -m hybridjax.bench grouped_matmul                         # the issue's shape + MoE preset
+  python -m hybridjax.bench grouped_matmul --shapes m512,k64,n32,e8 # CPU smoke test
+  python -m hybridjax.bench grouped_matmul --out bench_out
+"""
+
+import argparse
+import functools
+import importlib
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybridjax.bench.mamba3 import errors
+from hybridjax.bench.ssd import add_timing_args, median_ms, parse_shape
+from hybridjax.ops.grouped_matmul import grouped_matmul
+
+# m131072 k2048 n1024 e64: a 64-expert layer's up projection; then the MoE preset's (b4 l4096,
+# top-6, d_model 2048, moe_ffn 768) up/gate and down projections.
+DEFAULT_SHAPES = ["m131072,k2048,n1024,e64", "m98304,k2048,n768,e64", "m98304,k768,n2048,e64"]
+OURS = ("ragged_dot", "mgpu", "padded")
+# peer name -> (module, function, keyword arguments)
+PEERS = {
+    "jax-linear-attention": ("jla.ops.mosaic_gpu.ragged_dot", "ragged_dot", {}),
+    "tokamax": ("tokamax", "ragged_dot", {"implementation": "mosaic"}),
+}
+IMPLS = (*OURS, *PEERS)
+
+
+def make_inputs(s, dtype, seed=0):
+    """lhs (M, K), rhs (E, K, N) ~ N(0, 1) / sqrt(K) scale, group sizes of a uniform router."""
+    m, k, n, e = (s[c] for c in "mkne")
+    k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
+    lhs = jax.random.normal(k0, (m, k), jnp.float32).astype(dtype)
+    rhs = (jax.random.normal(k1, (e, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    sizes = np.random.default_rng(seed).multinomial(m, np.full(e, 1.0 / e)).astype(np.int32)
+    d_out = jax.random.normal(k2, (m, n), jnp.float32).astype(dtype)
+    return jax.block_until_ready((lhs, rhs, jnp.asarray(sizes), d_out))
+
+
+def load_peer(name):
+    """The peer's function with its keyword arguments bound, or a string saying why not."""
+    module, fn, kwargs = PEERS[name]
+    try:
+        return functools.partial(getattr(importlib.import_module(module), fn), **kwargs)
+    except Exception as e:  # noqa: BLE001 - report and go on without the peer
+        return f"not importable ({type(e).__name__}: {str(e)[:200]}; pip install {name})"
+
+
+def jax_fns(matmul):
+    """Jitted forward and forward+backward (gradients of lhs and rhs) of one matmul."""
+    fwd = jax.jit(matmul)
+
+    def fwd_bwd(lhs, rhs, sizes, d_out):
+        return jax.vjp(lambda a, b: matmul(a, b, sizes), lhs, rhs)[1](d_out)
+
+    return fwd, jax.jit(fwd_bwd)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridjax.bench grouped_matmul",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--shapes", nargs="+", default=DEFAULT_SHAPES, help="like m131072,k2048,n1024,e64"
+    )
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=None,
+        help="default: ragged_dot, mgpu on a Hopper GPU, and the importable peers",
+    )
+    add_timing_args(ap)
+    ap.add_argument(
+        "--out", default=None, metavar="DIR", help="write DIR/grouped_matmul.md (table), .log"
+    )
+    args = ap.parse_args(argv)
+
+    log_lines = []
+
+    def log(text=""):
+        print(text, flush=True)
+        log_lines.append(text)
+
+    shapes = [parse_shape(t, "mkne", "", "m131072,k2048,n1024,e64") for t in args.shapes]
+    dtype = jnp.dtype(args.dtype)
+    gpu = jax.default_backend() == "gpu"
+    log(f"jax {jax.__version__}: {jax.devices()[0].device_kind}; dtype {dtype.name}")
+    impls = args.impls or ["ragged_dot", *["mgpu"] * gpu, *list(PEERS) * gpu]
+    fns = {}
+    for impl in impls:
+        if impl in PEERS:
+            fn = load_peer(impl)
+            if isinstance(fn, str):
+                log(f"{impl}: skipped, {fn}")
+                continue
+        else:
+            fn = functools.partial(grouped_matmul, impl=impl)
+        fns[impl] = jax_fns(fn)
+
+    timing = (args.warmup, args.repeats, args.batch)
+    rows = []
+    for s in shapes:
+        name = "m{m} k{k} n{n} e{e}".format(**s)
+        lhs, rhs, sizes, d_out = make_inputs(s, dtype)
+        flop = 2 * s["m"] * s["k"] * s["n"]
+        first = None
+        for impl, (fwd, fwd_bwd) in fns.items():
+            try:
+                t0 = time.perf_counter()
+                call = functools.partial(fwd, lhs, rhs, sizes)
+                y = jax.block_until_ready(call())
+                compile_s = time.perf_counter() - t0
+                f_ms = median_ms(call, jax.block_until_ready, *timing)
+                fb_ms = None
+                if not args.no_backward:
+                    call = functools.partial(fwd_bwd, lhs, rhs, sizes, d_out)
+                    jax.block_until_ready(call())
+                    fb_ms = median_ms(call, jax.block_until_ready, *timing)
+            except Exception as e:  # noqa: BLE001 - one failing impl must not end the table
+                log(f"{name}  {impl}: failed ({type(e).__name__}: {str(e)[:300]})")
+                continue
+            y = np.asarray(y.astype(jnp.float32))
+            if first is None:
+                first, y_first, note = impl, y, "the output the others are compared with"
+            else:
+                rel, _ = errors(y, y_first)
+                note = f"vs {first}: rel.err {rel:.1e}" + (" MISMATCH" if rel > 1e-2 else "")
+            f_tf = flop / f_ms * 1e-9
+            fb_tf = None if fb_ms is None else 3 * flop / fb_ms * 1e-9
+            rows.append((name, impl, f_ms, f_tf, fb_ms, fb_tf, note))
+            log(
+                f"{name}  {impl}: fwd {f_ms:.3f} ms ({f_tf:.0f} TFLOP/s)  fwd+bwd "
+                + ("-" if fb_ms is None else f"{fb_ms:.3f} ms ({fb_tf:.0f} TFLOP/s)")
+                + f"  (first call {compile_s:.1f} s)  {note}"
+            )
+
+    fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"
+    best_peer = {}
+    for name, impl, _, _, fb_ms, _, _ in rows:
+        if impl in PEERS and fb_ms is not None:
+            best_peer[name] = min(best_peer.get(name, float("inf")), fb_ms)
+    lines = [
+        "| shape | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd / best peer "
+        + "| note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, impl, f_ms, f_tf, fb_ms, fb_tf, note in rows:
+        peer = best_peer.get(name)
+        ratio = f"{fb_ms / peer:.2f}x" if peer and fb_ms is not None else "-"
+        lines.append(
+            f"| {name} | {impl} | {fmt(f_ms)} | {fmt(f_tf, 0)} | {fmt(fb_ms)} | {fmt(fb_tf, 0)} "
+            f"| {ratio} | {note} |"
+        )
+    log()
+    for line in lines:
+        log(line)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        for ext, text in (("md", lines), ("log", log_lines)):
+            with open(os.path.join(args.out, f"grouped_matmul.{ext}"), "w") as f:
+                f.write("\n".join(text) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
