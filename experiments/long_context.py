@@ -5,11 +5,13 @@
     python -m experiments.long_context multirun/long_context/<time>   # the report
 
 `run` is a Hydra multirun (configs/experiment/long_context.yaml: models x seeds). Each job trains
-two runs in its directory: `short/`, the job's config as composed (short rows, NIAH), and then
-`extend/`, the same overrides plus `experiment/extension/<name>.yaml` (constant lr, long batches
-mixed with short ones) started from `short/`'s parameters (trainer.init_from). Both end with
-the same held-out NIAH grid (context length x needle depth, up to 8x the short length):
-before and after the extension. Command-line overrides apply to both runs.
+in its directory: `short/`, the job's config as composed (short rows, NIAH), then `extend/`,
+the same overrides plus `experiment/extension/<name>.yaml` (constant lr, long batches mixed with
+short ones) started from `short/`'s parameters (trainer.init_from), and, where
+`experiment/extension/<name>_control.yaml` exists, `control/`: as many steps and tokens from the
+same parameters at the short length only, which separates what the longer rows teach from what
+more training does. Every run ends with the same held-out NIAH grid (context length x needle
+depth, up to 8x the short length). Command-line overrides apply to every run.
 
 The report reads every `short/` + `extend/` pair under the given directories and writes in
 --out (default: <first directory>/report):
@@ -33,18 +35,20 @@ from collections.abc import Sequence
 
 from experiments.report import BUCKET_PREFIX, _pyplot, find_run_dirs, load_run, print_report
 
-STAGES = ("short", "extend")
-STAGE_NAMES = {"short": "before", "extend": "after"}
+STAGES = ("short", "control", "extend")
+STAGE_NAMES = {"short": "before", "control": "control", "extend": "after"}  # in the table
+TITLES = {"short": "before extension", "control": "control", "extend": "after extension"}
 BUCKET = re.compile(r"len=(\d+),depth=([0-9.]+)")
 
 
 # --- the experiment --------------------------------------------------------------------------
 def run_job(cfg) -> float | None:
-    """One Hydra job: the short run, then its extension; returns the extension's accuracy."""
+    """One Hydra job: the short run, then its extension (and control); returns the extension's
+    accuracy."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from hybridjax.train import run_from_config
+    from hybridjax.train import CONFIG_DIR, run_from_config
 
     hydra = HydraConfig.get()
     short = os.path.join(hydra.runtime.output_dir, "short")
@@ -54,15 +58,16 @@ def run_job(cfg) -> float | None:
             f"{short} stopped at step {done} of {cfg.trainer.steps}; run the "
             f"experiment again in its sweep directory to continue"
         )
-    extension = compose(
-        config_name="config",
-        overrides=[
-            *hydra.overrides.task,
-            f"+experiment/extension={cfg.name}",
-            f"trainer.init_from={short}",
-        ],
-    )
-    summary = run_from_config(extension, os.path.join(hydra.runtime.output_dir, "extend"))
+
+    def continue_short(extension_name, stage):
+        overrides = [f"+experiment/extension={extension_name}", f"trainer.init_from={short}"]
+        cfg = compose(config_name="config", overrides=[*hydra.overrides.task, *overrides])
+        return run_from_config(cfg, os.path.join(hydra.runtime.output_dir, stage))
+
+    summary = continue_short(cfg.name, "extend")
+    control = f"{cfg.name}_control"
+    if os.path.exists(os.path.join(CONFIG_DIR, "experiment", "extension", f"{control}.yaml")):
+        continue_short(control, "control")
     return summary.get("eval/accuracy")
 
 
@@ -127,7 +132,7 @@ def mean_grid(rows: Sequence[dict], pattern: str, stage: str):
 
 # --- writing -----------------------------------------------------------------------------------
 def plot_model(path: str, rows: Sequence[dict], pattern: str) -> None:
-    """Heatmaps of one model: depth (rows) x context length (columns), before | after."""
+    """Heatmaps of one model: depth (rows) x context length (columns), one per stage."""
     plt = _pyplot()
     stages = [s for s in STAGES if any(r["pattern"] == pattern and r["stage"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5.2 * len(stages), 4.4), squeeze=False)
@@ -154,9 +159,7 @@ def plot_model(path: str, rows: Sequence[dict], pattern: str) -> None:
         trained = next(
             r["train_lens"] for r in rows if r["pattern"] == pattern and r["stage"] == stage
         )
-        ax.set_title(
-            f"{pattern}: {STAGE_NAMES[stage]} extension (trained at {trained})", fontsize=9
-        )
+        ax.set_title(f"{pattern}: {TITLES[stage]} (trained at {trained})", fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="NIAH accuracy (mean over seeds)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -219,8 +222,10 @@ def report(roots: Sequence[str], out_dir: str) -> dict:
         (
             f"Runs under {', '.join(roots)}; seeds {', '.join(map(str, seeds))}. Held-out "
             f"needle-in-a-haystack answer accuracy per context length (mean over needle "
-            f"depths, then over seeds), at the end of the short run (before) and of its "
-            f"extension (after); 'trained at' lists the training lengths."
+            f"depths, then over seeds), at the end of the short run (before), of its "
+            f"extension (after) and of the control (as many steps from the short run at the "
+            f"short length only, where the experiment has one); 'trained at' lists the "
+            f"training lengths."
         ),
         "",
         markdown_table(rows),

@@ -69,6 +69,19 @@ def test_extension_continues_the_short_model_longer_at_a_constant_lr(experiment)
         assert max(n for n, _ in grid) >= 128 * 1024 and short.trainer.mesh.data == -1
 
 
+def test_the_control_trains_as_many_steps_and_tokens_at_the_short_length():
+    short, extension = stages("long_context", "M*MM")
+    job = ["model.pattern=M*MM", "trainer.seed=0", "+experiment=long_context"]
+    control = compose([*job, "+experiment/extension=long_context_control", "trainer.init_from=x"])
+    assert control.optimizer == extension.optimizer and control.model == short.model
+    assert control.data == short.data and control.trainer.init_from == "x"
+    assert control.trainer.seq_len_schedule == () or not control.trainer.seq_len_schedule
+    assert control.trainer.seq_len == short.trainer.seq_len
+    assert control.trainer.steps == extension.trainer.steps
+    tokens = {p.seq_len * p.batch_size for p in extension.trainer.seq_len_schedule}
+    assert tokens == {control.trainer.seq_len * control.trainer.batch_size}
+
+
 def test_the_cpu_experiment_compares_a_hybrid_with_a_pure_ssm():
     with open(os.path.join(CONFIG_DIR, "experiment", "long_context.yaml")) as f:
         params = yaml.safe_load(f)["hydra"]["sweeper"]["params"]
@@ -101,20 +114,33 @@ def job_dir(tmp_path_factory):
         check=False,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert sorted(os.listdir(out / "0")) == [".hydra", "extend", "long_context.log", "short"]
+    assert sorted(os.listdir(out / "0")) == [
+        ".hydra",
+        "control",
+        "extend",
+        "long_context.log",
+        "short",
+    ]
     return out
 
 
-def test_a_job_trains_short_then_extends_from_it(job_dir):
-    short, extend = (
-        yaml.safe_load((job_dir / "0" / s / "config.yaml").read_text()) for s in ("short", "extend")
+def test_a_job_trains_short_then_extends_from_it_and_runs_the_control(job_dir):
+    short, extend, control = (
+        yaml.safe_load((job_dir / "0" / s / "config.yaml").read_text())
+        for s in ("short", "extend", "control")
     )
     assert short["trainer"]["init_from"] is None and short["trainer"]["seq_len_schedule"] == []
     assert extend["trainer"]["init_from"] == str(job_dir / "0" / "short")
     assert extend["optimizer"]["schedule"] == "constant"
     assert [p["seq_len"] for p in extend["trainer"]["seq_len_schedule"]] == [256, 64]
     assert extend["model"] == short["model"]
-    for stage in ("short", "extend"):
+    # the control: the extension's optimizer and steps from the same start, short rows only
+    assert control["trainer"]["init_from"] == str(job_dir / "0" / "short")
+    assert control["optimizer"] == extend["optimizer"] and control["model"] == short["model"]
+    assert control["trainer"]["seq_len_schedule"] == []
+    assert control["trainer"]["seq_len"] == short["trainer"]["seq_len"]
+    assert control["trainer"]["steps"] == extend["trainer"]["steps"]
+    for stage in ("short", "extend", "control"):
         summary = json.loads((job_dir / "0" / stage / "summary.json").read_text())
         assert (
             summary["step"] == 2
@@ -127,9 +153,10 @@ def test_report_heatmaps_and_table(job_dir, tmp_path, capsys):
     assert "| model | stage | trained at | 32 | 64 | all |" in capsys.readouterr().out
     with open(tmp_path / "grid.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * 8  # stages x lengths x depths
+    assert len(rows) == 3 * 2 * 8  # stages x lengths x depths
     assert {(r["pattern"], r["seed"], r["stage"], r["train_lens"]) for r in rows} == {
         ("M*", "0", "short", "32"),
+        ("M*", "0", "control", "32"),
         ("M*", "0", "extend", "64+256"),
     }
     summary = json.loads((job_dir / "0" / "extend" / "summary.json").read_text())
@@ -139,6 +166,8 @@ def test_report_heatmaps_and_table(job_dir, tmp_path, capsys):
     assert float(cell["accuracy"]) == summary["eval/accuracy/len=64,depth=0.00"]
     md = (tmp_path / "report.md").read_text()
     assert "| M\\* | before | 32 |" in md and "| M\\* | after | 64+256 |" in md
+    order = [md.index(f"| M\\* | {stage} |") for stage in ("before", "control", "after")]
+    assert order == sorted(order) and "| M\\* | control | 32 |" in md
     assert "![M*](niah_Mx.png)" in md
     assert (tmp_path / "niah_Mx.png").read_bytes()[:8] == PNG
 
