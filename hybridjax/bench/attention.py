@@ -4,7 +4,7 @@ attention (`hybridjax.ops.attention`), one document per row and packed documents
 Implementations: cudnn (packed rows through its document offsets, `ops.attention_cudnn`),
 pallas (GPU) and blockwise under both masks; xla (dense, quadratic memory) only when named. Timing as
 `bench ssd`: medians of batches of back-to-back calls; forward+backward is one vjp with a random
-cotangent (gradients for q, k and v). TFLOP/s count the mask's allowed (query, key) pairs only:
+cotangent (the output and gradients for q, k and v). TFLOP/s count the mask's allowed (query, key) pairs only:
 forward 4 * B * Hq * D * pairs, forward+backward 3.5 times that (FlashAttention's convention).
 "temp GiB" is XLA's planned temporary memory of the compiled forward+backward.
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybridjax.bench.ssd import add_timing_args, median_ms, rel_err
+from hybridjax.bench.ssd import add_timing_args, forward_backward, median_ms, rel_err
 from hybridjax.ops.attention import IMPLS, attention, blockwise_attention, pallas_attention
 
 DEFAULT_SHAPES = ["b1,l16384,h16,k8,d128", "b1,l65536,h16,k8,d128"]
@@ -78,7 +78,7 @@ def jax_fns(impl, kw, seg):
             return pallas_attention(q, k, v, seg, **kw)
         return attention(q, k, v, segment_ids=seg, impl=impl)
 
-    return jax.jit(f), jax.jit(lambda args, dy: jax.vjp(f, *args)[1](dy))
+    return jax.jit(f), forward_backward(f)
 
 
 def measure(impl, kw, inputs, dy, seg, timing, with_backward):

@@ -8,7 +8,7 @@ named). Peers, when importable on a Hopper GPU: jax-linear-attention's Mosaic GP
 (pip install tokamax). Every impl gets the same bf16 operands and group sizes: rows routed to
 experts as a router does (a multinomial draw over E equally likely experts, so sizes differ by a
 few percent), sorted by expert. Forward+backward is one vjp with a random cotangent and
-gradients for both matrices. TFLOP/s counts 2MKN per matmul (three in forward+backward). Each
+gradients for both matrices, the output returned with them. TFLOP/s counts 2MKN per matmul (three in forward+backward). Each
 row's note gives its output's relative error against the first impl's.
 
   python -m hybridjax.bench grouped_matmul                         # the issue's shape + MoE preset
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.bench.mamba3 import errors
-from hybridjax.bench.ssd import add_timing_args, median_ms, parse_shape
+from hybridjax.bench.ssd import add_timing_args, forward_backward, median_ms, parse_shape
 from hybridjax.ops.grouped_matmul import grouped_matmul
 
 # m131072 k2048 n1024 e64: a 64-expert layer's up projection; then the MoE preset's (b4 l4096,
@@ -61,16 +61,6 @@ def load_peer(name):
         return functools.partial(getattr(importlib.import_module(module), fn), **kwargs)
     except Exception as e:  # noqa: BLE001 - report and go on without the peer
         return f"not importable ({type(e).__name__}: {str(e)[:200]}; pip install {name})"
-
-
-def jax_fns(matmul):
-    """Jitted forward and forward+backward (gradients of lhs and rhs) of one matmul."""
-    fwd = jax.jit(matmul)
-
-    def fwd_bwd(lhs, rhs, sizes, d_out):
-        return jax.vjp(lambda a, b: matmul(a, b, sizes), lhs, rhs)[1](d_out)
-
-    return fwd, jax.jit(fwd_bwd)
 
 
 def main(argv=None):
@@ -115,7 +105,7 @@ def main(argv=None):
                 continue
         else:
             fn = functools.partial(grouped_matmul, impl=impl)
-        fns[impl] = jax_fns(fn)
+        fns[impl] = fn
 
     timing = (args.warmup, args.repeats, args.batch)
     rows = []
@@ -124,16 +114,18 @@ def main(argv=None):
         lhs, rhs, sizes, d_out = make_inputs(s, dtype)
         flop = 2 * s["m"] * s["k"] * s["n"]
         first = None
-        for impl, (fwd, fwd_bwd) in fns.items():
+        for impl, fn in fns.items():
             try:
                 t0 = time.perf_counter()
-                call = functools.partial(fwd, lhs, rhs, sizes)
+                call = functools.partial(jax.jit(fn), lhs, rhs, sizes)
                 y = jax.block_until_ready(call())
                 compile_s = time.perf_counter() - t0
                 f_ms = median_ms(call, jax.block_until_ready, *timing)
                 fb_ms = None
                 if not args.no_backward:
-                    call = functools.partial(fwd_bwd, lhs, rhs, sizes, d_out)
+                    # the output and the gradients of both matrices
+                    fwd_bwd = forward_backward(lambda a, b, fn=fn, sizes=sizes: fn(a, b, sizes))
+                    call = functools.partial(fwd_bwd, (lhs, rhs), d_out)
                     jax.block_until_ready(call())
                     fb_ms = median_ms(call, jax.block_until_ready, *timing)
             except Exception as e:  # noqa: BLE001 - one failing impl must not end the table

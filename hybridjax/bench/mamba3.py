@@ -10,7 +10,8 @@ one group (its ngroups=1) and biases 1 (their init), rope_fraction 0.5 (n/4 angl
 chunk 64 (its default). Every impl gets the same inputs: q, k, v, z, trap and angles in the
 dtype (mamba_ssm casts trap and angles to bf16 itself), adt, dt, biases and D in float32 (its
 ADT, DT are (b, h, l): the same values transposed). Forward+backward is one vjp with a random
-cotangent and gradients for every input (the peer: torch.autograd.grad over the same inputs).
+cotangent, the output and gradients for every input (the peer: torch.autograd.grad over the
+same inputs).
 Each row's note gives its y's relative and largest absolute error against the peer's y (else
 against the first impl's): a check that both compute the same scan.
 
@@ -29,7 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybridjax.bench.ssd import add_timing_args, load_mamba, median_ms, parse_shape, to_torch
+from hybridjax.bench.ssd import (
+    add_timing_args,
+    forward_backward,
+    load_mamba,
+    median_ms,
+    parse_shape,
+    to_torch,
+)
 from hybridjax.ops import mamba3_siso
 
 # the peer's figures on one H200 (fwd / fwd+bwd ms): 0.954 / 2.774, 11.83 / 28.51, 1.72 / 5.03
@@ -81,7 +89,8 @@ def jax_fns(impl, interpret):
     def f(x):
         return scan(*(x[k] for k in NAMES[:9]), D=x["D"], z=x["z"], chunk_size=CHUNK)
 
-    return jax.jit(f), jax.jit(lambda x, dy: jax.vjp(f, x)[1](dy))
+    fwd_bwd = forward_backward(f)
+    return jax.jit(f), lambda x, dy: fwd_bwd((x,), dy)
 
 
 def bench_peer(scan, x, dy, timing):

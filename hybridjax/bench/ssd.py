@@ -3,7 +3,8 @@
 For each shape, each implementation of `hybridjax.ops.ssd` (chunked, pallas where supported;
 reference and assoc only at small shapes or when named) and, when importable on a CUDA machine,
 mamba_ssm's Triton kernels (`mamba_chunk_scan_combined`), with the ratio to mamba_ssm.
-Forward+backward is one vjp with a random cotangent, gradients for x, dt, A, B, C and D.
+Forward+backward is one vjp with a random cotangent, gradients for x, dt, A, B, C and D, and
+returns the output with them (`forward_backward`), as the peer's autograd computes it.
 
   python -m hybridjax.bench ssd                                   # the DESIGN.md shapes, bf16
   python -m hybridjax.bench ssd --shapes b1,l256,h4,p16,n16,g1    # CPU smoke test
@@ -83,13 +84,23 @@ def median_ms(launch, sync, warmup, repeats, batch):
     return 1e3 * statistics.median(times)
 
 
+def forward_backward(f):
+    """Jitted (args, dy) -> (f(*args), the vjp of dy): the output is returned with the gradients,
+    as a training step uses both, so that XLA cannot drop the forward's output computation (the
+    gradients alone need only the forward's residuals)."""
+
+    def run(args, dy):
+        y, vjp = jax.vjp(f, *args)
+        return y, vjp(dy)
+
+    return jax.jit(run)
+
+
 def jax_fns(impl, chunk_size):
     def f(x, dt, A, B, C, D):
         return ssd(x, dt, A, B, C, D=D, chunk_size=chunk_size, impl=impl)
 
-    fwd = jax.jit(f)
-    fwd_bwd = jax.jit(lambda args, dy: jax.vjp(f, *args)[1](dy))
-    return fwd, fwd_bwd
+    return jax.jit(f), forward_backward(f)
 
 
 def load_mamba(module="mamba_ssm.ops.triton.ssd_combined", name="mamba_chunk_scan_combined"):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybridjax.bench.ssd import forward_backward
 from hybridjax.kernels import ssd_pallas as _ssd_pallas
 
 _INTERPRET = False
@@ -192,10 +193,8 @@ def time_variant(shape, pallas_kw):
     dy = jax.random.normal(jax.random.key(4), (b, l, h, p), F32).astype(jnp.bfloat16)
     fwd = jax.jit(lambda a: ssd_pallas(*a, **pallas_kw))
 
-    @jax.jit
-    def fwdbwd(a, dy):
-        _y, vjp = jax.vjp(lambda a: ssd_pallas(*a, **pallas_kw), a)
-        return vjp(dy)
+    fwdbwd_of_tuple = forward_backward(lambda a: ssd_pallas(*a, **pallas_kw))
+    fwdbwd = lambda a, dy: fwdbwd_of_tuple((a,), dy)
 
     t = time.time()
     jax.block_until_ready(fwd(args))
