@@ -148,6 +148,27 @@ GROUPS = {
     "data_parallel": (
         Step("python -m hybridjax.train trainer=gpu model.dtype=bfloat16", GPU_TRAIN, devices=2),
     ),
+    "gpu_preset": (
+        Step(
+            "python -m hybridjax.train trainer=gpu model=hybrid_1b trainer.batch_size=4 "
+            "trainer.seq_len=4096",
+            GPU_TRAIN,
+            # the preset composes and trains, at toy widths and a few periods of its pattern
+            extra=(
+                "model.pattern=M-M*-",
+                "model.mamba_heads=2",
+                "model.mamba_head_dim=16",
+                "model.ssm_state=16",
+                "model.n_groups=1",
+                "model.chunk_size=32",
+                "model.attn_heads=2",
+                "model.kv_heads=1",
+                "model.head_dim=16",
+                "model.ffn=64",
+            ),
+            fill=(("trainer.seq_len=4096", "trainer.seq_len=128"),),
+        ),
+    ),
     "fsdp": (
         Step(
             "python -m hybridjax.train trainer=gpu trainer.mesh.data=1 trainer.mesh.fsdp=-1",

@@ -34,55 +34,28 @@ from hybridjax.config import REMAT_POLICIES, SSD_IMPLS, HybridConfig
 from hybridjax.data.packing import row_to_example
 from hybridjax.model import flops_per_token, param_counts, pattern_period
 from hybridjax.optim import OptimConfig, make_optimizer
-from hybridjax.train import PEAK_TFLOPS, peak_memory_bytes
+from hybridjax.train import CONFIG_DIR, PEAK_TFLOPS, peak_memory_bytes
 from hybridjax.train_config import LossConfig
 from hybridjax.train_step import init_state, make_train_step
 
-# The GPU presets' widths: d_model 2048, 64 Mamba-2 heads of 64 with state 128 in 8 groups, GQA
-# attention 16 x 128 over 8 kv heads, vocab 32K, bf16 compute over float32 parameters.
-GPU_SIZES = {
-    "vocab_size": 32768,
-    "d_model": 2048,
-    "dtype": "bfloat16",
-    "param_dtype": "float32",
-    "remat": "full",
-    "mamba_heads": 64,
-    "mamba_head_dim": 64,
-    "ssm_state": 128,
-    "n_groups": 8,
-    "chunk_size": 256,
-    "attn_heads": 16,
-    "kv_heads": 8,
-    "head_dim": 128,
-}
+BENCH_VOCAB = 32768  # the GPU presets' vocabulary (their model configs take the data's)
+
+
+def model_preset(name: str) -> HybridConfig:
+    """configs/model/<name>.yaml as a HybridConfig, with the benchmark's vocabulary."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(
+        OmegaConf.load(os.path.join(CONFIG_DIR, "model", f"{name}.yaml"))
+    )
+    return HybridConfig(**{**values, "vocab_size": BENCH_VOCAB})
+
+
 PRESETS = {
-    # 1.03B parameters in the NemotronH-8B layout at d_model 2048: its repeating unit "M-M-M-M*-"
-    # three times = 12 Mamba-2, 3 attention (GQA, NoPE) and 12 relu2 MLP layers. Remat per period
-    # saving the matmul outputs: on an H200 at b4 x 4096 it plans 21.9 GiB of temporaries besides
-    # 11.5 GiB of params and AdamW moments and steps 5% faster than full remat (15.4 GiB); no
-    # remat plans 87.7 GiB and is slower (docs/measurements/h200_bench_step_remat_4k.log).
-    "1b": {
-        "config": HybridConfig(
-            **{**GPU_SIZES, "remat": "dots_no_batch"}, pattern="M-M-M-M*-" * 3, ffn=10240
-        ),
-        "batch": 4,
-        "seq_len": 4096,
-    },
-    # A Nemotron-3-style MoE hybrid, 2.4B parameters: "MEMEM*ME" three times = 9 Mamba-2, 3
-    # attention and 12 MoE layers (64 relu2 experts of 768, top-6, sigmoid router, a shared expert
-    # of 1536).
-    "moe": {
-        "config": HybridConfig(
-            **GPU_SIZES,
-            pattern="MEMEM*ME" * 3,
-            n_experts=64,
-            top_k=6,
-            moe_ffn=768,
-            shared_ffn=1536,
-        ),
-        "batch": 4,
-        "seq_len": 4096,
-    },
+    # the GPU hybrid of configs/model/hybrid_1b.yaml (1.03B parameters)
+    "1b": {"config": model_preset("hybrid_1b"), "batch": 4, "seq_len": 4096},
+    # the Nemotron-3-style MoE hybrid of configs/model/moe_hybrid_2b.yaml (2.4B, 0.75B active)
+    "moe": {"config": model_preset("moe_hybrid_2b"), "batch": 4, "seq_len": 4096},
     # Each layer kind, scanned over two periods, at toy sizes: a CPU smoke test.
     "tiny": {
         "config": HybridConfig(

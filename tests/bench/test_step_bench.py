@@ -1,5 +1,6 @@
 """`python -m hybridjax.bench step` on the CPU: the tiny preset runs and prints its table."""
 
+import dataclasses
 import math
 
 import pytest
@@ -57,3 +58,21 @@ def test_model_overrides_parse_as_the_fields_types():
     for bad in ("nope=1", "d_model=x", "tie_embeddings=yes"):
         with pytest.raises(SystemExit):
             parse_args(["--preset", "tiny", "--model", bad])
+
+
+@pytest.mark.parametrize(("preset", "model"), [("1b", "hybrid_1b"), ("moe", "moe_hybrid_2b")])
+def test_gpu_presets_are_the_model_configs_training_composes(preset, model):
+    """`bench step --preset` and `python -m hybridjax.train model=<name>` build the same model
+    (the vocabulary aside: the benchmark's 32K, the data's in training)."""
+    from hydra import compose, initialize_config_dir
+
+    from hybridjax.train import CONFIG_DIR
+    from hybridjax.train_config import register_configs, resolve
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=[f"model={model}", "logger=none"])
+    trained = resolve(cfg).model
+    bench = step.PRESETS[preset]["config"]
+    assert trained == dataclasses.replace(bench, vocab_size=trained.vocab_size)
+    assert bench.vocab_size == 32768 and bench.has("E") == (preset == "moe")
