@@ -19,7 +19,6 @@ row's note gives its output's relative error against the first impl's.
 import argparse
 import functools
 import importlib
-import os
 import sys
 import time
 
@@ -28,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.bench.mamba3 import errors
-from hybridjax.bench.ssd import add_timing_args, forward_backward, median_ms, parse_shape
+from hybridjax.bench.ssd import (
+    BenchLog,
+    add_timing_args,
+    forward_backward,
+    median_ms,
+    parse_shape,
+)
 from hybridjax.ops.grouped_matmul import grouped_matmul
 
 # m131072 k2048 n1024 e64: a 64-expert layer's up projection; then the MoE preset's (b4 l4096,
@@ -85,11 +90,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
 
-    log_lines = []
-
-    def log(text=""):
-        print(text, flush=True)
-        log_lines.append(text)
+    log = BenchLog()
 
     shapes = [parse_shape(t, "mkne", "", "m131072,k2048,n1024,e64") for t in args.shapes]
     dtype = jnp.dtype(args.dtype)
@@ -163,14 +164,7 @@ def main(argv=None):
             f"| {name} | {impl} | {fmt(f_ms)} | {fmt(f_tf, 0)} | {fmt(fb_ms)} | {fmt(fb_tf, 0)} "
             f"| {ratio} | {note} |"
         )
-    log()
-    for line in lines:
-        log(line)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        for ext, text in (("md", lines), ("log", log_lines)):
-            with open(os.path.join(args.out, f"grouped_matmul.{ext}"), "w") as f:
-                f.write("\n".join(text) + "\n")
+    log.table(lines, args.out, "grouped_matmul")
     return 0
 
 

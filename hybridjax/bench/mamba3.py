@@ -22,7 +22,6 @@ against the first impl's): a check that both compute the same scan.
 
 import argparse
 import functools
-import os
 import sys
 import time
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridjax.bench.ssd import (
+    BenchLog,
     add_timing_args,
     forward_backward,
     load_mamba,
@@ -157,11 +157,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
 
-    log_lines = []
-
-    def log(text=""):
-        print(text, flush=True)
-        log_lines.append(text)
+    log = BenchLog()
 
     shapes = []
     for text in args.shapes:
@@ -242,15 +238,7 @@ def main(argv=None):
         rf = f"{f_ms / p[2]:.2f}x" if p else "-"
         rfb = f"{fb_ms / p[3]:.2f}x" if p and fb_ms is not None and p[3] else "-"
         lines.append(f"| {name} | {impl} | {fmt(f_ms)} | {fmt(fb_ms)} | {rf} | {rfb} | {note} |")
-    log()
-    for line in lines:
-        log(line)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "mamba3.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(args.out, "mamba3.log"), "w") as f:
-            f.write("\n".join(log_lines) + "\n")
+    log.table(lines, args.out, "mamba3")
     return 0
 
 

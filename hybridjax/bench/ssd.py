@@ -168,6 +168,29 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+class BenchLog:
+    """log(text) prints a line and keeps it; `write` puts the table and every line logged into
+    DIR/<name>.md and DIR/<name>.log (the benchmarks' --out)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, text=""):
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, lines, out, name):
+        """Log the table's lines after a blank line; with `out`, write both files."""
+        self("")
+        for line in lines:
+            self(line)
+        if out:
+            os.makedirs(out, exist_ok=True)
+            for ext, text in (("md", lines), ("log", self.lines)):
+                with open(os.path.join(out, f"{name}.{ext}"), "w") as f:
+                    f.write("\n".join(text) + "\n")
+
+
 def add_timing_args(ap):
     """The options every kernel benchmark shares: dtype, and the timing of `median_ms`."""
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
