@@ -13,7 +13,7 @@ same parameters at the short length only, which separates what the longer rows t
 more training does. Every run ends with the same held-out NIAH grid (context length x needle
 depth, up to 8x the short length). Command-line overrides apply to every run.
 
-The report reads every `short/` + `extend/` pair under the given directories and writes in
+The report reads every `short/`, `control/` and `extend/` run under the given directories and writes in
 --out (default: <first directory>/report):
   grid.csv                 one row per run and grid cell: pattern, seed, stage, length, depth,
                            accuracy
@@ -61,8 +61,8 @@ def run_job(cfg) -> float | None:
 
     def continue_short(extension_name, stage):
         overrides = [f"+experiment/extension={extension_name}", f"trainer.init_from={short}"]
-        cfg = compose(config_name="config", overrides=[*hydra.overrides.task, *overrides])
-        return run_from_config(cfg, os.path.join(hydra.runtime.output_dir, stage))
+        composed = compose(config_name="config", overrides=[*hydra.overrides.task, *overrides])
+        return run_from_config(composed, os.path.join(hydra.runtime.output_dir, stage))
 
     summary = continue_short(cfg.name, "extend")
     control = f"{cfg.name}_control"

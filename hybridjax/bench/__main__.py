@@ -1,6 +1,5 @@
 """`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, mamba3, step, mesh,
-attention, profile,
-grouped_matmul."""
+attention, profile, grouped_matmul."""
 
 import importlib
 import sys

@@ -2,10 +2,11 @@
 attention (`hybridjax.ops.attention`), one document per row and packed documents.
 
 Implementations: cudnn (packed rows through its document offsets, `ops.attention_cudnn`),
-pallas (GPU) and blockwise under both masks; xla (dense, quadratic memory) only when named. Timing as
-`bench ssd`: medians of batches of back-to-back calls; forward+backward is one vjp with a random
-cotangent (the output and gradients for q, k and v). TFLOP/s count the mask's allowed (query, key) pairs only:
-forward 4 * B * Hq * D * pairs, forward+backward 3.5 times that (FlashAttention's convention).
+pallas (GPU) and blockwise under both masks; xla (dense, quadratic memory) only when named.
+Timing as `bench ssd`: medians of batches of back-to-back calls; forward+backward is one vjp
+with a random cotangent (the output and gradients for q, k and v). TFLOP/s count the mask's
+allowed (query, key) pairs only: forward 4 * B * Hq * D * pairs, forward+backward 3.5 times
+that (FlashAttention's convention).
 "temp GiB" is XLA's planned temporary memory of the compiled forward+backward.
 
   python -m hybridjax.bench attention --out DIR                     # b1 l16384/65536 h16 kv8 d128

@@ -85,12 +85,13 @@ def median_ms(launch, sync, warmup, repeats, batch):
 
 
 def forward_backward(f):
-    """Jitted (args, dy) -> (f(*args), the vjp of dy): the output is returned with the gradients,
-    as a training step uses both, so that XLA cannot drop the forward's output computation (the
-    gradients alone need only the forward's residuals)."""
+    """Jitted (args, dy, *fixed) -> (f(*args, *fixed), the vjp of dy wrt args): the output is
+    returned with the gradients, as a training step uses both, so that XLA cannot drop the
+    forward's output computation (the gradients alone need only the forward's residuals).
+    `fixed` are traced inputs that take no gradient (e.g. integer group sizes)."""
 
-    def run(args, dy):
-        y, vjp = jax.vjp(f, *args)
+    def run(args, dy, *fixed):
+        y, vjp = jax.vjp(lambda *a: f(*a, *fixed), *args)
         return y, vjp(dy)
 
     return jax.jit(run)

@@ -193,8 +193,7 @@ def time_variant(shape, pallas_kw):
     dy = jax.random.normal(jax.random.key(4), (b, l, h, p), F32).astype(jnp.bfloat16)
     fwd = jax.jit(lambda a: ssd_pallas(*a, **pallas_kw))
 
-    fwdbwd_of_tuple = forward_backward(lambda a: ssd_pallas(*a, **pallas_kw))
-    fwdbwd = lambda a, dy: fwdbwd_of_tuple((a,), dy)
+    fwdbwd = forward_backward(lambda *a: ssd_pallas(*a, **pallas_kw))
 
     t = time.time()
     jax.block_until_ready(fwd(args))

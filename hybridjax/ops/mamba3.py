@@ -24,8 +24,9 @@ MIMO (TileLang) kernels do; channels past the s pairs are not rotated. The MIMO 
 and mimo_x = mimo_z = mimo_o = 1 is the SISO scan with its state channels in that other order.
 
 Semantics are those of mamba_ssm 2.3.2.post1 (`mamba3_siso_combined`, `mamba3_mimo` and their
-step references), also where a simpler reading of the paper would differ: the MIMO state's k is (b, R, h, n), D multiplies each rank's v_r before the output mix (so it is mixed by
-mimo_o too), and adt, dt and trap are (b, l, h) here (mamba_ssm: (b, h, l)). Beyond the
+step references), also where a simpler reading of the paper would differ: the MIMO state's k
+is (b, R, h, n), D multiplies each rank's v_r before the output mix (so it is mixed by mimo_o
+too), and adt, dt and trap are (b, l, h) here (mamba_ssm: (b, h, l)). Beyond the
 reference: `initial_state` for MIMO (the official MIMO kernel only returns states) and
 `segment_ids` (packed documents; mamba_ssm takes cu_seqlens instead): wherever the id changes
 the whole carry (angle, S, last k and v) is zeroed, so a document starts as a fresh sequence.

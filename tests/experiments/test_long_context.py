@@ -75,7 +75,7 @@ def test_the_control_trains_as_many_steps_and_tokens_at_the_short_length():
     control = compose([*job, "+experiment/extension=long_context_control", "trainer.init_from=x"])
     assert control.optimizer == extension.optimizer and control.model == short.model
     assert control.data == short.data and control.trainer.init_from == "x"
-    assert control.trainer.seq_len_schedule == () or not control.trainer.seq_len_schedule
+    assert not control.trainer.seq_len_schedule
     assert control.trainer.seq_len == short.trainer.seq_len
     assert control.trainer.steps == extension.trainer.steps
     tokens = {p.seq_len * p.batch_size for p in extension.trainer.seq_len_schedule}
