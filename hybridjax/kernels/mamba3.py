@@ -17,7 +17,8 @@ per-position multiple of v. The caller's initial state enters primed, S_init + d
 v_prev k_prev^T, and the final S' is S (w = 0 at the last step). So the GPU path is:
 
   XLA (elementwise)  cumulative angles (`running_angle`: a segmented prefix sum mod 2 pi),
-                     q~ and k~, the weights gamma + w, the primed initial state
+                     q~ and k~ (written in the kernels' operand dtype) and their diagonal
+                     q~ . k~, the weights gamma + w, the primed initial state
                      (`mamba3_chunked.ssd_form`, the chunked path's own prep)
   Pallas             `weighted_ssd_pallas`, the Mamba-2 kernels' core with the input weight and
                      the log decay as separate inputs (forward and backward, segment resets,
@@ -48,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from hybridjax.kernels.ssd import F32, backend_reason, limits_reason, weighted_ssd_pallas
 from hybridjax.ops.mamba3_chunked import ssd_form
-from hybridjax.ops.mamba3_reference import Mamba3State
+from hybridjax.ops.mamba3_reference import Mamba3State, heads_with_bias, rotate
 from hybridjax.ops.ssd_sharded import _local_groups, mesh_split
 
 
@@ -149,29 +150,37 @@ def _siso(
         F32,
         "adjacent",
     )
-    q_rot, k_rot = form.q[:, :, 0], form.k[:, :, 0]  # (b, l, h, n) float32
+    # q~ and k~ go to the kernels in their operand dtype: the rotation's fusion writes them so,
+    # half the bytes of float32 (the kernels would round them on loading anyway)
+    q_op, k_op = (t[:, :, 0].astype(v.dtype) for t in (form.q, form.k))  # (b, l, h, n)
     y, ssm = weighted_ssd_pallas(
         v,
         form.gamma + form.w,
         adt,
-        k_rot,
-        q_rot,
+        k_op,
+        q_op,
         chunk_size=chunk_size,
         initial_state=form.s0,
         segment_ids=segment_ids,
         interpret=interpret,
         **dict(tuning),
     )
-    # the diagonal took weight gamma + w; it should have taken gamma (module docstring)
-    as_operand = lambda t: t.astype(v.dtype).astype(F32)  # what the kernels multiplied
-    qk = jnp.sum(as_operand(q_rot) * as_operand(k_rot), axis=-1)
+    # the diagonal took weight gamma + w; it should have taken gamma (module docstring). q~ . k~
+    # of the rounded operands, the products the kernels multiplied.
+    qk = jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1)
     coef = -form.w * qk
     if D is not None:
         coef = coef + D.astype(F32)
     out = y.astype(F32) + coef[..., None] * v.astype(F32)
     if z is not None:
         out = out * jax.nn.silu(z.astype(F32))
-    final = Mamba3State(form.phi[:, -1], ssm, k_rot[:, -1], v[:, -1].astype(F32))
+    # the last k~ in float32, from the last step alone (not a slice of the whole rotation)
+    k_last = rotate(
+        heads_with_bias(k[:, -1:, None].astype(F32), k_bias[:, None].astype(F32)),
+        form.phi[:, -1:, None],
+        "adjacent",
+    )[:, 0, 0]
+    final = Mamba3State(form.phi[:, -1], ssm, k_last, v[:, -1].astype(F32))
     return out.astype(v.dtype), final
 
 

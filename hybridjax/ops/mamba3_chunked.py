@@ -21,7 +21,7 @@ then S'_t = alpha_t S'_{t-1} + (gamma_t + w_t) sum_r v_{t,r} k~_{t,r}^T and y_{t
 cs is the within-chunk cumulative sum of adt. The caller's initial state enters in the same
 primed form, S_init + dt_0 (1 - lam_0) sum_r v_prev,r k_prev,r^T, and the final S' is S itself
 (w = 0 at the last step). The cumulative angles are a segmented running sum mod 2 pi
-(`lax.associative_scan`), so they stay in [0, 2 pi) at any length instead of growing with it.
+(in-block sums and a prefix over blocks), so they stay in [0, 2 pi) at any length instead of growing with it.
 Decays, angles, rotations and states in float32 (float64 for float64 inputs); the matmuls take
 operands in the input dtype (float32 on the CPU for 16-bit inputs) and accumulate in float32.
 """
@@ -44,23 +44,44 @@ from hybridjax.ops.mamba3_reference import (
 from hybridjax.ops.segments import document_starts
 from hybridjax.ops.ssd_chunked import HIGHEST, _across_chunks, _masked_exp, _mm
 
+ANGLE_BLOCK = 64  # positions per block of the running angle's in-block sums
 
-def running_angle(theta_BLHS, starts_BL, angle0_BHS):
+
+def running_angle(theta_BLHS, starts_BL, angle0_BHS, block=ANGLE_BLOCK):
     """phi_t = (phi_{t-1} + theta_t) mod 2 pi, restarting from 0 at each document start; phi_{-1} =
-    angle0 (or 0). A parallel prefix over (starts here, sum) pairs, wrapped at every combine."""
+    angle0 (or 0).
+
+    Two levels, so that no pass over the (b, l, h, s) angles is repeated log(l) times: inside
+    blocks of `block` positions the sums since the block start (or the last document start) are
+    one masked matmul; the angle entering each block is a parallel prefix over the blocks' totals
+    with (starts here, sum) pairs, wrapped at every combine, so it stays in [0, 2 pi) at any
+    length. An in-block sum stays small (at most `block` steps), so adding it before the final
+    wrap costs no precision that matters."""
     if angle0_BHS is not None:  # position 0 never starts a document: fold the start angle in
         theta_BLHS = theta_BLHS.at[:, 0].add(angle0_BHS)
-    flags = starts_BL[:, :, None, None]
+    b, l, h, s = theta_BLHS.shape
+    Q = min(block, l)
+    pad = -l % Q
+    theta = jnp.pad(theta_BLHS, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, -1, Q, h, s)
+    starts = jnp.pad(starts_BL, [(0, 0), (0, pad)]).reshape(b, -1, Q)
+    run = jnp.cumsum(starts, axis=2, dtype=jnp.int32)  # document index inside the block
+    t = jnp.arange(Q)
+    mask = (t[:, None] >= t[None, :]) & (run[..., :, None] == run[..., None, :])
+    within = jnp.einsum(
+        "bcts,bcshn->bcthn", mask.astype(theta.dtype), theta, precision=HIGHEST
+    )  # (b, c, Q, h, s): the sums since the block or document start
+    reach = (run == 0)[..., None, None]  # the entering angle reaches these positions
 
     def combine(earlier, later):
         f1, a1 = earlier
         f2, a2 = later
         return f1 | f2, jnp.where(f2, a2, wrap_angle(a1 + a2))
 
-    _, phi = jax.lax.associative_scan(
-        combine, (jnp.broadcast_to(flags, theta_BLHS.shape), theta_BLHS), axis=1
-    )
-    return wrap_angle(phi)
+    restarted = jnp.broadcast_to(~reach[:, :, -1], within[:, :, -1].shape)
+    _, ends = jax.lax.associative_scan(combine, (restarted, within[:, :, -1]), axis=1)
+    entering = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+    phi = within + jnp.where(reach, entering[:, :, None], 0)
+    return wrap_angle(phi.reshape(b, -1, h, s)[:, :l])
 
 
 def _intra_chunk(q_BCLRHN, k_BCLRHN, v_BCLRHP, W_BCHLS, mm_dtype, acc_dtype):
