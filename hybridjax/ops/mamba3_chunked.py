@@ -62,8 +62,9 @@ def running_angle(theta_BLHS, starts_BL, angle0_BHS, block=ANGLE_BLOCK):
     b, l, h, s = theta_BLHS.shape
     Q = min(block, l)
     pad = -l % Q
-    theta = jnp.pad(theta_BLHS, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, -1, Q, h, s)
-    starts = jnp.pad(starts_BL, [(0, 0), (0, pad)]).reshape(b, -1, Q)
+    c = (l + pad) // Q
+    theta = jnp.pad(theta_BLHS, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, c, Q, h, s)
+    starts = jnp.pad(starts_BL, [(0, 0), (0, pad)]).reshape(b, c, Q)
     run = jnp.cumsum(starts, axis=2, dtype=jnp.int32)  # document index inside the block
     t = jnp.arange(Q)
     mask = (t[:, None] >= t[None, :]) & (run[..., :, None] == run[..., None, :])
@@ -81,7 +82,7 @@ def running_angle(theta_BLHS, starts_BL, angle0_BHS, block=ANGLE_BLOCK):
     _, ends = jax.lax.associative_scan(combine, (restarted, within[:, :, -1]), axis=1)
     entering = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
     phi = within + jnp.where(reach, entering[:, :, None], 0)
-    return wrap_angle(phi.reshape(b, -1, h, s)[:, :l])
+    return wrap_angle(phi.reshape(b, c * Q, h, s)[:, :l])
 
 
 def _intra_chunk(q_BCLRHN, k_BCLRHN, v_BCLRHP, W_BCHLS, mm_dtype, acc_dtype):

@@ -310,6 +310,12 @@ def test_running_angle_restarts_and_stays_wrapped():
     np.testing.assert_allclose(phi[0, :, 0, 0], want, rtol=0, atol=1e-14)
 
 
+def test_running_angle_without_angles():
+    """No angle per head (Mamba-3 without rotations): an empty running angle."""
+    phi = running_angle(jnp.zeros((2, 70, 3, 0)), jnp.zeros((2, 70), bool), None)
+    assert phi.shape == (2, 70, 3, 0)
+
+
 @pytest.mark.parametrize("l, block", [(200, 16), (130, 64), (64, 64)])
 def test_running_angle_across_blocks_matches_a_loop(l, block):
     """Blocks of in-block sums plus the prefix over blocks equal the step-by-step wrapped sum
