@@ -45,9 +45,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.kernels.ssd import F32, backend_reason, limits_reason, weighted_ssd_pallas
+from hybridjax.kernels.ssd import (
+    F32,
+    backend_reason,
+    limits_reason,
+    rotated_ssd_pallas,
+    weighted_ssd_pallas,
+)
 from hybridjax.ops.mamba3_chunked import ssd_form
 from hybridjax.ops.mamba3_reference import Mamba3State, heads_with_bias, rotate
 from hybridjax.ops.ssd_sharded import _local_groups, mesh_split
@@ -150,24 +157,33 @@ def _siso(
         F32,
         "adjacent",
     )
-    # q~ and k~ go to the kernels in their operand dtype: the rotation's fusion writes them so,
-    # half the bytes of float32 (the kernels would round them on loading anyway)
-    q_op, k_op = (t[:, :, 0].astype(v.dtype) for t in (form.q, form.k))  # (b, l, h, n)
-    y, ssm = weighted_ssd_pallas(
-        v,
-        form.gamma + form.w,
-        adt,
-        k_op,
-        q_op,
-        chunk_size=chunk_size,
-        initial_state=form.s0,
-        segment_ids=segment_ids,
-        interpret=interpret,
-        **dict(tuning),
-    )
+    order = kernel_channel_order(q.shape[-1], angles.shape[-1])
+    kw = dict(chunk_size=chunk_size, segment_ids=segment_ids, interpret=interpret, **dict(tuning))
+    if order is not None:  # the kernels turn the group's q and k per head
+        spread, perm = order
+        s0 = None if form.s0 is None else form.s0[..., perm]
+        y, ssm, qk = rotated_ssd_pallas(
+            v,
+            form.gamma + form.w,
+            adt,
+            q[..., perm],
+            k[..., perm],
+            q_bias[:, perm],
+            k_bias[:, perm],
+            form.phi,
+            spread,
+            initial_state=s0,
+            **kw,
+        )
+        ssm = ssm[..., np.argsort(perm)]
+    else:  # q~ and k~ per head from XLA, in the kernels' operand dtype
+        q_op, k_op = (t[:, :, 0].astype(v.dtype) for t in (form.q, form.k))  # (b, l, h, n)
+        y, ssm = weighted_ssd_pallas(
+            v, form.gamma + form.w, adt, k_op, q_op, initial_state=form.s0, **kw
+        )  # fmt: skip
+        qk = jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1)
     # the diagonal took weight gamma + w; it should have taken gamma (module docstring). q~ . k~
     # of the rounded operands, the products the kernels multiplied.
-    qk = jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1)
     coef = -form.w * qk
     if D is not None:
         coef = coef + D.astype(F32)
@@ -182,6 +198,22 @@ def _siso(
     )[:, 0, 0]
     final = Mamba3State(form.phi[:, -1], ssm, k_last, v[:, -1].astype(F32))
     return out.astype(v.dtype), final
+
+
+def kernel_channel_order(n, s):
+    """(spread, perm) when the kernels can turn q and k themselves (s angles per head, n a
+    multiple of 2 s by a power of two), else None. The kernels turn pair slot i spread by angle
+    i and leave the slots between (`ssd_kernels.turning`); perm puts the reference's pairs
+    (2i, 2i+1) there: rotated pair i at slot i spread, the unrotated pairs s.. in order between.
+    Dot products and the state's channels only need q and k in one order; the state is put back."""
+    if s < 1 or (n // 2) % s:
+        return None
+    spread = n // 2 // s
+    if spread & (spread - 1):
+        return None
+    unrotated = iter(range(s, n // 2))
+    pairs = [j for i in range(s) for j in [i] + [next(unrotated) for _ in range(spread - 1)]]
+    return spread, np.array([2 * j + e for j in pairs for e in (0, 1)])
 
 
 def _per_shard(scan, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, state, segment_ids):

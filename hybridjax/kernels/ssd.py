@@ -187,7 +187,9 @@ def _hi(eq, *ops):
 # ----------------------------------------------------------------------------------------------
 # forward and backward on padded inputs (L a multiple of T)
 # ----------------------------------------------------------------------------------------------
-def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets):
+def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
+    """(y, final state, the states entering the superchunks, and with rot, Mamba-3's rotation
+    (`rotated_ssd_pallas`), the diagonal C_t . B_t (b, h, L))."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     K = L // cfg.T
@@ -195,14 +197,14 @@ def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets):
     s0 = jnp.zeros((b, h, p, n), F32) if s_init is None else s_init.astype(F32)
     if K == 1:
         s_in = s0[:, None]
-        y, s_out = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D)
-        return y, s_out[:, 0], s_in
-    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT)
+        y, s_out, *qk = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D, rot)
+        return y, s_out[:, 0], s_in, (qk or [None])[0]
+    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, rot=rot)
     W = _passing_matrix(clog, creset, K)
     s_all = _hi("bhkm,bmhpn->bkhpn", W, jnp.concatenate([s0[:, None], local], axis=1))
     s_in = s_all[:, :K]
-    y, _ = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D)
-    return y, s_all[:, K], s_in
+    y, _, *qk = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D, rot)
+    return y, s_all[:, K], s_in, (qk or [None])[0]
 
 
 def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
@@ -239,12 +241,12 @@ def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
 
 
 def _core_impl(cfg, x, weight, log_decay, B, C, D, s_init, resets):
-    y, final, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
+    y, final, _, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
     return y, final
 
 
 def _core_fwd(cfg, x, weight, log_decay, B, C, D, s_init, resets):
-    y, final, s_in = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
+    y, final, s_in, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
     return (y, final), (x, weight, log_decay, B, C, D, s_init, resets, s_in)
 
 
@@ -271,6 +273,107 @@ def _core_bwd(cfg, res, cts):
 # x_t B_t^T, on inputs padded to whole superchunks; weight and log_decay (b, L, h) float32.
 _core = jax.custom_vjp(_core_impl, nondiff_argnums=(0,))
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+# Mamba-3's core: the same scan with B and C the group's k and q, turned per head inside the
+# forward kernels (no (b, L, h, n) operands in the forward). The backward turns them in XLA with
+# the kernels' own code (`ssd_kernels.turn`), runs the kernels' backward on those per-head
+# operands, and maps their gradients back to the group's q, k, the biases and the angles.
+def _turned(q, k, q_bias, k_bias, phi, spread):
+    """(C, B) per head (b, L, h, n) float32: the group's q and k plus the head's bias, turned."""
+    cos, sin = K_.turning(phi, spread)
+    heads = lambda t: jnp.repeat(t.astype(F32), q_bias.shape[0] // t.shape[2], axis=2)
+    return K_.turn(heads(q) + q_bias, cos, sin), K_.turn(heads(k) + k_bias, cos, sin)
+
+
+def _rot_core_impl(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
+    rot = (spread, phi, q_bias, k_bias)
+    y, final, _, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
+    return y, final, qk
+
+
+def _rot_core_fwd(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
+    rot = (spread, phi, q_bias, k_bias)
+    y, final, s_in, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
+    return (y, final, qk), (x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in)
+
+
+def _rot_core_bwd(cfg, spread, res, cts):
+    x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in = res
+    dy, dfinal, dqk = cts
+    (C, B), turned_vjp = jax.vjp(
+        lambda *a: _turned(*a, spread), q, k, q_bias, k_bias, phi
+    )  # fmt: skip
+    C, B = C.astype(cfg.cdt), B.astype(cfg.cdt)  # the operands the forward kernels multiplied
+    per_head = dataclasses.replace(cfg, hb=1)  # a group per head now
+    dx, dw, dld, dB, dC, _, d_init = _backward(
+        per_head, x, weight, log_decay, B, C, None, resets, s_in, dy, dfinal
+    )
+    dqk = jnp.transpose(dqk, (0, 2, 1))[..., None]  # the diagonal's share
+    dC, dB = dC + dqk * B.astype(F32), dB + dqk * C.astype(F32)
+    dq, dk, dqb, dkb, dphi = turned_vjp((dC, dB))
+    cast = lambda g, ref: None if ref is None else g.astype(ref.dtype)
+    return (
+        dx.astype(x.dtype),
+        dw,
+        dld,
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dqb,
+        dkb,
+        dphi,
+        cast(d_init, s_init),
+        None,
+    )
+
+
+_rot_core = jax.custom_vjp(_rot_core_impl, nondiff_argnums=(0, 1))
+_rot_core.defvjp(_rot_core_fwd, _rot_core_bwd)
+
+
+def rotated_ssd_pallas(
+    x,
+    weight,
+    log_decay,
+    q,
+    k,
+    q_bias,
+    k_bias,
+    angles,
+    spread,
+    *,
+    chunk_size=256,
+    initial_state=None,
+    segment_ids=None,
+    interpret=False,
+    **tuning,
+):
+    """`weighted_ssd_pallas` with C and B made per head inside the kernels, as Mamba-3 needs:
+
+        C_t = turn(q_t + q_bias[h], angles_t[h]),   B_t = turn(k_t + k_bias[h], angles_t[h])
+
+    q, k (b, l, g, n) in the channel order the kernels turn (`ssd_kernels.turning`: pair slot
+    i spread turns by angles[..., i], the slots between do not), q_bias, k_bias (h, n) and the
+    cumulative angles (b, l, h, s) float32, n = 2 s spread (spread a power of two). Returns
+    (y (b, l, h, p) in x.dtype, final state (b, h, p, n) float32, C_t . B_t (b, l, h) float32:
+    the diagonal of the products the kernels formed, from their rounded operands)."""
+    cfg, xp, wp, kp, qp, resets = prepare(
+        x,
+        jnp.asarray(weight).astype(F32),
+        k,
+        q,
+        chunk_size=chunk_size,
+        segment_ids=segment_ids,
+        interpret=interpret,
+        **tuning,
+    )
+    pad = [(0, 0), (0, xp.shape[1] - x.shape[1]), (0, 0)]
+    ldp = jnp.pad(jnp.asarray(log_decay).astype(F32), pad)
+    phi = jnp.pad(angles.astype(F32), pad + [(0, 0)])
+    qb, kb = q_bias.astype(F32), k_bias.astype(F32)
+    y, final, qk = _rot_core(cfg, spread, xp, wp, ldp, qp, kp, qb, kb, phi, initial_state, resets)
+    l = x.shape[1]
+    return y[:, :l], final, jnp.transpose(qk, (0, 2, 1))[:, :l]
 
 
 def plan(b, l, h, chunk_size, block_q=None, superchunks=None, window=None, block_q_bwd=None):

@@ -79,6 +79,42 @@ def _pair_decay(cs, doc_row, doc_col, Q, transpose):
     return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
 
+def _interleave(a, b):
+    """(..., m), (..., m) -> (..., 2m): a_0, b_0, a_1, b_1, ..."""
+    return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], -1)
+
+
+def turning(phi, spread):
+    """cos and sin (..., n) of the rotation by per-pair angles phi (..., s), n = 2 s spread: pair
+    slot i spread (channels 2 i spread, 2 i spread + 1) turns by phi[..., i], the slots between
+    do not (cos 1, sin 0). Transcendentals on the angles only; only the stack, unstack and
+    reshape that Triton lowers, so the kernels and XLA (`ssd.rotated_ssd_pallas`'s backward)
+    share this code."""
+    cos, sin = jnp.cos(phi), jnp.sin(phi)
+    while spread > 1:
+        cos, sin = _interleave(cos, jnp.ones_like(cos)), _interleave(sin, jnp.zeros_like(sin))
+        spread //= 2
+    return _interleave(cos, cos), _interleave(sin, sin)
+
+
+def turn(x, cos, sin):
+    """x (..., n) float32, channel pairs (2i, 2i+1) = (a, b) -> (a cos - b sin, a sin + b cos)."""
+    a, b = jnp.unstack(x.reshape(*x.shape[:-1], -1, 2), axis=-1)
+    return x * cos + _interleave(-b, a) * sin
+
+
+class _Rotor:
+    """Mamba-3's per-head rotation of the group's q or k tile inside a kernel: (tile + the head's
+    bias) turned by the head's cumulative angles of the chunk's positions, in the operand dtype."""
+
+    def __init__(self, phi_ref, spread, cdt):
+        self.phi_ref, self.spread, self.cdt = phi_ref, spread, cdt
+
+    def __call__(self, tile, bias, sl):
+        cos, sin = turning(self.phi_ref[sl, :], self.spread)
+        return turn(tile.astype(F32) + bias[None, :], cos, sin).astype(self.cdt)
+
+
 class _Chunk:
     """Loads of one chunk's slices from the superchunk refs."""
 
@@ -91,19 +127,28 @@ class _Chunk:
 # ----------------------------------------------------------------------------------------------
 # forward: y = intra-chunk (masked C.B^T decay product) + inter-chunk (C . state) + D x
 # ----------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, Q, nq, has_doc, has_D, cdt):
+def _fwd_kernel(*refs, Q, nq, has_doc, has_D, cdt, spread=None):
+    """spread: Mamba-3, B and C are the group's k and q, turned here per head (`_Rotor`); the
+    kernel also writes the diagonal C_t . B_t of the operands it multiplied."""
     it = iter(refs)
     x_ref, b_ref, c_ref, dt_ref, cs_ref, ind_ref, outd_ref = (next(it) for _ in range(7))
     doc_ref = next(it) if has_doc else None
     s0_ref = next(it)
     d_ref = next(it) if has_D else None
+    if spread:
+        rotor = _Rotor(next(it), spread, cdt)
+        kb, qb = next(it)[...], next(it)[...]
     y_ref, sout_ref = next(it), next(it)
+    qk_ref = next(it) if spread else None
 
     def body(j, S):
         ch = _Chunk(j, Q)
         x = x_ref[ch.sl, :]
         Bm = b_ref[ch.sl, :]
         Cm = c_ref[ch.sl, :]
+        if spread:
+            Bm, Cm = rotor(Bm, kb, ch.sl), rotor(Cm, qb, ch.sl)
+            qk_ref[ch.sl] = jnp.sum(Cm.astype(F32) * Bm.astype(F32), axis=1)
         dt = dt_ref[ch.sl]
         cs = cs_ref[ch.sl]
         ind = ind_ref[ch.sl]
@@ -129,11 +174,15 @@ def _fwd_kernel(*refs, Q, nq, has_doc, has_D, cdt):
 # operand dtype (what the backward's per-chunk kernels multiply with) and the float32 states at
 # the window ends: stored going forward, met with the adjoint going in reverse (Z = <G, S>).
 # ----------------------------------------------------------------------------------------------
-def _state_kernel(*refs, Q, nq, wq, reverse, chunks, cdt):
+def _state_kernel(*refs, Q, nq, wq, reverse, chunks, cdt, spread=None):
+    """spread: v is the group's k of Mamba-3, turned here per head (forward, local states only)."""
     it = iter(refs)
     u_ref, v_ref = next(it), next(it)
     w_refs = [next(it)] if reverse else [next(it), next(it)]  # ind | outd, dt
     ind_ref = w_refs[0] if reverse else next(it)
+    if spread:
+        rotor = _Rotor(next(it), spread, cdt)
+        kb = next(it)[...]
     if chunks:
         s0_ref = next(it)
         sw_in = next(it) if reverse else None
@@ -154,7 +203,8 @@ def _state_kernel(*refs, Q, nq, wq, reverse, chunks, cdt):
         elif chunks:
             st_ref[j] = S.astype(st_ref.dtype)  # the state entering the chunk
         w = ind_ref[ch.sl] if reverse else w_refs[0][ch.sl] * w_refs[1][ch.sl]
-        v = (w[:, None] * v_ref[ch.sl, :].astype(F32)).astype(cdt)
+        v = v_ref[ch.sl, :] if not spread else rotor(v_ref[ch.sl, :], kb, ch.sl)
+        v = (w[:, None] * v.astype(F32)).astype(cdt)
         S = ind_ref[ch.last] * S + _dot(u_ref[ch.sl, :], v, ta=True)
         if chunks and not reverse:
 
@@ -294,7 +344,20 @@ def _call(kernel, cfg, kind, grid, in_specs, out_specs, out_shape, name):
     return lambda *args: call(*args, *poison)
 
 
-def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D):
+def _rotation_inputs(rot, sp, both):
+    """The Mamba-3 rotation's kernel inputs and their specs: per-head angles (b, L, h, s), then
+    the k bias (h, n) and, when both, the q bias. rot = (spread, angles, q_bias, k_bias)."""
+    _, phi, q_bias, k_bias = rot
+    s = phi.shape[-1]
+    phi_spec = pl.BlockSpec((_SQ, sp.T, _SQ, s), lambda b, h, k: (b, k, h, 0))
+    bias_spec = pl.BlockSpec((_SQ, k_bias.shape[-1]), lambda b, h, k: (h, 0))
+    args = [phi, k_bias] + ([q_bias] if both else [])
+    return args, [phi_spec] + [bias_spec] * (len(args) - 1)
+
+
+def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D, rot=None):
+    """y and each superchunk's end state; with rot (Mamba-3: B, C the group's k and q, see
+    `_rotation_inputs`) also the diagonal C_t . B_t (b, h, L) float32."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     sp = Specs(cfg.T, h // B.shape[2], p, n)
@@ -306,6 +369,7 @@ def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D):
         has_doc=doc is not None,
         has_D=D is not None,
         cdt=cfg.cdt,
+        spread=rot and rot[0],
     )
     args = (
         [x, B, C, dt, cs, ind, outd]
@@ -319,25 +383,24 @@ def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D):
         + [sp.state]
         + ([sp.D] if D is not None else [])
     )
-    return _call(
-        kern,
-        cfg,
-        "fwd",
-        (b, h, K),
-        specs,
-        [sp.bhlp, sp.state],
-        [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, K, h, p, n), F32)],
-        "ssd_fwd",
-    )(*args)
+    out_specs = [sp.bhlp, sp.state]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, K, h, p, n), F32)]
+    if rot:
+        extra, extra_specs = _rotation_inputs(rot, sp, both=True)
+        args, specs = args + extra, specs + extra_specs
+        out_specs.append(sp.bhl)
+        out_shape.append(jax.ShapeDtypeStruct((b, h, L), F32))
+    return _call(kern, cfg, "fwd", (b, h, K), specs, out_specs, out_shape, "ssd_fwd")(*args)
 
 
-def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None):
+def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None, rot=None):
     """State sweeps over each superchunk, the forward state from (x, B, outd * dt) when outd is
     given, else the reverse adjoint from (dy, C, ind). Without s0: the superchunk-local end states
     (b, K, h, du, dv) float32, from zero. With s0 (b, K, h, du, dv), the states entering the
     superchunks (forward) or at their ends (reverse): (end states, the state at each chunk
     boundary (b, L // Q, h, du, dv) in u's dtype, and per window: forward the float32 state at its
-    end (b, L // W, h, du, dv), reverse Z = <adjoint, s_win> at its end (b, h, L // W))."""
+    end (b, L // W, h, du, dv), reverse Z = <adjoint, s_win> at its end (b, h, L // W)). rot
+    (forward local states only): v is Mamba-3's group k, turned per head (`fwd_call`)."""
     reverse = outd is None
     chunks = s0 is not None
     b, L, h, du = u.shape
@@ -347,10 +410,20 @@ def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None):
     nw = nq // cfg.wq
     sp = Specs(cfg.T, h // v.shape[2], du, dv, nw)
     kern = functools.partial(
-        _state_kernel, Q=cfg.Q, nq=nq, wq=cfg.wq, reverse=reverse, chunks=chunks, cdt=cfg.cdt
+        _state_kernel,
+        Q=cfg.Q,
+        nq=nq,
+        wq=cfg.wq,
+        reverse=reverse,
+        chunks=chunks,
+        cdt=cfg.cdt,
+        spread=rot and rot[0],
     )
     args = [u, v, ind] if reverse else [u, v, outd, dt, ind]
     specs = [sp.bhlp, sp.blgn] + [sp.bhl] * (len(args) - 2)
+    if rot:
+        extra, extra_specs = _rotation_inputs(rot, sp, both=False)
+        args, specs = args + extra, specs + extra_specs
     out_specs = [sp.state]
     out_shape = [jax.ShapeDtypeStruct((b, K, h, du, dv), F32)]
     if chunks:

@@ -119,22 +119,42 @@ def errors(out, grads, out_r, grads_r):
 
 
 # id: (b, l, h, p, g, n, s), dtype, segment starts per row (None: no segment_ids), tuning.
-# chunk_size=16 gives chunks of 16 positions.
+# chunk_size=16 gives chunks of 16 positions. With n = 2 s 2^k the kernels turn q and k per
+# head themselves (spread 2^k, `kernel_channel_order`); any other s takes rotated q and k from XLA.
 CASES = {
     # l=77 pads to 2 superchunks of 64 with windows of 32; resets at position 1, at a chunk's
     # first position (16), a window's (32), the second superchunk's (64), mid-chunk (50, 70);
-    # two heads per group; s < n/2 leaves channels unrotated
+    # two heads per group; s < n/2 leaves channels unrotated; s = 5 does not divide n/2 = 16:
+    # rotated in XLA
     "f32_all": (
         (2, 77, 4, 16, 2, 32, 5),
         F32,
         [[1, 16, 64], [32, 50, 70]],
         {"chunk_size": 16, "superchunks": 2, "window": 32},
     ),
-    "bf16_all": (
+    "bf16_all": (  # every pair rotated (spread 1)
         (2, 77, 4, 32, 2, 16, 8),
         BF16,
         [[1, 16, 64], [32, 50, 70]],
         {"chunk_size": 16, "superchunks": 2, "window": 32},
+    ),
+    "f32_spread2": (  # half the pairs rotated, interleaved with the others
+        (2, 77, 4, 16, 2, 32, 8),
+        F32,
+        [[1, 16, 64], [32, 50, 70]],
+        {"chunk_size": 16, "superchunks": 2, "window": 32},
+    ),
+    "bf16_spread4_one_group": (
+        (2, 77, 4, 16, 1, 32, 4),
+        BF16,
+        [[1, 16, 64], [32, 50, 70]],
+        {"chunk_size": 16, "superchunks": 2, "window": 32},
+    ),
+    "f32_spread2_one_superchunk": (
+        (2, 77, 4, 16, 2, 32, 8),
+        F32,
+        None,
+        {"chunk_size": 16, "superchunks": 1, "window": 32},
     ),
 }
 
