@@ -12,24 +12,29 @@ state S'_t = S_t + w_t v_t k~_t^T obeys
     S'_t = alpha_t S'_{t-1} + (gamma_t + w_t) v_t k~_t^T,     y_t = q~_t . S'_t - w_t (q~_t . k~_t) v_t
 
 so y is the SSD with per-position log decay A dt, input weight gamma + w, B = k~, C = q~ (per
-head: after the rotation every head has its own, so the SSD has one group per head), minus a
-per-position multiple of v. The caller's initial state enters primed, S_init + dt_0 (1 - lam_0)
-v_prev k_prev^T, and the final S' is S (w = 0 at the last step). So the GPU path is:
+head: after the rotation every head has its own), minus a per-position multiple of v. The
+caller's initial state enters primed, S_init + dt_0 (1 - lam_0) v_prev k_prev^T, and the final S'
+is S (w = 0 at the last step). So the GPU path is:
 
-  XLA (elementwise)  cumulative angles (`running_angle`: a segmented prefix sum mod 2 pi),
-                     q~ and k~ (written in the kernels' operand dtype) and their diagonal
-                     q~ . k~, the weights gamma + w, the primed initial state
-                     (`mamba3_chunked.ssd_form`, the chunked path's own prep)
-  Pallas             `weighted_ssd_pallas`, the Mamba-2 kernels' core with the input weight and
-                     the log decay as separate inputs (forward and backward, segment resets,
-                     initial and final state)
+  XLA (elementwise)  cumulative angles (`running_angle`), the weights gamma + w, the primed
+                     initial state (`mamba3_chunked.ssd_form`, the chunked path's own prep)
+  Pallas             `rotated_ssd_pallas`: the Mamba-2 kernels' core with the input weight and
+                     the log decay as separate inputs, where every kernel, forward and
+                     backward, turns the group's q and k per head itself (bias added, rotated
+                     by the head's angles, rounded to the operand dtype), writes the diagonal
+                     q~ . k~ of what it multiplied, and turns the gradients back before
+                     summing them over its heads; the angles' and biases' gradients come out
+                     of the per-chunk backward kernels
   XLA (elementwise)  y = (y_ssd + (D - w (q~ . k~)) v) * silu(z)
 
-and the backward is the kernels' custom_vjp plus XLA's autodiff of the two elementwise ends
-(rotation, angles, trapezoid weights, the gate): nothing Mamba-3-specific runs inside a kernel,
-so the kernels that Mamba-2 uses (and their tests) are the ones that run. The diagonal's q~ . k~
-is taken from q~ and k~ rounded to the kernels' operand dtype, the products the kernels
-multiply, so the subtraction removes what the kernel added at that position.
+so no (b, l, h, n) tensor is written: the kernels read the group's q and k (one group for all
+heads in the layer) and the per-head angles (b, l, h, s). The kernels turn channel pairs
+(2i, 2i+1) at every `spread`-th pair slot (`kernel_channel_order`): q, k and the biases are
+permuted once so that the reference's rotated pairs land there, and the state is put back. With
+an angle count that does not divide n/2 by a power of two the rotation runs in XLA instead, and
+the kernels take q~ and k~ per head (b, l, h, n) in the operand dtype (`weighted_ssd_pallas`).
+The diagonal's q~ . k~ is taken from the operands the kernels multiplied, so the subtraction
+removes what the kernel added at that position.
 
 The final state is (angle, S, last k~, last v) as every impl of `hybridjax.ops.mamba3_siso`
 returns it, float32. Under a mesh the scan runs per device on its rows and heads (shard_map:
@@ -203,7 +208,7 @@ def _siso(
 def kernel_channel_order(n, s):
     """(spread, perm) when the kernels can turn q and k themselves (s angles per head, n a
     multiple of 2 s by a power of two), else None. The kernels turn pair slot i spread by angle
-    i and leave the slots between (`ssd_kernels.turning`); perm puts the reference's pairs
+    i and leave the slots between (`ssd_kernels._turning`); perm puts the reference's pairs
     (2i, 2i+1) there: rotated pair i at slot i spread, the unrotated pairs s.. in order between.
     Dot products and the state's channels only need q and k in one order; the state is put back."""
     if s < 1 or (n // 2) % s:

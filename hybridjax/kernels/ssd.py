@@ -10,7 +10,8 @@ So the core (`weighted_ssd_pallas`) takes them as two inputs, h_t = exp(log_deca
 weight_t x_t B_t^T, and returns their gradients separately: d weight is the column sums' x.v,
 d log_decay the windowed sums below. Mamba-2 is weight dt, log decay dt A (`ssd_pallas`, whose
 d dt = d weight + A d log_decay and dA = sum dt d log_decay follow by autodiff of that product);
-Mamba-3 is the same core with weight gamma + w (`hybridjax.kernels.mamba3`).
+Mamba-3 is the same core with weight gamma + w and B, C its group's k and q turned per head
+inside every kernel (`rotated_ssd_pallas`, `hybridjax.kernels.mamba3`).
 
 Structure (kernels in ssd_kernels.py; everything here is cheap XLA over (b, h, l) vectors or
 (b, K, h, p, n) superchunk states):
@@ -199,7 +200,7 @@ def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
         s_in = s0[:, None]
         y, s_out, *qk = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D, rot)
         return y, s_out[:, 0], s_in, (qk or [None])[0]
-    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, rot=rot)
+    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, rot=rot and rot[:2] + rot[3:])
     W = _passing_matrix(clog, creset, K)
     s_all = _hi("bhkm,bmhpn->bkhpn", W, jnp.concatenate([s0[:, None], local], axis=1))
     s_in = s_all[:, :K]
@@ -207,9 +208,11 @@ def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
     return y, s_all[:, K], s_in, (qk or [None])[0]
 
 
-def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
+def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal, rot=None):
     """The gradients (dx, d weight, d log decay, dB, dC, dD, d initial state); the kernels call
-    the input weight dt (it is dt for Mamba-2)."""
+    the input weight dt (it is dt for Mamba-2). With rot = (spread, angles, q_bias, k_bias,
+    d diagonal) (Mamba-3, `rotated_ssd_pallas`) dB and dC are the group's k's and q's, followed
+    by (d angles, d q_bias, d k_bias)."""
     cfg = dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
     b, L, h, _ = x.shape
     g, n = B.shape[2:]
@@ -217,17 +220,22 @@ def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
     wT, cs, ind, outd, doc, clog, creset = _decays(weight, log_decay, resets, cfg.Q)
     dy = dy.astype(x.dtype)
     dfinal = dfinal.astype(F32)
-    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in)
+    k_side = q_side = None
+    if rot is not None:
+        k_side, q_side = rot[:2] + rot[3:4], rot[:3]
+    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in, rot=k_side)
     if K == 1:
         g_end = dfinal[:, None]
     else:
-        local = K_.state_call(cfg, dy, C, ind)
+        local = K_.state_call(cfg, dy, C, ind, rot=q_side)
         W = _passing_matrix(clog, creset, K)
         f_all = _hi("bhkm,bkhpn->bmhpn", W, jnp.concatenate([local, dfinal[:, None]], axis=1))
         g_end = f_all[:, 1:]
-    g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win)
-    dCk, rows = K_.bwd_dc_call(cfg, dy, x, B, C, wT, cs, ind, doc, s_chunks)
-    dx, dBk, xv, dyx = K_.bwd_dx_call(cfg, dy, x, B, C, wT, cs, outd, doc, g_chunks, D)
+    g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win, rot=q_side)
+    dCk, rows, *q_rot = K_.bwd_dc_call(cfg, dy, x, B, C, wT, cs, ind, doc, s_chunks, rot)
+    dx, dBk, xv, dyx, *k_rot = K_.bwd_dx_call(
+        cfg, dy, x, B, C, wT, cs, outd, doc, g_chunks, D, rot
+    )  # fmt: skip
     d_init = g_start[:, 0] if K == 1 else f_all[:, 0]
     # d(log decay) at t: the pair terms (s < t <= t') = reverse cumsum inside t's window of
     # (row sum - column sum) + Z, all pairs straddling the window's end (see the module docstring).
@@ -237,7 +245,11 @@ def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
     to_blh = lambda t: jnp.transpose(t, (0, 2, 1))
     dD = None if D is None else jnp.sum(dyx, axis=(0, 2))
     group_sum = lambda t: t.reshape(b, L, g, -1, n).sum(3)  # over the head blocks of a group
-    return dx, to_blh(xv), to_blh(dda), group_sum(dBk), group_sum(dCk), dD, d_init
+    grads = (dx, to_blh(xv), to_blh(dda), group_sum(dBk), group_sum(dCk), dD, d_init)
+    if rot is None:
+        return grads
+    (dphi_q, dqb), (dphi_k, dkb) = q_rot, k_rot
+    return grads + (dphi_q + dphi_k, dqb.sum((0, 1)), dkb.sum((0, 1)))
 
 
 def _core_impl(cfg, x, weight, log_decay, B, C, D, s_init, resets):
@@ -275,17 +287,10 @@ _core = jax.custom_vjp(_core_impl, nondiff_argnums=(0,))
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-# Mamba-3's core: the same scan with B and C the group's k and q, turned per head inside the
-# forward kernels (no (b, L, h, n) operands in the forward). The backward turns them in XLA with
-# the kernels' own code (`ssd_kernels.turn`), runs the kernels' backward on those per-head
-# operands, and maps their gradients back to the group's q, k, the biases and the angles.
-def _turned(q, k, q_bias, k_bias, phi, spread):
-    """(C, B) per head (b, L, h, n) float32: the group's q and k plus the head's bias, turned."""
-    cos, sin = K_.turning(phi, spread)
-    heads = lambda t: jnp.repeat(t.astype(F32), q_bias.shape[0] // t.shape[2], axis=2)
-    return K_.turn(heads(q) + q_bias, cos, sin), K_.turn(heads(k) + k_bias, cos, sin)
-
-
+# Mamba-3's core: the same scan with B and C the group's k and q, turned per head inside every
+# kernel, forward and backward: no (b, L, h, n) operand or gradient leaves a kernel. The
+# per-chunk backward kernels turn each gradient back before summing it over their heads and
+# write the angles' and biases' parts.
 def _rot_core_impl(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
     rot = (spread, phi, q_bias, k_bias)
     y, final, _, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
@@ -301,17 +306,10 @@ def _rot_core_fwd(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, 
 def _rot_core_bwd(cfg, spread, res, cts):
     x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in = res
     dy, dfinal, dqk = cts
-    (C, B), turned_vjp = jax.vjp(
-        lambda *a: _turned(*a, spread), q, k, q_bias, k_bias, phi
-    )  # fmt: skip
-    C, B = C.astype(cfg.cdt), B.astype(cfg.cdt)  # the operands the forward kernels multiplied
-    per_head = dataclasses.replace(cfg, hb=1)  # a group per head now
-    dx, dw, dld, dB, dC, _, d_init = _backward(
-        per_head, x, weight, log_decay, B, C, None, resets, s_in, dy, dfinal
+    rot = (spread, phi, q_bias, k_bias, dqk)
+    dx, dw, dld, dk, dq, _, d_init, dphi, dqb, dkb = _backward(
+        cfg, x, weight, log_decay, k, q, None, resets, s_in, dy, dfinal, rot
     )
-    dqk = jnp.transpose(dqk, (0, 2, 1))[..., None]  # the diagonal's share
-    dC, dB = dC + dqk * B.astype(F32), dB + dqk * C.astype(F32)
-    dq, dk, dqb, dkb, dphi = turned_vjp((dC, dB))
     cast = lambda g, ref: None if ref is None else g.astype(ref.dtype)
     return (
         dx.astype(x.dtype),
@@ -352,7 +350,7 @@ def rotated_ssd_pallas(
 
         C_t = turn(q_t + q_bias[h], angles_t[h]),   B_t = turn(k_t + k_bias[h], angles_t[h])
 
-    q, k (b, l, g, n) in the channel order the kernels turn (`ssd_kernels.turning`: pair slot
+    q, k (b, l, g, n) in the channel order the kernels turn (`ssd_kernels._turning`: pair slot
     i spread turns by angles[..., i], the slots between do not), q_bias, k_bias (h, n) and the
     cumulative angles (b, l, h, s) float32, n = 2 s spread (spread a power of two). Returns
     (y (b, l, h, p) in x.dtype, final state (b, h, p, n) float32, C_t . B_t (b, l, h) float32:
