@@ -30,11 +30,10 @@ is S (w = 0 at the last step). So the GPU path is:
 so no (b, l, h, n) tensor is written: the kernels read the group's q and k (one group for all
 heads in the layer) and the per-head angles (b, l, h, s). The kernels turn channel pairs
 (2i, 2i+1) at every `spread`-th pair slot (`kernel_channel_order`): q, k and the biases are
-permuted once so that the reference's rotated pairs land there, and the state is put back. With
-an angle count that does not divide n/2 by a power of two the rotation runs in XLA instead, and
-the kernels take q~ and k~ per head (b, l, h, n) in the operand dtype (`weighted_ssd_pallas`).
-The diagonal's q~ . k~ is taken from the operands the kernels multiplied, so the subtraction
-removes what the kernel added at that position.
+permuted once so that the reference's rotated pairs land there, and the state is put back; an
+angle count that is not n/2 over a power of two is padded with zero angles. The diagonal's
+q~ . k~ is taken from the operands the kernels multiplied, so the subtraction removes what the
+kernel added at that position.
 
 The final state is (angle, S, last k~, last v) as every impl of `hybridjax.ops.mamba3_siso`
 returns it, float32. Under a mesh the scan runs per device on its rows and heads (shard_map:
@@ -58,7 +57,6 @@ from hybridjax.kernels.ssd import (
     backend_reason,
     limits_reason,
     rotated_ssd_pallas,
-    weighted_ssd_pallas,
 )
 from hybridjax.ops.mamba3_chunked import ssd_form
 from hybridjax.ops.mamba3_reference import Mamba3State, heads_with_bias, rotate
@@ -104,7 +102,7 @@ def mamba3_siso_pallas(
     caller checks the shapes) through the Pallas SSD kernels; see the module docstring.
 
     chunk_size caps the kernels' chunk length (64 at most; the result does not depend on it
-    beyond rounding). `tuning` goes to `weighted_ssd_pallas` (block_q, superchunks, poison, ...:
+    beyond rounding). `tuning` goes to `rotated_ssd_pallas` (block_q, superchunks, poison, ...:
     `hybridjax.kernels.ssd_pallas`'s docstring). interpret=True runs the kernels in Pallas
     interpret mode (CPU). Returns y (b, l, h, p) in v.dtype [, Mamba3State in float32].
     """
@@ -162,31 +160,26 @@ def _siso(
         F32,
         "adjacent",
     )
-    order = kernel_channel_order(q.shape[-1], angles.shape[-1])
-    kw = dict(chunk_size=chunk_size, segment_ids=segment_ids, interpret=interpret, **dict(tuning))
-    if order is not None:  # the kernels turn the group's q and k per head
-        spread, perm = order
-        s0 = None if form.s0 is None else form.s0[..., perm]
-        y, ssm, qk = rotated_ssd_pallas(
-            v,
-            form.gamma + form.w,
-            adt,
-            q[..., perm],
-            k[..., perm],
-            q_bias[:, perm],
-            k_bias[:, perm],
-            form.phi,
-            spread,
-            initial_state=s0,
-            **kw,
-        )
-        ssm = ssm[..., np.argsort(perm)]
-    else:  # q~ and k~ per head from XLA, in the kernels' operand dtype
-        q_op, k_op = (t[:, :, 0].astype(v.dtype) for t in (form.q, form.k))  # (b, l, h, n)
-        y, ssm = weighted_ssd_pallas(
-            v, form.gamma + form.w, adt, k_op, q_op, initial_state=form.s0, **kw
-        )  # fmt: skip
-        qk = jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1)
+    n, s = q.shape[-1], angles.shape[-1]
+    spread, perm = kernel_channel_order(n, s)
+    phi = jnp.pad(form.phi, [(0, 0)] * 3 + [(0, n // 2 // spread - s)])  # zero angles turn nothing
+    y, ssm, qk = rotated_ssd_pallas(
+        v,
+        form.gamma + form.w,
+        adt,
+        q[..., perm],
+        k[..., perm],
+        q_bias[:, perm],
+        k_bias[:, perm],
+        phi,
+        spread,
+        chunk_size=chunk_size,
+        initial_state=None if form.s0 is None else form.s0[..., perm],
+        segment_ids=segment_ids,
+        interpret=interpret,
+        **dict(tuning),
+    )
+    ssm = ssm[..., np.argsort(perm)]
     # the diagonal took weight gamma + w; it should have taken gamma (module docstring). q~ . k~
     # of the rounded operands, the products the kernels multiplied.
     coef = -form.w * qk
@@ -206,18 +199,16 @@ def _siso(
 
 
 def kernel_channel_order(n, s):
-    """(spread, perm) when the kernels can turn q and k themselves (s angles per head, n a
-    multiple of 2 s by a power of two), else None. The kernels turn pair slot i spread by angle
-    i and leave the slots between (`ssd_kernels._turning`); perm puts the reference's pairs
-    (2i, 2i+1) there: rotated pair i at slot i spread, the unrotated pairs s.. in order between.
-    Dot products and the state's channels only need q and k in one order; the state is put back."""
-    if s < 1 or (n // 2) % s:
-        return None
-    spread = n // 2 // s
-    if spread & (spread - 1):
-        return None
-    unrotated = iter(range(s, n // 2))
-    pairs = [j for i in range(s) for j in [i] + [next(unrotated) for _ in range(spread - 1)]]
+    """(spread, perm) for s angles per head and state size n (a power of two). The kernels turn
+    pair slot i spread by angle i and leave the slots between (`ssd_kernels._turning`), for
+    n / 2 / spread angles, the power of two at or above s (angles past s are zero: those
+    pairs stay as they are). perm puts the reference's pairs (2i, 2i+1) there: pair i < n / 2 /
+    spread at slot i spread, the others in order between. Dot products and the state's channels
+    only need q and k in one order; the state is put back."""
+    turned = 1 << max(0, s - 1).bit_length()
+    spread = n // 2 // turned
+    rest = iter(range(turned, n // 2))
+    pairs = [j for i in range(turned) for j in [i] + [next(rest) for _ in range(spread - 1)]]
     return spread, np.array([2 * j + e for j in pairs for e in (0, 1)])
 
 

@@ -99,7 +99,7 @@ def rel_err(got, want):
 
 def angle_err(got, want):
     """Distance on the circle (a final angle may wrap on either side of 2 pi)."""
-    return float(np.abs(np.angle(np.exp(1j * (np.asarray(got) - np.asarray(want))))).max())
+    return float(np.abs(np.angle(np.exp(1j * (np.asarray(got) - np.asarray(want))))).max(initial=0))
 
 
 def named(tree, prefix):
@@ -119,13 +119,13 @@ def errors(out, grads, out_r, grads_r):
 
 
 # id: (b, l, h, p, g, n, s), dtype, segment starts per row (None: no segment_ids), tuning.
-# chunk_size=16 gives chunks of 16 positions. With n = 2 s 2^k the kernels turn q and k per
-# head themselves (spread 2^k, `kernel_channel_order`); any other s takes rotated q and k from XLA.
+# chunk_size=16 gives chunks of 16 positions. The kernels turn q and k per head at every
+# spread-th pair slot, spread = n / 2 / s for s a power of two, else s padded up to one with zero
+# angles (`kernel_channel_order`).
 CASES = {
     # l=77 pads to 2 superchunks of 64 with windows of 32; resets at position 1, at a chunk's
     # first position (16), a window's (32), the second superchunk's (64), mid-chunk (50, 70);
-    # two heads per group; s < n/2 leaves channels unrotated; s = 5 does not divide n/2 = 16:
-    # rotated in XLA
+    # two heads per group; s < n/2 leaves channels unrotated; s = 5 is padded to 8 (spread 2)
     "f32_all": (
         (2, 77, 4, 16, 2, 32, 5),
         F32,
@@ -147,6 +147,12 @@ CASES = {
     "bf16_spread4_one_group": (
         (2, 77, 4, 16, 1, 32, 4),
         BF16,
+        [[1, 16, 64], [32, 50, 70]],
+        {"chunk_size": 16, "superchunks": 2, "window": 32},
+    ),
+    "f32_no_rotation": (  # the ablation without angles: s = 0 turns nothing (spread n / 2)
+        (2, 77, 4, 16, 2, 32, 0),
+        F32,
         [[1, 16, 64], [32, 50, 70]],
         {"chunk_size": 16, "superchunks": 2, "window": 32},
     ),
