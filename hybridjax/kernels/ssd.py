@@ -189,8 +189,8 @@ def _hi(eq, *ops):
 # forward and backward on padded inputs (L a multiple of T)
 # ----------------------------------------------------------------------------------------------
 def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
-    """(y, final state, the states entering the superchunks, and with rot, Mamba-3's rotation
-    (`rotated_ssd_pallas`), the diagonal C_t . B_t (b, h, L))."""
+    """(y, final state, the states entering the superchunks, and with a `Rotation` (Mamba-3,
+    `rotated_ssd_pallas`) the diagonal C_t . B_t (b, h, L))."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     K = L // cfg.T
@@ -200,7 +200,7 @@ def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
         s_in = s0[:, None]
         y, s_out, *qk = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D, rot)
         return y, s_out[:, 0], s_in, (qk or [None])[0]
-    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, rot=rot and rot[:2] + rot[3:])
+    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, rot=rot)
     W = _passing_matrix(clog, creset, K)
     s_all = _hi("bhkm,bmhpn->bkhpn", W, jnp.concatenate([s0[:, None], local], axis=1))
     s_in = s_all[:, :K]
@@ -210,9 +210,8 @@ def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
 
 def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal, rot=None):
     """The gradients (dx, d weight, d log decay, dB, dC, dD, d initial state); the kernels call
-    the input weight dt (it is dt for Mamba-2). With rot = (spread, angles, q_bias, k_bias,
-    d diagonal) (Mamba-3, `rotated_ssd_pallas`) dB and dC are the group's k's and q's, followed
-    by (d angles, d q_bias, d k_bias)."""
+    the input weight dt (it is dt for Mamba-2). With a `Rotation` (Mamba-3, `rotated_ssd_pallas`)
+    dB and dC are the group's k's and q's, followed by (d angles, d q_bias, d k_bias)."""
     cfg = dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
     b, L, h, _ = x.shape
     g, n = B.shape[2:]
@@ -220,18 +219,15 @@ def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal, rot=
     wT, cs, ind, outd, doc, clog, creset = _decays(weight, log_decay, resets, cfg.Q)
     dy = dy.astype(x.dtype)
     dfinal = dfinal.astype(F32)
-    k_side = q_side = None
-    if rot is not None:
-        k_side, q_side = rot[:2] + rot[3:4], rot[:3]
-    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in, rot=k_side)
+    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in, rot=rot)
     if K == 1:
         g_end = dfinal[:, None]
     else:
-        local = K_.state_call(cfg, dy, C, ind, rot=q_side)
+        local = K_.state_call(cfg, dy, C, ind, rot=rot)
         W = _passing_matrix(clog, creset, K)
         f_all = _hi("bhkm,bkhpn->bmhpn", W, jnp.concatenate([local, dfinal[:, None]], axis=1))
         g_end = f_all[:, 1:]
-    g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win, rot=q_side)
+    g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win, rot=rot)
     dCk, rows, *q_rot = K_.bwd_dc_call(cfg, dy, x, B, C, wT, cs, ind, doc, s_chunks, rot)
     dx, dBk, xv, dyx, *k_rot = K_.bwd_dx_call(
         cfg, dy, x, B, C, wT, cs, outd, doc, g_chunks, D, rot
@@ -292,13 +288,13 @@ _core.defvjp(_core_fwd, _core_bwd)
 # per-chunk backward kernels turn each gradient back before summing it over their heads and
 # write the angles' and biases' parts.
 def _rot_core_impl(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
-    rot = (spread, phi, q_bias, k_bias)
+    rot = K_.Rotation(spread, phi, q_bias, k_bias)
     y, final, _, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
     return y, final, qk
 
 
 def _rot_core_fwd(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
-    rot = (spread, phi, q_bias, k_bias)
+    rot = K_.Rotation(spread, phi, q_bias, k_bias)
     y, final, s_in, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
     return (y, final, qk), (x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in)
 
@@ -306,7 +302,7 @@ def _rot_core_fwd(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, 
 def _rot_core_bwd(cfg, spread, res, cts):
     x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in = res
     dy, dfinal, dqk = cts
-    rot = (spread, phi, q_bias, k_bias, dqk)
+    rot = K_.Rotation(spread, phi, q_bias, k_bias, dqk)
     dx, dw, dld, dk, dq, _, d_init, dphi, dqb, dkb = _backward(
         cfg, x, weight, log_decay, k, q, None, resets, s_in, dy, dfinal, rot
     )

@@ -38,6 +38,7 @@ Why Pallas's Triton backend and not Mosaic GPU (plgpu), although jax 0.11 deprec
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,16 @@ from jax.experimental.pallas import triton as plt
 
 F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
+
+
+class Rotation(NamedTuple):
+    """Mamba-3 in the kernels: B and C are the group's k and q, turned per head (`_turning`)."""
+
+    spread: int  # the turned pair slots' stride; angles.shape[-1] * spread = n / 2
+    angles: jax.Array  # (b, L, h, s) float32, cumulative
+    q_bias: jax.Array  # (h, n) float32
+    k_bias: jax.Array  # (h, n) float32
+    d_diagonal: jax.Array | None = None  # backward: the gradient of C_t . B_t, (b, h, L)
 
 
 def _dot(a, b, ta=False, tb=False):
@@ -424,17 +435,17 @@ def _call(kernel, cfg, kind, grid, in_specs, out_specs, out_shape, name):
     return lambda *args: call(*args, *poison)
 
 
-def _rotation_inputs(phi, biases, T):
+def _rotation_inputs(angles, biases, T):
     """Kernel inputs and specs of Mamba-3's rotation, grid (batch, head, superchunk): the
     per-head angles (b, L, h, s) and biases (h, n) float32."""
-    phi_spec = pl.BlockSpec((_SQ, T, _SQ, phi.shape[-1]), lambda b, h, k: (b, k, h, 0))
+    phi_spec = pl.BlockSpec((_SQ, T, _SQ, angles.shape[-1]), lambda b, h, k: (b, k, h, 0))
     bias_spec = pl.BlockSpec((_SQ, biases[0].shape[-1]), lambda b, h, k: (h, 0))
-    return [phi, *biases], [phi_spec] + [bias_spec] * len(biases)
+    return [angles, *biases], [phi_spec] + [bias_spec] * len(biases)
 
 
 def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D, rot=None):
-    """y and each superchunk's end state; with rot = (spread, angles, q_bias, k_bias) (Mamba-3:
-    B and C are the group's k and q, turned per head) also the diagonal C_t . B_t (b, h, L)."""
+    """y and each superchunk's end state; with a `Rotation` (Mamba-3) also the diagonal
+    C_t . B_t (b, h, L) of the turned operands."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     sp = Specs(cfg.T, h // B.shape[2], p, n)
@@ -446,7 +457,7 @@ def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D, rot=None):
         has_doc=doc is not None,
         has_D=D is not None,
         cdt=cfg.cdt,
-        spread=rot and rot[0],
+        spread=rot and rot.spread,
     )
     args = (
         [x, B, C, dt, cs, ind, outd]
@@ -463,7 +474,7 @@ def fwd_call(cfg, x, B, C, dt, cs, ind, outd, doc, s0, D, rot=None):
     out_specs = [sp.bhlp, sp.state]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, K, h, p, n), F32)]
     if rot:
-        extra, extra_specs = _rotation_inputs(rot[1], rot[2:], sp.T)
+        extra, extra_specs = _rotation_inputs(rot.angles, [rot.q_bias, rot.k_bias], sp.T)
         args, specs = args + extra, specs + extra_specs
         out_specs.append(sp.bhl)
         out_shape.append(jax.ShapeDtypeStruct((b, h, L), F32))
@@ -476,9 +487,8 @@ def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None, rot=None
     (b, K, h, du, dv) float32, from zero. With s0 (b, K, h, du, dv), the states entering the
     superchunks (forward) or at their ends (reverse): (end states, the state at each chunk
     boundary (b, L // Q, h, du, dv) in u's dtype, and per window: forward the float32 state at its
-    end (b, L // W, h, du, dv), reverse Z = <adjoint, s_win> at its end (b, h, L // W)). With
-    rot = (spread, angles, bias), v is Mamba-3's group k (forward) or q (reverse), turned per
-    head with that bias."""
+    end (b, L // W, h, du, dv), reverse Z = <adjoint, s_win> at its end (b, h, L // W)). With a
+    `Rotation`, v is Mamba-3's group k (forward) or q (reverse), turned per head."""
     reverse = outd is None
     chunks = s0 is not None
     b, L, h, du = u.shape
@@ -495,12 +505,13 @@ def state_call(cfg, u, v, ind, outd=None, dt=None, s0=None, s_win=None, rot=None
         reverse=reverse,
         chunks=chunks,
         cdt=cfg.cdt,
-        spread=rot and rot[0],
+        spread=rot and rot.spread,
     )
     args = [u, v, ind] if reverse else [u, v, outd, dt, ind]
     specs = [sp.bhlp, sp.blgn] + [sp.bhl] * (len(args) - 2)
     if rot:
-        extra, extra_specs = _rotation_inputs(rot[1], rot[2:], sp.T)
+        bias = rot.q_bias if reverse else rot.k_bias
+        extra, extra_specs = _rotation_inputs(rot.angles, [bias], sp.T)
         args, specs = args + extra, specs + extra_specs
     out_specs = [sp.state]
     out_shape = [jax.ShapeDtypeStruct((b, K, h, du, dv), F32)]
@@ -543,9 +554,9 @@ class ChunkSpecs:
 
 def _per_head_rotation(rot, cfg, x_shape, n, args, specs, out_specs, out_shape):
     """(args, specs, out_specs, out_shape) of a per-chunk backward kernel, grid (batch, block of
-    hb heads, chunk), with Mamba-3's added when rot = (spread, angles (b, L, h, s), q_bias,
-    k_bias (h, n), the diagonal's gradient (b, h, L)): its outputs gain the angles' part
-    (b, L, h, s) and the bias's gradient summed over each chunk (b, L // Q, h, n)."""
+    hb heads, chunk), with Mamba-3's added for a `Rotation` (with d_diagonal): its outputs gain
+    the angles' part (b, L, h, s) and the bias's gradient summed over each chunk
+    (b, L // Q, h, n)."""
     if not rot:
         return args, specs, out_specs, out_shape
     _, phi, q_bias, k_bias, dqk = rot
@@ -569,8 +580,8 @@ def _per_head_rotation(rot, cfg, x_shape, n, args, specs, out_specs, out_shape):
 
 def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D, rot=None):
     """dx, dB summed over each block of cfg.hb heads (b, L, h // hb, n) float32, x.v, dy.x; with
-    rot (Mamba-3, `_per_head_rotation`) dB is the group's k's and the angles' k part and the k
-    bias's chunk sums follow."""
+    a `Rotation` dB is the group's k's, followed by the angles' k part and the k bias's chunk
+    sums."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     sp = ChunkSpecs(cfg.Q, cfg.hb, h // B.shape[2], p, n)
@@ -581,7 +592,7 @@ def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D, rot=None):
         has_doc=doc is not None,
         has_D=D is not None,
         cdt=cfg.cdt,
-        spread=rot and rot[0],
+        spread=rot and rot.spread,
     )
     args = (
         [dy, x, B, C, dt, cs, outd]
@@ -620,7 +631,7 @@ def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks, rot=None):
         hb=cfg.hb,
         has_doc=doc is not None,
         cdt=cfg.cdt,
-        spread=rot and rot[0],
+        spread=rot and rot.spread,
     )
     args = [dy, x, B, C, dt, cs, ind] + ([doc] if doc is not None else []) + [s_chunks]
     specs = (
