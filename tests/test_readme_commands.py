@@ -279,6 +279,7 @@ SKIPPED = {
     "python -m experiments.long_context run name=long_context_tbptt": "the long_context_and_report "
     "entry runs the experiment; tests/train/test_state_passing_run.py composes this extension "
     "stage and the short_then_long entry trains with state passing",
+    "python -m hybridjax.bench mamba3 --impls mamba_ssm pallas": "the peer (mamba-ssm's Triton kernels) and the Pallas path need a GPU; the bench_mamba3 entry runs the benchmark",
     "python -m hybridjax.bench step --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.bench step --preset moe --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.bench step --impls pallas --remat dots_no_batch": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
