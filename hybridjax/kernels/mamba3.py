@@ -52,12 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.kernels.ssd import (
-    F32,
-    backend_reason,
-    limits_reason,
-    rotated_ssd_pallas,
-)
+from hybridjax.kernels.ssd import F32, backend_reason, limits_reason, rotated_ssd_pallas
 from hybridjax.ops.mamba3_chunked import ssd_form
 from hybridjax.ops.mamba3_reference import Mamba3State, heads_with_bias, rotate
 from hybridjax.ops.ssd_sharded import _local_groups, mesh_split

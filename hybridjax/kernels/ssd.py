@@ -506,8 +506,8 @@ def weighted_ssd_pallas(
     x (b, l, h, p), weight and log_decay (b, l, h) (float32; log_decay <= 0), B, C (b, l, g, n),
     D (h,), initial_state (b, h, p, n), segment_ids (b, l) as `ssd_pallas`. Returns (y (b, l, h, p)
     in x.dtype, final state (b, h, p, n) float32), differentiable in every float input. Mamba-2
-    (`ssd_pallas`: weight dt, log decay dt A) and Mamba-3 (`hybridjax.kernels.mamba3`: weight
-    gamma + w, log decay A dt) both run through it. The caller checks support
+    runs through it (`ssd_pallas`: weight dt, log decay dt A); Mamba-3 runs the same kernels
+    with its rotation inside (`rotated_ssd_pallas`). The caller checks support
     (`pallas_unsupported_reason`).
     """
     cfg, xp, wp, Bp, Cp, resets = prepare(
