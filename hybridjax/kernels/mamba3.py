@@ -12,28 +12,24 @@ state S'_t = S_t + w_t v_t k~_t^T obeys
     S'_t = alpha_t S'_{t-1} + (gamma_t + w_t) v_t k~_t^T,     y_t = q~_t . S'_t - w_t (q~_t . k~_t) v_t
 
 so y is the SSD with per-position log decay A dt, input weight gamma + w, B = k~, C = q~ (per
-head: after the rotation every head has its own), minus a per-position multiple of v. The
-caller's initial state enters primed, S_init + dt_0 (1 - lam_0) v_prev k_prev^T, and the final S'
-is S (w = 0 at the last step). So the GPU path is:
+head: after the rotation every head has its own, so the SSD has one group per head), minus a
+per-position multiple of v. The caller's initial state enters primed, S_init + dt_0 (1 - lam_0)
+v_prev k_prev^T, and the final S' is S (w = 0 at the last step). So the GPU path is:
 
-  XLA (elementwise)  cumulative angles (`running_angle`), the weights gamma + w, the primed
-                     initial state (`mamba3_chunked.ssd_form`, the chunked path's own prep)
-  Pallas             `rotated_ssd_pallas`: the Mamba-2 kernels' core with the input weight and
-                     the log decay as separate inputs, where every kernel, forward and
-                     backward, turns the group's q and k per head itself (bias added, rotated
-                     by the head's angles, rounded to the operand dtype), writes the diagonal
-                     q~ . k~ of what it multiplied, and turns the gradients back before
-                     summing them over its heads; the angles' and biases' gradients come out
-                     of the per-chunk backward kernels
+  XLA (elementwise)  cumulative angles (`running_angle`: a segmented prefix sum mod 2 pi),
+                     q~ and k~ (written in the kernels' operand dtype) and their diagonal
+                     q~ . k~, the weights gamma + w, the primed initial state
+                     (`mamba3_chunked.ssd_form`, the chunked path's own prep)
+  Pallas             `weighted_ssd_pallas`, the Mamba-2 kernels' core with the input weight and
+                     the log decay as separate inputs (forward and backward, segment resets,
+                     initial and final state)
   XLA (elementwise)  y = (y_ssd + (D - w (q~ . k~)) v) * silu(z)
 
-so no (b, l, h, n) tensor is written: the kernels read the group's q and k (one group for all
-heads in the layer) and the per-head angles (b, l, h, s). The kernels turn channel pairs
-(2i, 2i+1) at every `spread`-th pair slot (`kernel_channel_order`): q, k and the biases are
-permuted once so that the reference's rotated pairs land there, and the state is put back; an
-angle count that is not n/2 over a power of two is padded with zero angles. The diagonal's
-q~ . k~ is taken from the operands the kernels multiplied, so the subtraction removes what the
-kernel added at that position.
+and the backward is the kernels' custom_vjp plus XLA's autodiff of the two elementwise ends
+(rotation, angles, trapezoid weights, the gate): nothing Mamba-3-specific runs inside a kernel,
+so the kernels that Mamba-2 uses (and their tests) are the ones that run. The diagonal's q~ . k~
+is taken from q~ and k~ rounded to the kernels' operand dtype, the products the kernels
+multiply, so the subtraction removes what the kernel added at that position.
 
 The final state is (angle, S, last k~, last v) as every impl of `hybridjax.ops.mamba3_siso`
 returns it, float32. Under a mesh the scan runs per device on its rows and heads (shard_map:
@@ -49,10 +45,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.kernels.ssd import F32, backend_reason, limits_reason, rotated_ssd_pallas
+from hybridjax.kernels.ssd import F32, backend_reason, limits_reason, weighted_ssd_pallas
 from hybridjax.ops.mamba3_chunked import ssd_form
 from hybridjax.ops.mamba3_reference import Mamba3State, heads_with_bias, rotate
 from hybridjax.ops.ssd_sharded import _local_groups, mesh_split
@@ -97,7 +92,7 @@ def mamba3_siso_pallas(
     caller checks the shapes) through the Pallas SSD kernels; see the module docstring.
 
     chunk_size caps the kernels' chunk length (64 at most; the result does not depend on it
-    beyond rounding). `tuning` goes to `rotated_ssd_pallas` (block_q, superchunks, poison, ...:
+    beyond rounding). `tuning` goes to `weighted_ssd_pallas` (block_q, superchunks, poison, ...:
     `hybridjax.kernels.ssd_pallas`'s docstring). interpret=True runs the kernels in Pallas
     interpret mode (CPU). Returns y (b, l, h, p) in v.dtype [, Mamba3State in float32].
     """
@@ -155,28 +150,24 @@ def _siso(
         F32,
         "adjacent",
     )
-    n, s = q.shape[-1], angles.shape[-1]
-    spread, perm = kernel_channel_order(n, s)
-    phi = jnp.pad(form.phi, [(0, 0)] * 3 + [(0, n // 2 // spread - s)])  # zero angles turn nothing
-    y, ssm, qk = rotated_ssd_pallas(
+    # q~ and k~ go to the kernels in their operand dtype: the rotation's fusion writes them so,
+    # half the bytes of float32 (the kernels would round them on loading anyway)
+    q_op, k_op = (t[:, :, 0].astype(v.dtype) for t in (form.q, form.k))  # (b, l, h, n)
+    y, ssm = weighted_ssd_pallas(
         v,
         form.gamma + form.w,
         adt,
-        q[..., perm],
-        k[..., perm],
-        q_bias[:, perm],
-        k_bias[:, perm],
-        phi,
-        spread,
+        k_op,
+        q_op,
         chunk_size=chunk_size,
-        initial_state=None if form.s0 is None else form.s0[..., perm],
+        initial_state=form.s0,
         segment_ids=segment_ids,
         interpret=interpret,
         **dict(tuning),
     )
-    ssm = ssm[..., np.argsort(perm)]
     # the diagonal took weight gamma + w; it should have taken gamma (module docstring). q~ . k~
     # of the rounded operands, the products the kernels multiplied.
+    qk = jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1)
     coef = -form.w * qk
     if D is not None:
         coef = coef + D.astype(F32)
@@ -191,20 +182,6 @@ def _siso(
     )[:, 0, 0]
     final = Mamba3State(form.phi[:, -1], ssm, k_last, v[:, -1].astype(F32))
     return out.astype(v.dtype), final
-
-
-def kernel_channel_order(n, s):
-    """(spread, perm) for s angles per head and state size n (a power of two). The kernels turn
-    pair slot i spread by angle i and leave the slots between (`ssd_kernels._turning`), for
-    n / 2 / spread angles, the power of two at or above s (angles past s are zero: those
-    pairs stay as they are). perm puts the reference's pairs (2i, 2i+1) there: pair i < n / 2 /
-    spread at slot i spread, the others in order between. Dot products and the state's channels
-    only need q and k in one order; the state is put back."""
-    turned = 1 << max(0, s - 1).bit_length()
-    spread = n // 2 // turned
-    rest = iter(range(turned, n // 2))
-    pairs = [j for i in range(turned) for j in [i] + [next(rest) for _ in range(spread - 1)]]
-    return spread, np.array([2 * j + e for j in pairs for e in (0, 1)])
 
 
 def _per_shard(scan, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, state, segment_ids):

@@ -10,8 +10,7 @@ So the core (`weighted_ssd_pallas`) takes them as two inputs, h_t = exp(log_deca
 weight_t x_t B_t^T, and returns their gradients separately: d weight is the column sums' x.v,
 d log_decay the windowed sums below. Mamba-2 is weight dt, log decay dt A (`ssd_pallas`, whose
 d dt = d weight + A d log_decay and dA = sum dt d log_decay follow by autodiff of that product);
-Mamba-3 is the same core with weight gamma + w and B, C its group's k and q turned per head
-inside every kernel (`rotated_ssd_pallas`, `hybridjax.kernels.mamba3`).
+Mamba-3 is the same core with weight gamma + w (`hybridjax.kernels.mamba3`).
 
 Structure (kernels in ssd_kernels.py; everything here is cheap XLA over (b, h, l) vectors or
 (b, K, h, p, n) superchunk states):
@@ -188,9 +187,7 @@ def _hi(eq, *ops):
 # ----------------------------------------------------------------------------------------------
 # forward and backward on padded inputs (L a multiple of T)
 # ----------------------------------------------------------------------------------------------
-def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
-    """(y, final state, the states entering the superchunks, and with a `Rotation` (Mamba-3,
-    `rotated_ssd_pallas`) the diagonal C_t . B_t (b, h, L))."""
+def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets):
     b, L, h, p = x.shape
     n = B.shape[-1]
     K = L // cfg.T
@@ -198,20 +195,19 @@ def _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets, rot=None):
     s0 = jnp.zeros((b, h, p, n), F32) if s_init is None else s_init.astype(F32)
     if K == 1:
         s_in = s0[:, None]
-        y, s_out, *qk = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D, rot)
-        return y, s_out[:, 0], s_in, (qk or [None])[0]
-    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, rot=rot)
+        y, s_out = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D)
+        return y, s_out[:, 0], s_in
+    local = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT)
     W = _passing_matrix(clog, creset, K)
     s_all = _hi("bhkm,bmhpn->bkhpn", W, jnp.concatenate([s0[:, None], local], axis=1))
     s_in = s_all[:, :K]
-    y, _, *qk = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D, rot)
-    return y, s_all[:, K], s_in, (qk or [None])[0]
+    y, _ = K_.fwd_call(cfg, x, B, C, wT, cs, ind, outd, doc, s_in, D)
+    return y, s_all[:, K], s_in
 
 
-def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal, rot=None):
+def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal):
     """The gradients (dx, d weight, d log decay, dB, dC, dD, d initial state); the kernels call
-    the input weight dt (it is dt for Mamba-2). With a `Rotation` (Mamba-3, `rotated_ssd_pallas`)
-    dB and dC are the group's k's and q's, followed by (d angles, d q_bias, d k_bias)."""
+    the input weight dt (it is dt for Mamba-2)."""
     cfg = dataclasses.replace(cfg, Q=cfg.Qb, wq=cfg.Q * cfg.wq // cfg.Qb)
     b, L, h, _ = x.shape
     g, n = B.shape[2:]
@@ -219,19 +215,17 @@ def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal, rot=
     wT, cs, ind, outd, doc, clog, creset = _decays(weight, log_decay, resets, cfg.Q)
     dy = dy.astype(x.dtype)
     dfinal = dfinal.astype(F32)
-    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in, rot=rot)
+    _, s_chunks, s_win = K_.state_call(cfg, x, B, ind, outd=outd, dt=wT, s0=s_in)
     if K == 1:
         g_end = dfinal[:, None]
     else:
-        local = K_.state_call(cfg, dy, C, ind, rot=rot)
+        local = K_.state_call(cfg, dy, C, ind)
         W = _passing_matrix(clog, creset, K)
         f_all = _hi("bhkm,bkhpn->bmhpn", W, jnp.concatenate([local, dfinal[:, None]], axis=1))
         g_end = f_all[:, 1:]
-    g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win, rot=rot)
-    dCk, rows, *q_rot = K_.bwd_dc_call(cfg, dy, x, B, C, wT, cs, ind, doc, s_chunks, rot)
-    dx, dBk, xv, dyx, *k_rot = K_.bwd_dx_call(
-        cfg, dy, x, B, C, wT, cs, outd, doc, g_chunks, D, rot
-    )  # fmt: skip
+    g_start, g_chunks, z = K_.state_call(cfg, dy, C, ind, s0=g_end, s_win=s_win)
+    dCk, rows = K_.bwd_dc_call(cfg, dy, x, B, C, wT, cs, ind, doc, s_chunks)
+    dx, dBk, xv, dyx = K_.bwd_dx_call(cfg, dy, x, B, C, wT, cs, outd, doc, g_chunks, D)
     d_init = g_start[:, 0] if K == 1 else f_all[:, 0]
     # d(log decay) at t: the pair terms (s < t <= t') = reverse cumsum inside t's window of
     # (row sum - column sum) + Z, all pairs straddling the window's end (see the module docstring).
@@ -241,20 +235,16 @@ def _backward(cfg, x, weight, log_decay, B, C, D, resets, s_in, dy, dfinal, rot=
     to_blh = lambda t: jnp.transpose(t, (0, 2, 1))
     dD = None if D is None else jnp.sum(dyx, axis=(0, 2))
     group_sum = lambda t: t.reshape(b, L, g, -1, n).sum(3)  # over the head blocks of a group
-    grads = (dx, to_blh(xv), to_blh(dda), group_sum(dBk), group_sum(dCk), dD, d_init)
-    if rot is None:
-        return grads
-    (dphi_q, dqb), (dphi_k, dkb) = q_rot, k_rot
-    return grads + (dphi_q + dphi_k, dqb.sum((0, 1)), dkb.sum((0, 1)))
+    return dx, to_blh(xv), to_blh(dda), group_sum(dBk), group_sum(dCk), dD, d_init
 
 
 def _core_impl(cfg, x, weight, log_decay, B, C, D, s_init, resets):
-    y, final, _, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
+    y, final, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
     return y, final
 
 
 def _core_fwd(cfg, x, weight, log_decay, B, C, D, s_init, resets):
-    y, final, s_in, _ = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
+    y, final, s_in = _forward(cfg, x, weight, log_decay, B, C, D, s_init, resets)
     return (y, final), (x, weight, log_decay, B, C, D, s_init, resets, s_in)
 
 
@@ -281,93 +271,6 @@ def _core_bwd(cfg, res, cts):
 # x_t B_t^T, on inputs padded to whole superchunks; weight and log_decay (b, L, h) float32.
 _core = jax.custom_vjp(_core_impl, nondiff_argnums=(0,))
 _core.defvjp(_core_fwd, _core_bwd)
-
-
-# Mamba-3's core: the same scan with B and C the group's k and q, turned per head inside every
-# kernel, forward and backward: no (b, L, h, n) operand or gradient leaves a kernel. The
-# per-chunk backward kernels turn each gradient back before summing it over their heads and
-# write the angles' and biases' parts.
-def _rot_core_impl(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
-    rot = K_.Rotation(spread, phi, q_bias, k_bias)
-    y, final, _, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
-    return y, final, qk
-
-
-def _rot_core_fwd(cfg, spread, x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets):
-    rot = K_.Rotation(spread, phi, q_bias, k_bias)
-    y, final, s_in, qk = _forward(cfg, x, weight, log_decay, k, q, None, s_init, resets, rot)
-    return (y, final, qk), (x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in)
-
-
-def _rot_core_bwd(cfg, spread, res, cts):
-    x, weight, log_decay, q, k, q_bias, k_bias, phi, s_init, resets, s_in = res
-    dy, dfinal, dqk = cts
-    rot = K_.Rotation(spread, phi, q_bias, k_bias, dqk)
-    dx, dw, dld, dk, dq, _, d_init, dphi, dqb, dkb = _backward(
-        cfg, x, weight, log_decay, k, q, None, resets, s_in, dy, dfinal, rot
-    )
-    cast = lambda g, ref: None if ref is None else g.astype(ref.dtype)
-    return (
-        dx.astype(x.dtype),
-        dw,
-        dld,
-        dq.astype(q.dtype),
-        dk.astype(k.dtype),
-        dqb,
-        dkb,
-        dphi,
-        cast(d_init, s_init),
-        None,
-    )
-
-
-_rot_core = jax.custom_vjp(_rot_core_impl, nondiff_argnums=(0, 1))
-_rot_core.defvjp(_rot_core_fwd, _rot_core_bwd)
-
-
-def rotated_ssd_pallas(
-    x,
-    weight,
-    log_decay,
-    q,
-    k,
-    q_bias,
-    k_bias,
-    angles,
-    spread,
-    *,
-    chunk_size=256,
-    initial_state=None,
-    segment_ids=None,
-    interpret=False,
-    **tuning,
-):
-    """`weighted_ssd_pallas` with C and B made per head inside the kernels, as Mamba-3 needs:
-
-        C_t = turn(q_t + q_bias[h], angles_t[h]),   B_t = turn(k_t + k_bias[h], angles_t[h])
-
-    q, k (b, l, g, n) in the channel order the kernels turn (`ssd_kernels._turning`: pair slot
-    i spread turns by angles[..., i], the slots between do not), q_bias, k_bias (h, n) and the
-    cumulative angles (b, l, h, s) float32, n = 2 s spread (spread a power of two). Returns
-    (y (b, l, h, p) in x.dtype, final state (b, h, p, n) float32, C_t . B_t (b, l, h) float32:
-    the diagonal of the products the kernels formed, from their rounded operands)."""
-    cfg, xp, wp, kp, qp, resets = prepare(
-        x,
-        jnp.asarray(weight).astype(F32),
-        k,
-        q,
-        chunk_size=chunk_size,
-        segment_ids=segment_ids,
-        interpret=interpret,
-        **tuning,
-    )
-    pad = [(0, 0), (0, xp.shape[1] - x.shape[1]), (0, 0)]
-    ldp = jnp.pad(jnp.asarray(log_decay).astype(F32), pad)
-    phi = jnp.pad(angles.astype(F32), pad + [(0, 0)])
-    qb, kb = q_bias.astype(F32), k_bias.astype(F32)
-    y, final, qk = _rot_core(cfg, spread, xp, wp, ldp, qp, kp, qb, kb, phi, initial_state, resets)
-    l = x.shape[1]
-    return y[:, :l], final, jnp.transpose(qk, (0, 2, 1))[:, :l]
 
 
 def plan(b, l, h, chunk_size, block_q=None, superchunks=None, window=None, block_q_bwd=None):
@@ -506,8 +409,8 @@ def weighted_ssd_pallas(
     x (b, l, h, p), weight and log_decay (b, l, h) (float32; log_decay <= 0), B, C (b, l, g, n),
     D (h,), initial_state (b, h, p, n), segment_ids (b, l) as `ssd_pallas`. Returns (y (b, l, h, p)
     in x.dtype, final state (b, h, p, n) float32), differentiable in every float input. Mamba-2
-    runs through it (`ssd_pallas`: weight dt, log decay dt A); Mamba-3 runs the same kernels
-    with its rotation inside (`rotated_ssd_pallas`). The caller checks support
+    (`ssd_pallas`: weight dt, log decay dt A) and Mamba-3 (`hybridjax.kernels.mamba3`: weight
+    gamma + w, log decay A dt) both run through it. The caller checks support
     (`pallas_unsupported_reason`).
     """
     cfg, xp, wp, Bp, Cp, resets = prepare(
