@@ -166,8 +166,10 @@ def _siso(
         **dict(tuning),
     )
     # the diagonal took weight gamma + w; it should have taken gamma (module docstring). q~ . k~
-    # of the rounded operands, the products the kernels multiplied.
-    qk = jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1)
+    # of the rounded operands, the products the kernels multiplied. The barrier keeps this
+    # reduction a fusion of its own: fused with the kernels' (b, h, l) weights below, XLA emitted
+    # it transposed at a fifth of the bandwidth (0.55 ms of a 1.3 ms forward, b4 l4096 h32 n128).
+    qk = jax.lax.optimization_barrier(jnp.sum(q_op.astype(F32) * k_op.astype(F32), axis=-1))
     coef = -form.w * qk
     if D is not None:
         coef = coef + D.astype(F32)
