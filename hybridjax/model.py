@@ -48,6 +48,8 @@ MIXERS = {"M": Mamba2Mixer, "3": Mamba3Mixer, "*": Attention, "E": MoE, "-": MLP
 SCOPES = {"M": "mamba2", "3": "mamba3", "*": "attention", "E": "moe", "-": "mlp"}
 CACHED = ("M", "3", "*")  # letters whose mixers carry decode state
 RECURRENT = ("M", "3")  # letters whose state `hidden_from` carries from chunk to chunk
+# letters whose mixers apply the block's norm themselves, inside their layer chunks
+PRENORM = ("M", "3", "-")
 
 # `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies.
 REMAT_POLICIES = {
@@ -132,7 +134,12 @@ class Block(nnx.Module):
         if state is not None:
             kw["state"] = state
         with jax.named_scope(SCOPES[self.letter]):
-            y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions, **kw)
+            if self.letter in PRENORM:
+                y = self.mixer(
+                    x, segment_ids=segment_ids, positions=positions, norm=self.norm, **kw
+                )
+            else:
+                y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions, **kw)
         aux = None
         if self.letter == "E":
             y, aux = y

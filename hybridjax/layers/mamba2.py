@@ -278,18 +278,25 @@ class Mamba2Mixer(nnx.Module):
         return jax.nn.silu(y), state
 
     # --- public API ---------------------------------------------------------------------------
-    def __call__(self, x, *, segment_ids=None, positions=None, state: Mamba2Cache | None = None):
+    def __call__(
+        self, x, *, segment_ids=None, positions=None, state: Mamba2Cache | None = None, norm=None
+    ):
         """x (B, L, d_model), segment_ids (B, L) int | None -> (B, L, d_model). positions unused.
 
         With `state`, x continues from it (module docstring: state passing) and the result is
-        (y, the state after x, in `state`'s dtypes)."""
+        (y, the state after x, in `state`'s dtypes). `norm` (token-local, e.g. the block's
+        RMSNorm) is applied to x first: inside each layer chunk, so that no normed copy of the
+        whole row is formed or kept for the backward."""
         del positions
         if runs_in_chunks(self.config.layer_chunk_size, x.shape[1]):
             self._check(x)
             start = self.init_cache(x.shape[0], dtype=self.acc_dtype) if state is None else state
-            run = lambda x, seg, s: self._run(x, seg, s, s)
+            pre = norm or (lambda x: x)
+            run = lambda x, seg, s: self._run(pre(x), seg, s, s)
             y, after = recurrent_chunked(run, x, segment_ids, start, self.config.layer_chunk_size)
             return y if state is None else (y, after)
+        if norm is not None:
+            x = norm(x)
         if state is None:
             return self._forward(x, segment_ids, return_state=False)[0]
         return self._run(x, segment_ids, state, state)

@@ -183,19 +183,25 @@ class Mamba3Mixer(nnx.Module):
         return self.out_proj(y.astype(self.dtype)), state
 
     # --- public API ---------------------------------------------------------------------------
-    def __call__(self, x, *, segment_ids=None, positions=None, state: Mamba3Cache | None = None):
+    def __call__(
+        self, x, *, segment_ids=None, positions=None, state: Mamba3Cache | None = None, norm=None
+    ):
         """x (B, L, d_model), segment_ids (B, L) int | None -> (B, L, d_model). positions unused.
 
         With `state` (state passing: the cache the row's previous chunk ended with), x continues
-        from it and the result is (y, the state after x)."""
+        from it and the result is (y, the state after x). `norm` (token-local, e.g. the block's
+        RMSNorm) is applied to x first, inside each layer chunk (as Mamba2Mixer's)."""
         del positions
         self._check(x, segment_ids)
         impl = self.config.mamba3_impl
         if runs_in_chunks(self.config.layer_chunk_size, x.shape[1]):
             start = self.init_cache(x.shape[0]) if state is None else state
-            run = lambda x, seg, s: self._scan(x, seg, s, True, impl)
+            pre = norm or (lambda x: x)
+            run = lambda x, seg, s: self._scan(pre(x), seg, s, True, impl)
             y, after = recurrent_chunked(run, x, segment_ids, start, self.config.layer_chunk_size)
             return y if state is None else (y, after)
+        if norm is not None:
+            x = norm(x)
         y, after = self._scan(x, segment_ids, state, state is not None, impl)
         return y if state is None else (y, after)
 

@@ -116,15 +116,18 @@ class MLP(nnx.Module):
         self.down_proj = linear(config, self.d_ff, config.d_model, rngs=rngs)
         self.chunk_size = config.layer_chunk_size
 
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x (B, L, d_model) -> (B, L, d_model) in config.dtype. segment_ids/positions unused."""
+    def __call__(self, x, *, segment_ids=None, positions=None, norm=None):
+        """x (B, L, d_model) -> (B, L, d_model) in config.dtype. segment_ids/positions unused.
+        `norm` (token-local, e.g. the block's RMSNorm) is applied to x first, inside each layer
+        chunk, so that no normed copy of the whole row is formed or kept for the backward."""
         del segment_ids, positions
-        x = x.astype(self.dtype)
+        apply = self._apply if norm is None else lambda x: self._apply(norm(x))
         if not runs_in_chunks(self.chunk_size, x.shape[-2]):
-            return self._apply(x)
-        return token_chunked(jax.checkpoint(self._apply), x, self.chunk_size)
+            return apply(x)
+        return token_chunked(jax.checkpoint(apply), x, self.chunk_size)
 
     def _apply(self, x):
+        x = x.astype(self.dtype)
         h = self.up_proj(x)
         if self.gate_proj is not None:
             h = self.act_fn(self.gate_proj(x)) * h
