@@ -6,6 +6,9 @@ to `dtype` (the compute dtype; None = the input's dtype).
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -30,5 +33,7 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((d,), jnp.dtype(param_dtype)))
 
     def __call__(self, x):
-        y = rmsnorm(x, self.weight[...], eps=self.eps)
+        # Rematerialised: the backward keeps x (in its own dtype, usually saved anyway as the
+        # block's input), not the float32 copies of x and of the normalised x over the sequence.
+        y = jax.checkpoint(functools.partial(rmsnorm, eps=self.eps))(x, self.weight[...])
         return y if self.dtype is None else y.astype(self.dtype)
