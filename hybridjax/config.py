@@ -83,6 +83,11 @@ class HybridConfig:
     # packed rows with more documents than this take the blockwise kernel instead of cuDNN's (its
     # backward workspace grows with it: rows x max x length x heads x head_dim in float32)
     attn_max_documents: int = 8
+    # kv heads (with their query heads) one attention call takes, the calls one after another: the
+    # kernels' buffers grow with their heads (cuDNN's packed backward workspace: rows x
+    # attn_max_documents x length x heads x head_dim in float32), so long rows take fewer at a
+    # time; 0 = all heads in one call
+    attn_kv_heads_per_call: int = 0
 
     # --- MoE ----------------------------------------------------------------------------------
     n_experts: int = 8
@@ -131,6 +136,11 @@ class HybridConfig:
             "attn_max_documents",
         ):
             _check_positive(name, getattr(self, name))
+        if self.attn_kv_heads_per_call < 0:
+            raise ValueError(
+                f"attn_kv_heads_per_call: must be >= 0 (0 = all heads in one call), got "
+                f"{self.attn_kv_heads_per_call!r}"
+            )
         if self.layer_chunk_size < 0:
             raise ValueError(
                 f"layer_chunk_size: must be >= 0 (0 = the whole row), got {self.layer_chunk_size!r}"

@@ -106,6 +106,7 @@ RUNTIME_FIELDS = frozenset(
         "ssd_impl",
         "attn_impl",
         "attn_max_documents",
+        "attn_kv_heads_per_call",
         "moe_dispatch",
         "capacity_factor",
         "grouped_matmul",

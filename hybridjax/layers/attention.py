@@ -106,6 +106,7 @@ class Attention(nnx.Module):
             scale=self.scale,
             impl=self.impl,
             max_documents=self.max_documents,
+            kv_heads_per_call=self.config.attn_kv_heads_per_call,
         )
         return self.o_proj(out)
 

@@ -96,9 +96,19 @@ def _check(q, k, v, segment_ids):
 
 
 def attention(
-    q, k, v, *, segment_ids=None, scale=None, impl="auto", max_documents: int = MAX_DOCUMENTS
+    q,
+    k,
+    v,
+    *,
+    segment_ids=None,
+    scale=None,
+    impl="auto",
+    max_documents: int = MAX_DOCUMENTS,
+    kv_heads_per_call: int = 0,
 ):
-    """Causal GQA attention; see the module docstring."""
+    """Causal GQA attention; see the module docstring. `kv_heads_per_call` > 0: the kernel takes
+    that many kv heads (with their query heads) at a time, one call after another
+    (`by_head_groups`)."""
     if impl not in IMPLS:
         raise ValueError(
             f"attn_impl: {impl!r} is not allowed; choose from {', '.join(map(repr, IMPLS))}"
@@ -111,7 +121,10 @@ def attention(
         impl = "cudnn" if flash and packed_ok else "blockwise"
     if impl == "xla":
         b, l = q.shape[:2]
-        return dense_attention(q, k, v, causal_mask(segment_ids, b, l), scale=scale)
+        dense = lambda q, k, v, seg: dense_attention(q, k, v, causal_mask(seg, b, l), scale=scale)
+        if kv_heads_per_call:
+            return by_head_groups(dense, q, k, v, segment_ids, kv_heads_per_call=kv_heads_per_call)
+        return dense(q, k, v, segment_ids)
     if splits_sequence(q.shape, k.shape[2]):
         return context_attention(q, k, v, segment_ids, scale=scale)
     blockwise = functools.partial(blockwise_attention, scale=scale)
@@ -131,7 +144,30 @@ def attention(
         fn = functools.partial(pallas_attention, scale=scale)
     else:
         fn = blockwise
+    if kv_heads_per_call:
+        fn = functools.partial(by_head_groups, fn, kv_heads_per_call=kv_heads_per_call)
     return attention_per_shard(fn, q, k, v, segment_ids)
+
+
+def by_head_groups(fn, q, k, v, segment_ids, *, kv_heads_per_call: int):
+    """`fn(q, k, v, segment_ids)` over groups of `kv_heads_per_call` kv heads (the largest divisor
+    of k's heads up to it) and their query heads, one group after another (lax.map): heads are
+    independent, so the result is the same, and a kernel whose buffers grow with its heads holds
+    one group's. cuDNN's packed backward sizes its float32 workspace by rows x max_documents x
+    length x heads x head_dim (1B, 4 documents: ~64 KiB per token, 32 GiB at 512K tokens); the
+    blockwise kernel's dQ and output accumulators grow the same way."""
+    hk = k.shape[2]
+    per = max(d for d in range(1, min(kv_heads_per_call, hk) + 1) if hk % d == 0)
+    groups = hk // per
+    if groups == 1:
+        return fn(q, k, v, segment_ids)
+
+    def split(t):  # (B, L, H, D) -> (groups, B, L, H / groups, D): group j holds kv heads
+        b, l, h, d = t.shape  # j*per .. and the query heads that read them
+        return jnp.moveaxis(t.reshape(b, l, groups, h // groups, d), 2, 0)
+
+    out = lax.map(lambda g: fn(*g, segment_ids), (split(q), split(k), split(v)))
+    return jnp.moveaxis(out, 0, 2).reshape(q.shape[:3] + out.shape[-1:])
 
 
 def _cudnn_one_document(q, k, v, segment_ids, *, scale):
