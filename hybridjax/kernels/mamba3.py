@@ -133,27 +133,22 @@ def _siso(
     tuning,
 ):
     """(y, final state) on whole sequences (one device's rows and heads under a mesh)."""
-    # The channels go in halves order (pair (2i, 2i+1) -> (i, i + n/2)), the same permutation
-    # for q, k and the state's columns, which every dot product over the state ignores: XLA's
-    # rotation and its transpose then work on contiguous halves instead of every other channel.
     if initial_state is not None:  # ssd_form's layout has a rank axis
-        initial_state = initial_state._replace(
-            ssm=_to_halves(initial_state.ssm), k=_to_halves(initial_state.k)[:, None]
-        )
+        initial_state = initial_state._replace(k=initial_state.k[:, None])
     form = ssd_form(
-        _to_halves(q)[:, :, None],
-        _to_halves(k)[:, :, None],
+        q[:, :, None],
+        k[:, :, None],
         v,
         dt,
         trap,
-        _to_halves(q_bias)[:, None],
-        _to_halves(k_bias)[:, None],
+        q_bias[:, None],
+        k_bias[:, None],
         angles,
         None,
         initial_state,
         segment_ids,
         F32,
-        "halves",
+        "adjacent",
     )
     # q~ and k~ go to the kernels in their operand dtype: the rotation's fusion writes them so,
     # half the bytes of float32 (the kernels would round them on loading anyway)
@@ -187,20 +182,8 @@ def _siso(
         form.phi[:, -1:, None],
         "adjacent",
     )[:, 0, 0]
-    final = Mamba3State(form.phi[:, -1], _from_halves(ssm), k_last, v[:, -1].astype(F32))
+    final = Mamba3State(form.phi[:, -1], ssm, k_last, v[:, -1].astype(F32))
     return out.astype(v.dtype), final
-
-
-def _to_halves(t):
-    """Channels (..., n) from adjacent pairs (2i, 2i+1) to halves (i, i + n/2)."""
-    n = t.shape[-1]
-    return jnp.swapaxes(t.reshape(*t.shape[:-1], n // 2, 2), -1, -2).reshape(t.shape)
-
-
-def _from_halves(t):
-    """The inverse of `_to_halves`."""
-    n = t.shape[-1]
-    return jnp.swapaxes(t.reshape(*t.shape[:-1], 2, n // 2), -1, -2).reshape(t.shape)
 
 
 def _per_shard(scan, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, state, segment_ids):
