@@ -252,6 +252,13 @@ GROUPS = {
     "bench_profile": (
         Step("python -m hybridjax.bench profile --layout context=2 --out prof", BENCH, devices=2),
     ),
+    "bench_profile_moe": (  # the MoE preset's layer kinds at the tiny preset's widths
+        Step(
+            "python -m hybridjax.bench profile --preset moe --out prof",
+            BENCH,
+            fill=(("--preset moe", "--model pattern=ME*- n_experts=4 top_k=2 moe_ffn=32"),),
+        ),
+    ),
     "bench_mesh_moe": (
         Step(
             "python -m hybridjax.bench mesh --preset moe --layouts 1 data=2 "
