@@ -134,12 +134,12 @@ class Block(nnx.Module):
         if state is not None:
             kw["state"] = state
         with jax.named_scope(SCOPES[self.letter]):
-            if self.letter in PRENORM:
-                y = self.mixer(
-                    x, segment_ids=segment_ids, positions=positions, norm=self.norm, **kw
-                )
+            inputs = x
+            if self.letter in PRENORM:  # the mixer normalises each layer chunk itself
+                kw["norm"] = self.norm
             else:
-                y = self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions, **kw)
+                inputs = self.norm(x)
+            y = self.mixer(inputs, segment_ids=segment_ids, positions=positions, **kw)
         aux = None
         if self.letter == "E":
             y, aux = y

@@ -288,15 +288,14 @@ class Mamba2Mixer(nnx.Module):
         RMSNorm) is applied to x first: inside each layer chunk, so that no normed copy of the
         whole row is formed or kept for the backward."""
         del positions
+        pre = norm or (lambda x: x)
         if runs_in_chunks(self.config.layer_chunk_size, x.shape[1]):
             self._check(x)
             start = self.init_cache(x.shape[0], dtype=self.acc_dtype) if state is None else state
-            pre = norm or (lambda x: x)
             run = lambda x, seg, s: self._run(pre(x), seg, s, s)
             y, after = recurrent_chunked(run, x, segment_ids, start, self.config.layer_chunk_size)
             return y if state is None else (y, after)
-        if norm is not None:
-            x = norm(x)
+        x = pre(x)
         if state is None:
             return self._forward(x, segment_ids, return_state=False)[0]
         return self._run(x, segment_ids, state, state)

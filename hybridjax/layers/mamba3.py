@@ -194,15 +194,13 @@ class Mamba3Mixer(nnx.Module):
         del positions
         self._check(x, segment_ids)
         impl = self.config.mamba3_impl
+        pre = norm or (lambda x: x)
         if runs_in_chunks(self.config.layer_chunk_size, x.shape[1]):
             start = self.init_cache(x.shape[0]) if state is None else state
-            pre = norm or (lambda x: x)
             run = lambda x, seg, s: self._scan(pre(x), seg, s, True, impl)
             y, after = recurrent_chunked(run, x, segment_ids, start, self.config.layer_chunk_size)
             return y if state is None else (y, after)
-        if norm is not None:
-            x = norm(x)
-        y, after = self._scan(x, segment_ids, state, state is not None, impl)
+        y, after = self._scan(pre(x), segment_ids, state, state is not None, impl)
         return y if state is None else (y, after)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Mamba3Cache:
