@@ -13,6 +13,7 @@ import dataclasses
 from hybridjax.ops.attention import IMPLS as ATTN_IMPLS
 from hybridjax.ops.grouped_matmul import IMPLS as GROUPED_MATMULS
 from hybridjax.ops.mamba3 import IMPLS as MAMBA3_IMPLS
+from hybridjax.ops.norms import NORM_IMPLS
 from hybridjax.ops.ssd import IMPLS as SSD_IMPLS
 
 LAYER_LETTERS = {"M": "mamba2", "3": "mamba3", "*": "attention", "E": "moe", "-": "mlp"}
@@ -61,6 +62,9 @@ class HybridConfig:
     time_step_floor: float = 1e-4
     clamp_dt: bool = True  # dt >= time_step_min after softplus, as transformers NemotronH
     ssd_impl: str = "auto"
+    # the conv + SiLU and the gated RMSNorm around the scan: auto (fused Pallas kernels on a GPU,
+    # `hybridjax.kernels`), xla or pallas
+    mamba2_glue_impl: str = "auto"
 
     # --- Mamba-3 (letter 3): sizes from the Mamba-2 fields above (mamba_heads, mamba_head_dim,
     # ssm_state, n_groups, chunk_size, time_step_*; no conv) ---------------------------------
@@ -117,6 +121,7 @@ class HybridConfig:
         for name in ("dtype", "param_dtype"):
             _check_choice(name, getattr(self, name), DTYPES)
         _check_choice("ssd_impl", self.ssd_impl, SSD_IMPLS)
+        _check_choice("mamba2_glue_impl", self.mamba2_glue_impl, NORM_IMPLS)
         _check_choice("mamba3_impl", self.mamba3_impl, MAMBA3_IMPLS)
         _check_choice("mamba3_a_act", self.mamba3_a_act, MAMBA3_A_ACTS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)

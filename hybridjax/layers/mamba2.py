@@ -136,14 +136,16 @@ def out_projection(config: HybridConfig, rngs: nnx.Rngs) -> Dense:
 class GatedRMSNorm(nnx.Module):
     """NemotronHRMSNormGated: weight (any shape of d elements); rmsnorm(x * silu(z)) over groups of group_size."""
 
-    def __init__(self, shape: tuple, group_size: int, *, eps: float, param_dtype):
+    def __init__(self, shape: tuple, group_size: int, *, eps: float, param_dtype, impl="xla"):
         self.group_size = group_size
         self.eps = eps
+        self.impl = impl
         self.weight = nnx.Param(jnp.ones(shape, param_dtype))
 
-    def __call__(self, x, z):
+    def __call__(self, x, z, out_dtype=None):
+        w = self.weight[...].reshape(-1)
         return gated_rmsnorm(
-            x, z, self.weight[...].reshape(-1), group_size=self.group_size, eps=self.eps
+            x, z, w, group_size=self.group_size, eps=self.eps, out_dtype=out_dtype, impl=self.impl
         )
 
 
@@ -185,7 +187,11 @@ class Mamba2Mixer(nnx.Module):
         self.A_log = nnx.Param(_init_A_log(rngs.params(), (h,), param_dtype))
         self.D = nnx.Param(jnp.ones((h,), param_dtype))
         self.norm = GatedRMSNorm(
-            (h, p), self.d_inner // g, eps=config.norm_eps, param_dtype=param_dtype
+            (h, p),
+            self.d_inner // g,
+            eps=config.norm_eps,
+            param_dtype=param_dtype,
+            impl=config.mamba2_glue_impl,
         )
         self.out_proj = out_projection(config, rngs)
 
@@ -220,8 +226,8 @@ class Mamba2Mixer(nnx.Module):
     def _out(self, y, z):
         """y, z (..., H, P) -> (..., d_model)."""
         lead = y.shape[:-2]
-        y = self.norm(y.reshape(*lead, -1).astype(self.acc_dtype), z.reshape(*lead, -1))
-        return self.out_proj(y.astype(self.dtype).reshape(*lead, self.n_heads, self.head_dim))
+        y = self.norm(y.reshape(*lead, -1), z.reshape(*lead, -1), out_dtype=self.dtype)
+        return self.out_proj(y.reshape(*lead, self.n_heads, self.head_dim))
 
     def _check(self, x):
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
