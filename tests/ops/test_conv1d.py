@@ -137,3 +137,96 @@ def test_context_parallel_equals_one_device_with_neighbour_sends_only():
     counts = collective_counts(hlo)
     assert counts["all-to-all"] == counts["all-gather"] == 0, counts
     assert counts["collective-permute"] > 0, counts
+
+
+# --- activation and impl ----------------------------------------------------------------------
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def test_silu_matches_numpy():
+    x, kern, bias, state = _r((2, 10, 3), 0), _r((4, 3), 1), _r((3,), 2), _r((2, 3, 3), 3)
+    seg = np.array([[0, 0, 1, 1, 1, 1, 1, 0, 3, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 5]])
+    args = (jnp.asarray(x), jnp.asarray(kern), jnp.asarray(bias))
+    kw = {"segment_ids": jnp.asarray(seg), "initial_state": jnp.asarray(state)}
+    got = causal_conv1d(*args, **kw, activation="silu", impl="xla")
+    want = _silu(_numpy_conv(x, kern, bias, seg, state))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+    # without an activation the conv is returned bare, as before
+    np.testing.assert_allclose(causal_conv1d(*args, **kw), _numpy_conv(x, kern, bias, seg, state))
+
+
+def test_silu_rounds_once_in_bfloat16():
+    """bfloat16 input: SiLU is applied to the float32 sum, then one rounding."""
+    x = jnp.asarray(_r((2, 50, 8), 0), jnp.bfloat16)
+    kern, bias = jnp.asarray(_r((4, 8), 1), jnp.float32), jnp.asarray(_r((8,), 2), jnp.float32)
+    got = causal_conv1d(x, kern, bias, activation="silu")
+    assert got.dtype == jnp.bfloat16
+    want = _silu(_numpy_conv(np.asarray(x, np.float64), np.asarray(kern), np.asarray(bias)))
+    err = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(err <= 2.0**-8 * np.abs(want) + 1e-6), err.max()
+
+
+def test_auto_is_xla_on_the_cpu():
+    x, kern, bias = jnp.asarray(_r((1, 9, 4), 0)), jnp.asarray(_r((3, 4), 1)), _r((4,), 2)
+    for act in (None, "silu"):
+        auto = causal_conv1d(x, kern, jnp.asarray(bias), activation=act)
+        xla = causal_conv1d(x, kern, jnp.asarray(bias), activation=act, impl="xla")
+        np.testing.assert_array_equal(auto, xla)
+
+
+def test_pallas_final_state_equals_xla():
+    """impl='pallas' (the kernels in interpret mode) returns the XLA path's final window."""
+    import functools
+
+    from hybridjax.kernels.conv1d import causal_conv1d_silu_pallas
+    from hybridjax.ops.conv1d import _conv_pallas
+
+    x, kern, bias = jnp.asarray(_r((2, 7, 4), 0)), jnp.asarray(_r((4, 4), 1)), _r((4,), 2)
+    x, kern, bias = x.astype(jnp.float32), kern.astype(jnp.float32), jnp.asarray(bias, "float32")
+    seg = jnp.array([[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
+    state = jnp.asarray(_r((2, 3, 4), 3), jnp.float32)
+    fn = functools.partial(causal_conv1d_silu_pallas, interpret=True)
+    for init in (None, state):
+        y, final = _conv_pallas(fn, x, kern, bias, seg, init, True)
+        want_y, want_final = causal_conv1d(
+            x, kern, bias, segment_ids=seg, initial_state=init, return_final_state=True,
+            activation="silu", impl="xla",
+        )  # fmt: skip
+        np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(final, want_final)
+
+
+def test_bad_impl_and_activation():
+    x, kern = jnp.zeros((2, 5, 3), jnp.float32), jnp.zeros((4, 3), jnp.float32)
+    with pytest.raises(ValueError, match="unknown impl 'triton'; choose one of auto, xla, pallas"):
+        causal_conv1d(x, kern, impl="triton")
+    with pytest.raises(ValueError, match="unknown activation 'gelu'; choose None or 'silu'"):
+        causal_conv1d(x, kern, activation="gelu")
+    with pytest.raises(ValueError, match="impl='pallas'.*needs activation='silu'"):
+        causal_conv1d(x, kern, impl="pallas")
+    with pytest.raises(ValueError, match=r"needs a GPU backend.*interpret=True"):
+        causal_conv1d(x, kern, activation="silu", impl="pallas")
+    with pytest.raises(ValueError, match="float64"):
+        causal_conv1d(x.astype(jnp.float64), kern, activation="silu", impl="pallas")
+
+
+def test_silu_over_context_equals_one_device():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from hybridjax.sharding import make_mesh
+
+    b, l, c = 2, 32, 4
+    x, kern, bias, init = _r((b, l, c), 0), _r((4, c), 1), _r((c,), 2), _r((b, 3, c), 3)
+    seg = np.zeros((b, l), np.int32)
+    seg[0, 9:] = 1
+    f = lambda x, seg: causal_conv1d(
+        x, kern, bias, segment_ids=seg, initial_state=init, activation="silu"
+    )
+    want = f(x, seg)
+    mesh = make_mesh(data=2, context=4, devices=jax.devices()[:8])
+    split = NamedSharding(mesh, P("data", "context"))
+    with jax.set_mesh(mesh):
+        got = jax.jit(f)(jax.device_put(x, split), jax.device_put(seg, split))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-13)
