@@ -1,5 +1,5 @@
 """`python -m hybridjax.bench <benchmark> [options]`; benchmarks: ssd, mamba3, step, mesh,
-attention, profile, grouped_matmul."""
+attention, profile, grouped_matmul, conv."""
 
 import importlib
 import sys
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "attention": "hybridjax.bench.attention",
     "profile": "hybridjax.bench.profile",
     "grouped_matmul": "hybridjax.bench.grouped_matmul",
+    "conv": "hybridjax.bench.conv",
 }
 
 
