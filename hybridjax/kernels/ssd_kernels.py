@@ -207,7 +207,7 @@ def _bwd_dx_kernel(*refs, Q, hb, has_doc, has_D, cdt):
         dyx_ref[i, :] = jnp.sum(xf * dyf, axis=1)
         return dB + dt[:, None] * (_dot((XdY * Lt).astype(cdt), Cm) + outd[:, None] * _dot(x, G))
 
-    db_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(b_ref.shape, F32))
+    db_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(b_ref.shape, F32)).astype(db_ref.dtype)
 
 
 def _bwd_dc_kernel(*refs, Q, hb, has_doc, cdt):
@@ -233,7 +233,7 @@ def _bwd_dc_kernel(*refs, Q, hb, has_doc, cdt):
         rs_ref[i, :] = jnp.sum(P * CB, axis=1) + jnp.sum(Cf * dC_in, axis=1)
         return dC + _dot(P.astype(cdt), Bm) + dC_in
 
-    dc_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(c_ref.shape, F32))
+    dc_ref[...] = jax.lax.fori_loop(0, hb, head, jnp.zeros(c_ref.shape, F32)).astype(dc_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +391,8 @@ class ChunkSpecs:
 
 
 def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D):
-    """dx, dB summed over each block of cfg.hb heads (b, L, h // hb, n) float32, x.v, dy.x."""
+    """dx, dB summed over each block of cfg.hb heads (b, L, h // hb, n) (`partial_dtype`), x.v,
+    dy.x."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     sp = ChunkSpecs(cfg.Q, cfg.hb, h // B.shape[2], p, n)
@@ -418,7 +419,7 @@ def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D):
     vec = jax.ShapeDtypeStruct((b, h, L), F32)
     out_shape = [
         jax.ShapeDtypeStruct(x.shape, x.dtype),
-        jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), F32),
+        jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), partial_dtype(cfg, h, B)),
         vec,
         vec,
     ]
@@ -434,8 +435,16 @@ def bwd_dx_call(cfg, dy, x, B, C, dt, cs, outd, doc, g_chunks, D):
     )(*args)
 
 
+def partial_dtype(cfg, h, B):
+    """The dtype of the per-block dB and dC: B's where a group has one block of heads (nothing is
+    summed after the kernel, and the gradient leaves in B's dtype: half the bytes in bfloat16),
+    else float32 for the sum over the group's blocks."""
+    return B.dtype if h // cfg.hb == B.shape[2] else F32
+
+
 def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks):
-    """dC summed over each block of cfg.hb heads (b, L, h // hb, n) float32, and the row sums."""
+    """dC summed over each block of cfg.hb heads (b, L, h // hb, n) (`partial_dtype`), and the row
+    sums."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     sp = ChunkSpecs(cfg.Q, cfg.hb, h // B.shape[2], p, n)
@@ -449,7 +458,7 @@ def bwd_dc_call(cfg, dy, x, B, C, dt, cs, ind, doc, s_chunks):
         + [sp.state]
     )
     out_shape = [
-        jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), F32),
+        jax.ShapeDtypeStruct((b, L, h // cfg.hb, n), partial_dtype(cfg, h, B)),
         jax.ShapeDtypeStruct((b, h, L), F32),
     ]
     return _call(
