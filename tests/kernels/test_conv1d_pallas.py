@@ -174,7 +174,9 @@ def test_a_tap_off_by_one_fails_the_check(monkeypatch):
     """The tolerance catches a kernel whose taps are shifted by one position."""
     x, kern, bias, init, dy = inputs(1, 37, 16, 3, jnp.float32)
     load = kconv._Block.x  # the oldest tap (d = -2) reads one position too late
-    monkeypatch.setattr(kconv._Block, "x", lambda self, d: load(self, d + 1 if d == -2 else d))
+    monkeypatch.setattr(
+        kconv._Block, "x", lambda self, d, n=None: load(self, d + 1 if d == -2 else d, n)
+    )
     with pytest.raises(AssertionError):
         check(x, kern, bias, init, dy, None, block_l=16)
 
