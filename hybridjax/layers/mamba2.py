@@ -1,7 +1,8 @@
 """Mamba-2 mixer (transformers `NemotronHMamba2Mixer` semantics, so export is exact).
 
     z, x = zx_proj(x); B, C = bc_proj(x); dt = dt_proj(x)   (transformers: one in_proj)
-    x, B, C = silu(causal depthwise conv1d(x, B, C))   kernel conv_kernel, with bias
+    x, B, C = silu(causal depthwise conv1d(x, B, C))   kernel conv_kernel, with bias, SiLU in
+                                                       float32 before the one rounding
                                                        head h reads group h // (H/G)
     dt = softplus(dt + dt_bias), clamped below at time_step_min when config.clamp_dt
     A = -exp(A_log)
@@ -248,8 +249,8 @@ class Mamba2Mixer(nnx.Module):
         if initial_state is not None:  # the window holds [x | B, C] channels, as decode's
             conv_x0, conv_bc0 = jnp.split(initial_state.conv.astype(x.dtype), [self.d_inner], -1)
             ssm0 = initial_state.ssm.astype(self.acc_dtype)
-        xs, conv_x_state = self._conv(self.conv_x, xs, segment_ids, return_state, conv_x0)
-        bc, conv_bc_state = self._conv(self.conv_bc, bc, segment_ids, return_state, conv_bc0)
+        xs, conv_x_state = self._conv(xs, self.conv_x, segment_ids, return_state, conv_x0)
+        bc, conv_bc_state = self._conv(bc, self.conv_bc, segment_ids, return_state, conv_bc0)
         B, C = self._split_bc(bc, (b, l))
         out = ssd(
             xs.reshape(b, l, self.n_heads, self.head_dim),
@@ -268,8 +269,7 @@ class Mamba2Mixer(nnx.Module):
         conv_state = jnp.concatenate([conv_x_state, conv_bc_state], -1) if return_state else None
         return self._out(y, z), conv_state, ssm_state
 
-    @staticmethod
-    def _conv(conv, x, segment_ids, return_state, initial_state=None):
+    def _conv(self, x, conv, segment_ids, return_state, initial_state=None):
         """silu(causal depthwise conv) over flat channels -> (y, final window or None)."""
         kernel, bias = conv.flat()
         out = causal_conv1d(
@@ -279,9 +279,10 @@ class Mamba2Mixer(nnx.Module):
             segment_ids=segment_ids,
             initial_state=initial_state,
             return_final_state=return_state,
+            activation="silu",
+            impl=self.config.mamba2_glue_impl,
         )
-        y, state = out if return_state else (out, None)
-        return jax.nn.silu(y), state
+        return out if return_state else (out, None)
 
     # --- public API ---------------------------------------------------------------------------
     def __call__(
@@ -342,8 +343,8 @@ class Mamba2Mixer(nnx.Module):
             cache.conv.astype(xs.dtype),
             jnp.concatenate([kx, kbc], -1),
             jnp.concatenate([bx, bbc], -1),
+            activation="silu",
         )
-        xbc = jax.nn.silu(xbc)
         xs, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + g * n], -1)
         acc = self.acc_dtype
         xs = xs.reshape(b, h, p).astype(acc)

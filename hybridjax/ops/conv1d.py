@@ -29,7 +29,7 @@ The final window (return_final_state) is formed in XLA on either path.
 
 `causal_conv1d_update` is the one-token decode step over a window state (B, K-1, C) holding the
 last K-1 inputs, oldest first. Both compute in float32 (float64 for float64 input) and return
-x.dtype; no activation is applied by the update.
+x.dtype; the update takes the same `activation`.
 """
 
 from __future__ import annotations
@@ -257,8 +257,13 @@ def _conv_over_context(
     return y, final[:, 0]
 
 
-def causal_conv1d_update(x, state, kernel, bias=None):
-    """One decode step. x (B, C), state (B, K-1, C) -> (y (B, C), new_state (B, K-1, C))."""
+def causal_conv1d_update(x, state, kernel, bias=None, *, activation=None):
+    """One decode step. x (B, C), state (B, K-1, C) -> (y (B, C), new_state (B, K-1, C)); with
+    activation="silu", SiLU before the one rounding, as `causal_conv1d`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"causal_conv1d_update: unknown activation {activation!r}; choose None or 'silu'"
+        )
     if x.ndim != 2:
         raise ValueError(f"causal_conv1d_update: x has shape {x.shape}, expected (batch, channels)")
     _check(x[:, None], kernel, bias)
@@ -273,4 +278,6 @@ def causal_conv1d_update(x, state, kernel, bias=None):
     y = jnp.sum(window.astype(ct) * kernel.astype(ct), axis=1)
     if bias is not None:
         y = y + bias.astype(ct)
+    if activation == "silu":
+        y = jax.nn.silu(y)
     return y.astype(x.dtype), window[:, 1:].astype(state.dtype)
