@@ -56,6 +56,7 @@ SSD = (
 TIMING = ("--warmup", "1", "--repeats", "1", "--batch", "1")
 MAMBA3 = ("--shapes", "b1,l64,h2,p16,n16", *TIMING)
 GROUPED_MATMUL = ("--shapes", "m256,k32,n16,e4", *TIMING)
+CONV = ("--shapes", "b1,l40,c24,k4", *TIMING)
 # XLA's CPU backend compiles these programs 2-3x faster without LLVM's optimisations and with its
 # older loop emitters; the commands run two steps, so how fast the compiled code runs is moot.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
@@ -209,6 +210,7 @@ GROUPS = {
     "bench_ssd": (Step("python -m hybridjax.bench ssd --impls chunked pallas mamba_ssm", SSD),),
     "bench_mamba3": (Step("python -m hybridjax.bench mamba3", MAMBA3),),
     "bench_grouped_matmul": (Step("python -m hybridjax.bench grouped_matmul", GROUPED_MATMUL),),
+    "bench_conv": (Step("python -m hybridjax.bench conv", CONV),),
     "bench_step": (
         Step("XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python -m hybridjax.bench step", BENCH),
     ),
@@ -290,6 +292,7 @@ SKIPPED = {
     "python -m hybridjax.bench step --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.bench step --preset moe --impls pallas": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.bench step --impls pallas --remat dots_no_batch": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
+    "python -m hybridjax.bench step --impls pallas --model mamba2_glue_impl=xla": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.kernels.check": GPU_KERNELS,
     "python -m hybridjax.kernels.check --stages": GPU_KERNELS,
     "python -m hybridjax.kernels.check --variants ...": GPU_KERNELS,

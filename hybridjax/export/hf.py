@@ -104,6 +104,7 @@ RUNTIME_FIELDS = frozenset(
         "scan_layers",
         "remat",
         "ssd_impl",
+        "mamba2_glue_impl",
         "attn_impl",
         "attn_max_documents",
         "attn_kv_heads_per_call",

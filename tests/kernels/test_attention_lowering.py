@@ -6,7 +6,6 @@ instead of on the GPU."""
 
 import contextlib
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from hybridjax.ops import attention as attn_ops
 from hybridjax.ops.attention import attention, causal_mask, dense_attention
 from hybridjax.sharding import make_mesh
+from tests.kernels._lowering import triton_operand_shapes
 
 TRITON = "__gpu$xla.gpu.triton"
 
@@ -110,14 +110,6 @@ def test_forward_and_backward_lower_for_cuda(pallas_on_cpu, dtype, l, hq, hk, d,
     assert text.count(TRITON) == 3
 
 
-def _triton_operand_shapes(text):
-    shapes = set()
-    for line in text.splitlines():
-        if TRITON in line:
-            shapes.update(re.findall(r"tensor<([0-9x]+)x(?:bf16|f32|i32)>", line))
-    return shapes
-
-
 def test_under_a_mesh_the_kernels_see_local_operands(pallas_on_cpu):
     pallas_on_cpu(interpret=False)
     b, l, hq, hk, d = 8, 1000, 4, 2, 64
@@ -129,7 +121,7 @@ def test_under_a_mesh_the_kernels_see_local_operands(pallas_on_cpu):
     )
     with jax.set_mesh(mesh):
         text = _lower_for_cuda(q, k, v, seg)
-    shapes = _triton_operand_shapes(text)
+    shapes = triton_operand_shapes(text)
     assert text.count(TRITON) == 3
     # each kernel reads its device's 2 rows (of 8) and 2 heads (of 4), padded to 1024 positions;
     # never the whole batch (8x1024x4x64, the operands gathered)

@@ -4,7 +4,6 @@ counts that the blocks do not divide, documents that start at and next to block 
 sizes 2..4, float32 and bfloat16; they lower for CUDA (Triton) alone and per shard of a mesh."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from hybridjax.kernels import conv1d as kconv
 from hybridjax.kernels.conv1d import causal_conv1d_silu_pallas
 from hybridjax.ops.conv1d import _conv_pallas, causal_conv1d
 from hybridjax.sharding import make_mesh
+from tests.kernels._lowering import triton_operand_shapes
 
 U_BF16 = 2.0**-8  # bfloat16's unit roundoff: one rounding of a float32 result
 
@@ -242,14 +242,6 @@ def test_forward_and_backward_lower_for_cuda(monkeypatch, dtype, k, features):
     assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
 
 
-def _triton_operand_shapes(text):
-    shapes = set()
-    for line in text.splitlines():
-        if "__gpu$xla.gpu.triton" in line:
-            shapes.update(re.findall(r"tensor<([0-9x]+)x(?:bf16|f32|i32)>", line))
-    return shapes
-
-
 def test_pallas_under_a_mesh_lowers_per_shard_for_cuda(monkeypatch):
     _no_backend_check(monkeypatch)
     b, l, c = 8, 256, 64
@@ -271,7 +263,7 @@ def test_pallas_under_a_mesh_lowers_per_shard_for_cuda(monkeypatch):
         )
     assert text.count("__gpu$xla.gpu.triton") == 2
     # each kernel sees its device's 2 rows (of 8) and 32 channels (of 64), never the whole batch
-    shapes = _triton_operand_shapes(text)
+    shapes = triton_operand_shapes(text)
     assert "2x256x32" in shapes and not any(s.startswith("8x") for s in shapes), shapes
 
 

@@ -1,6 +1,8 @@
 """The fused gated RMSNorm kernels (Pallas interpret mode) against the float64 dense computation:
 values and the gradients of y, z and the weight."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.kernels import gated_norm
+from hybridjax.kernels import conv1d, gated_norm
 from hybridjax.kernels.gated_norm import gated_rmsnorm_pallas
 from hybridjax.layers.mamba2 import Mamba2Mixer
 from hybridjax.ops.norms import gated_rmsnorm
@@ -110,12 +112,12 @@ def test_forward_and_backward_lower_for_cuda(monkeypatch):
 
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
-    """The kernels accepted on the CPU and run in interpret mode wherever the library calls them."""
-    monkeypatch.setattr(gated_norm, "backend_reason", lambda *a: None)
-    real = gated_norm.gated_rmsnorm_pallas
-    monkeypatch.setattr(
-        gated_norm, "gated_rmsnorm_pallas", lambda *a, **k: real(*a, **k, interpret=True)
-    )
+    """The Mamba-2 glue kernels (this gated norm, and the conv + SiLU) accepted on the CPU and run
+    in interpret mode wherever the library calls them."""
+    for module, fn in ((gated_norm, "gated_rmsnorm_pallas"), (conv1d, "causal_conv1d_silu_pallas")):
+        monkeypatch.setattr(module, "backend_reason", lambda *a: None)
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, functools.partial(real, interpret=True))
 
 
 def test_per_shard_under_a_mesh_equals_whole_arrays(kernels_on_cpu):
@@ -152,7 +154,7 @@ def test_under_a_mesh_each_kernel_sees_its_devices_block(monkeypatch):
     assert all("tensor<1024x2x64xbf16>" in ln for ln in calls), calls
 
 
-def test_mamba2_mixer_with_the_kernels_equals_xla(kernels_on_cpu):
+def test_mamba2_mixer_with_the_glue_kernels_equals_xla(kernels_on_cpu):
     config = tiny(dtype="float32", param_dtype="float32")  # groups of 16 channels
     x = jax.random.normal(jax.random.key(0), (2, 24, 32), jnp.float32)
     results = []

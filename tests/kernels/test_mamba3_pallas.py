@@ -7,7 +7,6 @@ first position, a superchunk's, mid-chunk), two halves against the whole, per de
 mesh, the calls it refuses, and the lowering for CUDA (forward and backward), from the CPU."""
 
 import functools
-import re
 import zlib
 
 import jax
@@ -21,6 +20,7 @@ from hybridjax.kernels import mamba3 as pallas_mamba3
 from hybridjax.kernels import mamba3_pallas_unsupported_reason, mamba3_siso_pallas
 from hybridjax.ops import Mamba3State, mamba3_mimo, mamba3_siso
 from hybridjax.sharding import make_mesh
+from tests.kernels._lowering import triton_operand_shapes
 from tests.kernels.test_ssd_pallas import segments
 
 F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
@@ -238,15 +238,6 @@ def test_refusals():
         mamba3_mimo(*mimo, impl="pallas")
 
 
-def _triton_operand_shapes(text):
-    """The tensor shapes of every Triton custom call's operands and results."""
-    shapes = set()
-    for line in text.splitlines():
-        if "__gpu$xla.gpu.triton" in line:
-            shapes.update(re.findall(r"tensor<([0-9x]+)x(?:bf16|f32|i32)>", line))
-    return shapes
-
-
 @pytest.mark.parametrize(
     "dtype,p,n,features,mesh",
     [
@@ -300,7 +291,7 @@ def test_forward_and_backward_lower_for_cuda(monkeypatch, dtype, p, n, features,
         with jax.set_mesh(mesh):
             text = lower()
         # every kernel sees its device's 2 rows (of 8) and 2 heads (of 4), never the whole batch
-        shapes = _triton_operand_shapes(text)
+        shapes = triton_operand_shapes(text)
         assert shapes and all(s.startswith("2x") for s in shapes), shapes
         assert f"2x512x2x{p}" in shapes  # v's local block, padded to whole chunks
     # one custom call per kernel launch: forward, state, dc and dx kernels all lowered

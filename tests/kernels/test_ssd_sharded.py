@@ -4,7 +4,6 @@ and gradients, every way heads can read groups across tensor shards, the sequenc
 kernels lower for CUDA on each device's rows and heads only (no gathered operand)."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from hybridjax.kernels import ssd_pallas
 from hybridjax.ops import ssd
 from hybridjax.ops.ssd_sharded import ssd_per_shard
 from hybridjax.sharding import make_mesh
+from tests.kernels._lowering import triton_operand_shapes
 from tests.kernels.test_ssd_pallas import make_inputs, segments
 
 
@@ -118,15 +118,6 @@ def test_pallas_kernels_per_shard_interpret():
         )
 
 
-def _triton_operand_shapes(text):
-    """The tensor shapes of every Triton custom call's operands and results."""
-    shapes = set()
-    for line in text.splitlines():
-        if "__gpu$xla.gpu.triton" in line:
-            shapes.update(re.findall(r"tensor<([0-9x]+)x(?:bf16|f32|i32)>", line))
-    return shapes
-
-
 def test_pallas_under_a_mesh_lowers_per_shard_for_cuda(monkeypatch):
     # The support check refuses a CPU backend; lowering for CUDA needs no GPU.
     monkeypatch.setattr(pallas_ssd, "pallas_unsupported_reason", lambda *a, **k: None)
@@ -148,7 +139,7 @@ def test_pallas_under_a_mesh_lowers_per_shard_for_cuda(monkeypatch):
             .lower(lowering_platforms=("cuda",))
             .as_text()
         )
-    shapes = _triton_operand_shapes(text)
+    shapes = triton_operand_shapes(text)
     assert text.count("__gpu$xla.gpu.triton") >= 4  # forward, state, dc and dx kernels
     # every kernel sees its device's 2 rows (of 8) and 2 heads (of 4), never the whole batch
     # (without the shard_map they would read 8x512x4x64: the operands gathered)
