@@ -24,7 +24,7 @@ from hybridjax.kernels.ssd import backend_reason
 
 F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
-ROWS = 8  # rows per block: 8 x 512 channels = 16 floats per thread of 4 warps per tensor
+ROWS = 8  # rows per block: 8 x 512 channels = 32 floats a thread of 4 warps, per tensor
 PROGRAM_ROWS = 128  # rows a backward program walks (its weight partial covers them)
 
 
