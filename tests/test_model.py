@@ -81,7 +81,7 @@ def test_packed_documents_equal_separate_runs():
     np.testing.assert_allclose(out[:, 13:], model(doc_b), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "block", "offload", "nested"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "block", "offload", "nested"])
 def test_remat_keeps_values_and_gradients(remat):
     cfg = tiny(pattern="M*E-M*E-")
     plain = HybridLM(cfg, rngs=nnx.Rngs(0))
@@ -103,6 +103,19 @@ def _grad_jaxpr(model, x):
     return str(
         jax.make_jaxpr(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(x)[0])))(state)
     )
+
+
+@pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
+def test_matmul_saving_remat_keeps_the_expert_matmuls(remat):
+    """The policies that save matmul outputs save the MoE experts' grouped matmuls too: the
+    backward runs none of them again (with remat="full" it reruns each one of the forward)."""
+    x = tokens(7, 2, 9)
+    count = lambda text: text.count("ragged_dot_general[")
+    model = lambda r: HybridLM(tiny(pattern="E-E-", remat=r), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model("full"))
+    forward = count(str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).hidden(x))(state)))
+    assert forward == 2  # the up and down projections, in the scanned period's body
+    assert count(_grad_jaxpr(model("full"), x)) - count(_grad_jaxpr(model(remat), x)) == forward
 
 
 def test_offload_keeps_block_inputs_on_the_host():
