@@ -210,6 +210,19 @@ def axis_size(mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def kernel_split(mesh, rows: int, length: int | None, channel_blocks: int):
+    """(row axes, sequence axis, channel axis) over which a custom kernel that XLA cannot
+    partition runs per shard (`jax.shard_map`) on `mesh`: the free batch axes when they divide
+    `rows`; "context" when `length` is given and it divides it; "tensor" when it divides
+    `channel_blocks` (the channels' indivisible blocks). Each entry is None where nothing splits."""
+    free = lambda a: a in mesh.axis_names and a not in mesh.manual_axes and mesh.shape[a] > 1
+    row_axes = tuple(a for a in batch_axes(mesh) if free(a))
+    row_axes = row_axes if row_axes and rows % axis_size(mesh, row_axes) == 0 else None
+    seq = length is not None and free(SEQUENCE_AXIS) and length % mesh.shape[SEQUENCE_AXIS] == 0
+    ch = free("tensor") and channel_blocks % mesh.shape["tensor"] == 0
+    return row_axes, SEQUENCE_AXIS if seq else None, "tensor" if ch else None
+
+
 def constrain_batch(x):
     """Pin activations (B, L, ...) to the batch layout of the current mesh (no-op without one,
     or when the rows or the sequence do not divide over their axes, e.g. while decoding)."""

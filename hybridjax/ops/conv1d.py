@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hybridjax.ops.segments import context_shards, document_index, over_context
-from hybridjax.sharding import SEQUENCE_AXIS, axis_size, batch_axes
+from hybridjax.sharding import SEQUENCE_AXIS, kernel_split
 
 IMPLS = ("auto", "xla", "pallas")
 ACTIVATIONS = (None, "silu")
@@ -162,12 +162,7 @@ def _per_shard(fn, x, kernel, bias, doc, initial_state):
     if mesh.empty:
         return call(x, kernel, bias, doc, initial_state)
     b, _, c = x.shape
-    free = lambda a: a in mesh.axis_names and a not in mesh.manual_axes and mesh.shape[a] > 1
-    rows = tuple(a for a in batch_axes(mesh) if free(a))
-    if b % axis_size(mesh, rows):
-        rows = ()
-    rows = rows or None
-    ch = "tensor" if free("tensor") and c % mesh.shape["tensor"] == 0 else None
+    rows, _, ch = kernel_split(mesh, b, None, c)
     if rows is None and ch is None:
         return call(x, kernel, bias, doc, initial_state)
     in_specs = (

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hybridjax.sharding import SEQUENCE_AXIS, axis_size, batch_axes
+from hybridjax.sharding import kernel_split
 
 
 def _compute_dtype(*arrays):
@@ -109,13 +109,7 @@ def _per_shard(x, gate, weight, group_size, eps, out_dtype):
     if mesh.empty or x.ndim != 3:
         return norm(x, gate, weight)
     b, l, d = x.shape
-    rows = tuple(a for a in batch_axes(mesh) if mesh.shape[a] > 1)
-    rows = rows if rows and b % axis_size(mesh, rows) == 0 else None
-    n_seq = mesh.shape.get(SEQUENCE_AXIS, 1)
-    seq = SEQUENCE_AXIS if n_seq > 1 and l % n_seq == 0 else None
-    n_tensor = mesh.shape.get("tensor", 1)
-    groups = d // group_size
-    channels = "tensor" if n_tensor > 1 and groups % n_tensor == 0 else None
+    rows, seq, channels = kernel_split(mesh, b, l, d // group_size)
     if rows is None and seq is None and channels is None:
         return norm(x, gate, weight)
     spec = P(rows, seq, channels)
