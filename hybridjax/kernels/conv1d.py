@@ -43,7 +43,8 @@ The same bodies run in Pallas interpret mode on the CPU (tests) and through Trit
 out).
 
 Measured (one H100, `python -m hybridjax.bench conv`, bfloat16, 4 documents per row, K=4;
-XLA's path is the shifted-window sum with SiLU, autodiff for the backward):
+XLA's path is the shifted-window sum with SiLU, autodiff for the backward; from a tuning sweep
+whose log was not kept; docs/measurements/h100_conv_kernel.log names the runs):
     B4 L4096 C4096   fwd 0.150 ms (XLA 0.185)   fwd+bwd 0.733 ms (XLA 0.916)
     B4 L4096 C2048   fwd 0.096 ms (XLA 0.105)   fwd+bwd 0.387 ms (XLA 0.492)
 The tuning defaults below are that run's best of BL 16..128, BC 64..256, nb 1..16 and 2..8
