@@ -37,6 +37,7 @@ import time
 SCOPES = ("mamba2", "mamba3", "attention", "moe", "mlp", "loss", "optimizer")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 CONTROL_FLOW = ("while", "conditional", "call")
+GROUPS_DETAILED, OPS_PER_GROUP = 6, 5  # the last table: its groups and ops per group
 MATMUL = re.compile(r"gemm|cublas|matmul|nvjet|xmma|cutlass", re.IGNORECASE)
 
 
@@ -156,10 +157,13 @@ def device_kernels(trace_dir: str, module: str):
 def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
     groups = collections.defaultdict(float)
     singles = collections.defaultdict(float)
+    group_of = {}
     for op, kernel, us in kernels:
         opcode, op_name, body = ops.get(op, ("?", "", ""))
-        groups[classify(opcode, op_name, body, kernel)] += us
+        group = classify(opcode, op_name, body, kernel)
+        groups[group] += us
         singles[(op, opcode, op_name)] += us
+        group_of[(op, opcode, op_name)] = group
     busy = sum(groups.values()) / n_steps / 1e3
     lines = [
         (
@@ -184,6 +188,18 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
     lines += ["", f"| top {top} ops | opcode | ms/step | jax name |", "|---|---|---|---|"]
     for (op, opcode, op_name), us in sorted(singles.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
+    # The matmuls are one op each; the rest of a group is often many small ops worth naming.
+    lines += [
+        "",
+        "| largest non-matmul groups: top ops | opcode | ms/step | jax name |",
+        "|---|---|---|---|",
+    ]
+    others = [(g, us) for g, us in groups.items() if g[2] != "matmul"]
+    for group, _ in sorted(others, key=lambda kv: -kv[1])[:GROUPS_DETAILED]:
+        lines.append(f"| **{' / '.join(group)}** | | | |")
+        in_group = [(key, us) for key, us in singles.items() if group_of[key] == group]
+        for (op, opcode, op_name), us in sorted(in_group, key=lambda kv: -kv[1])[:OPS_PER_GROUP]:
+            lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
     return "\n".join(lines)
 
 

@@ -49,3 +49,5 @@ def test_tiny_profile_attributes_time_to_every_layer_kind(capsys, tmp_path):
     layers = {line.split("|")[1].strip() for line in out.splitlines() if line.count("|") == 4}
     assert {"mamba2", "attention", "mlp", "loss", "optimizer"} <= layers
     assert (tmp_path / "profile.md").read_text().startswith("preset tiny")
+    detailed = [line.split("**")[1] for line in out.splitlines() if line.startswith("| **")]
+    assert detailed and all(not g.endswith("matmul") for g in detailed)  # named: the non-matmuls
