@@ -38,7 +38,7 @@ from hybridjax.layers.mlp import MLP
 from hybridjax.layers.moe import MoE, update_router_bias
 from hybridjax.layers.norm import RMSNorm
 from hybridjax.ops.cross_entropy import head_logits
-from hybridjax.ops.grouped_matmul import OUTPUT_NAME as GROUPED_MATMUL_OUTPUT
+from hybridjax.ops.remat_names import KERNEL_OUTPUT
 from hybridjax.ops.segments import document_positions
 from hybridjax.sharding import constrain_batch, replicate
 
@@ -53,15 +53,15 @@ RECURRENT = ("M", "3")  # letters whose state `hidden_from` carries from chunk t
 PRENORM = ("M", "3", "-")
 
 # `HybridConfig.remat` values that checkpoint each period, and their jax.checkpoint policies; the
-# matmul-saving ones keep the MoE experts' grouped matmul outputs as well.
-_EXPERT_MATMULS = jax.checkpoint_policies.save_only_these_names(GROUPED_MATMUL_OUTPUT)
+# matmul-saving ones keep the tagged kernel outputs as well (hybridjax.ops.remat_names).
+_KERNEL_OUTPUTS = jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUT)
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, _EXPERT_MATMULS
+        jax.checkpoint_policies.checkpoint_dots, _KERNEL_OUTPUTS
     ),
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _EXPERT_MATMULS
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _KERNEL_OUTPUTS
     ),
 }
 BLOCK_INPUT = "block_input"  # checkpoint_name of every block's input

@@ -15,6 +15,7 @@ from hybridjax.model import (
     param_counts,
     pattern_period,
 )
+from hybridjax.ops.remat_names import KERNEL_OUTPUT
 from tests.tiny import tiny, tokens
 
 
@@ -116,6 +117,20 @@ def test_matmul_saving_remat_keeps_the_expert_matmuls(remat):
     forward = count(str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).hidden(x))(state)))
     assert forward == 2  # the up and down projections, in the scanned period's body
     assert count(_grad_jaxpr(model("full"), x)) - count(_grad_jaxpr(model(remat), x)) == forward
+
+
+@pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
+def test_matmul_saving_remat_keeps_the_mamba2_kernel_outputs(remat):
+    """The same policies keep the Mamba-2 mixer's tagged kernel outputs (its two convs, the scan
+    and the gated norm): with remat="full" the backward forms each a second time, with them
+    only the forward does."""
+    x = tokens(8, 2, 9)
+    count = lambda r: _grad_jaxpr(
+        HybridLM(tiny(pattern="M-M-", remat=r), rngs=nnx.Rngs(0)), x
+    ).count(f"name={KERNEL_OUTPUT}")
+    assert count("none") == 4  # one Mamba-2 layer in the scanned period's body
+    assert count("full") == 8
+    assert count(remat) == 4
 
 
 def test_offload_keeps_block_inputs_on_the_host():

@@ -71,6 +71,7 @@ from hybridjax.layers.chunks import recurrent_chunked, runs_in_chunks
 from hybridjax.layers.mlp import Dense
 from hybridjax.ops.conv1d import causal_conv1d, causal_conv1d_update
 from hybridjax.ops.norms import gated_rmsnorm
+from hybridjax.ops.remat_names import saved_kernel_output
 from hybridjax.ops.ssd import ssd
 
 
@@ -228,7 +229,7 @@ class Mamba2Mixer(nnx.Module):
         """y, z (..., H, P) -> (..., d_model)."""
         lead = y.shape[:-2]
         y = self.norm(y.reshape(*lead, -1), z.reshape(*lead, -1), out_dtype=self.dtype)
-        return self.out_proj(y.reshape(*lead, self.n_heads, self.head_dim))
+        return self.out_proj(saved_kernel_output(y).reshape(*lead, self.n_heads, self.head_dim))
 
     def _check(self, x):
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
@@ -266,6 +267,7 @@ class Mamba2Mixer(nnx.Module):
             impl=self.config.ssd_impl,
         )
         y, ssm_state = out if return_state else (out, None)
+        y = saved_kernel_output(y)
         conv_state = jnp.concatenate([conv_x_state, conv_bc_state], -1) if return_state else None
         return self._out(y, z), conv_state, ssm_state
 
@@ -282,7 +284,8 @@ class Mamba2Mixer(nnx.Module):
             activation="silu",
             impl=self.config.mamba2_glue_impl,
         )
-        return out if return_state else (out, None)
+        y, final = out if return_state else (out, None)
+        return saved_kernel_output(y), final
 
     # --- public API ---------------------------------------------------------------------------
     def __call__(

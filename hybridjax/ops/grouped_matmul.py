@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
+
+from hybridjax.ops.remat_names import saved_kernel_output
 
 IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
 
@@ -45,15 +46,9 @@ _MGPU_WGRAD = {
 _MGPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-# checkpoint_name of every grouped matmul's output: the remat policies that save matmul outputs
-# save these too (a kernel's output is no dot_general to jax's dot policies), so the backward
-# does not run the experts' matmuls a second time.
-OUTPUT_NAME = "grouped_matmul"
-
-
 def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", *, capacity: int | None = None):
     """(M, K) x (E, K, N) over contiguous row groups -> (M, N). See the module docstring."""
-    return checkpoint_name(_grouped_matmul(lhs, rhs, group_sizes, impl, capacity), OUTPUT_NAME)
+    return saved_kernel_output(_grouped_matmul(lhs, rhs, group_sizes, impl, capacity))
 
 
 def _grouped_matmul(lhs, rhs, group_sizes, impl, capacity):
