@@ -38,7 +38,10 @@ class HybridConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master parameter dtype
-    scan_layers: bool = True  # nnx.scan over repeats of the pattern's period
+    # nnx.scan over repeats of the pattern's period (compile time flat in depth); False runs the
+    # layers one after another: no stacked copies of what remat saves, faster on a GPU when it
+    # saves matmul outputs (the GPU presets), at a longer compile
+    scan_layers: bool = True
     # activation checkpointing: "full"/"dots"/"dots_no_batch" per period; "block" keeps only each
     # block's input (one block's internals live at a time in the backward), "offload" keeps
     # those inputs in pinned host memory, "nested" keeps only each period's input and recomputes
@@ -132,6 +135,11 @@ class HybridConfig:
         _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCH)
         _check_choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        if self.remat == "nested" and not self.scan_layers:
+            raise ValueError(
+                "remat='nested' keeps one input per period of the layer scan, and with "
+                "scan_layers=False the whole pattern is one period: set scan_layers=True"
+            )
         for name in (
             "vocab_size",
             "d_model",

@@ -208,6 +208,7 @@ def test_param_counts_match_hand_count():
         ({"dtype": "int8"}, "dtype"),
         ({"rope_scaling": "linear"}, "rope_scaling"),
         ({"remat": "offlaod"}, "remat"),
+        ({"remat": "nested", "scan_layers": False}, "scan_layers"),
         ({"loss_chunk_size": 0}, "loss_chunk_size"),
     ],
 )

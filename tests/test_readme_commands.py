@@ -243,7 +243,7 @@ GROUPS = {
         Step(
             "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m hybridjax.bench mesh --layouts 1 "
             "--seq-len 32768 131072 524288 --batch 1 --remat nested "
-            "--model layer_chunk_size=16384 attn_max_documents=4 attn_kv_heads_per_call=1",
+            "--model scan_layers=true layer_chunk_size=16384 attn_max_documents=4 attn_kv_heads_per_call=1",
             BENCH,
             fill=(
                 ("32768 131072 524288", "256 512"),

@@ -43,12 +43,12 @@ The same bodies run in Pallas interpret mode on the CPU (tests) and through Trit
 out).
 
 Measured (one H100, `python -m hybridjax.bench conv`, bfloat16, 4 documents per row, K=4;
-XLA's path is the shifted-window sum with SiLU, autodiff for the backward; from a tuning sweep
-whose log was not kept; docs/measurements/h100_conv_kernel.log names the runs):
-    B4 L4096 C4096   fwd 0.150 ms (XLA 0.185)   fwd+bwd 0.733 ms (XLA 0.916)
-    B4 L4096 C2048   fwd 0.096 ms (XLA 0.105)   fwd+bwd 0.387 ms (XLA 0.492)
-The tuning defaults below are that run's best of BL 16..128, BC 64..256, nb 1..16 and 2..8
-warps.
+XLA's path is the shifted-window sum with SiLU, autodiff for the backward;
+docs/measurements/h100_conv_kernel_defaults.log):
+    B4 L4096 C4096   fwd 0.152 ms (XLA 0.182)   fwd+bwd 0.726 ms (XLA 0.907)
+    B4 L4096 C2048   fwd 0.089 ms (XLA 0.103)   fwd+bwd 0.385 ms (XLA 0.489)
+The tuning defaults below are the best of a sweep over BL 16..128, BC 64..256, nb 1..16 and
+2..8 warps (its log was not kept).
 """
 
 from __future__ import annotations
