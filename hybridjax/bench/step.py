@@ -273,7 +273,7 @@ def measure(impl, args):
         f"{period!r} x {config.n_layers // len(period)}, d_model {config.d_model}, "
         f"{total:,} params ({active:,} active), {flops / 1e9:.3g} GFLOP/token ({DOCS_PER_ROW} documents per row); "
         f"batch {args.batch} x {args.seq_len}, {config.dtype} compute / {config.param_dtype} "
-        f"params, remat {config.remat}",
+        f"params, remat {config.remat}, layers {'scanned' if config.scan_layers else 'unscanned'}",
         flush=True,
     )
     row = {"impl": impl, "peak_tflops": peak}
