@@ -156,14 +156,12 @@ def device_kernels(trace_dir: str, module: str):
 
 def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
     groups = collections.defaultdict(float)
-    singles = collections.defaultdict(float)
-    group_of = {}
+    singles = collections.defaultdict(float)  # (group, op, opcode, jax name) -> us
     for op, kernel, us in kernels:
         opcode, op_name, body = ops.get(op, ("?", "", ""))
         group = classify(opcode, op_name, body, kernel)
         groups[group] += us
-        singles[(op, opcode, op_name)] += us
-        group_of[(op, opcode, op_name)] = group
+        singles[(group, op, opcode, op_name)] += us
     busy = sum(groups.values()) / n_steps / 1e3
     lines = [
         (
@@ -186,7 +184,7 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
         for s, ms in sorted(by_layer.items(), key=lambda kv: -kv[1])
     ]
     lines += ["", f"| top {top} ops | opcode | ms/step | jax name |", "|---|---|---|---|"]
-    for (op, opcode, op_name), us in sorted(singles.items(), key=lambda kv: -kv[1])[:top]:
+    for (_, op, opcode, op_name), us in sorted(singles.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
     # The matmuls are one op each; the rest of a group is often many small ops worth naming.
     lines += [
@@ -197,8 +195,8 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
     others = [(g, us) for g, us in groups.items() if g[2] != "matmul"]
     for group, _ in sorted(others, key=lambda kv: -kv[1])[:GROUPS_DETAILED]:
         lines.append(f"| **{' / '.join(group)}** | | | |")
-        in_group = [(key, us) for key, us in singles.items() if group_of[key] == group]
-        for (op, opcode, op_name), us in sorted(in_group, key=lambda kv: -kv[1])[:OPS_PER_GROUP]:
+        in_group = [(key, us) for key, us in singles.items() if key[0] == group]
+        for (_, op, opcode, op_name), us in sorted(in_group, key=lambda kv: -kv[1])[:OPS_PER_GROUP]:
             lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
     return "\n".join(lines)
 

@@ -49,5 +49,14 @@ def test_tiny_profile_attributes_time_to_every_layer_kind(capsys, tmp_path):
     layers = {line.split("|")[1].strip() for line in out.splitlines() if line.count("|") == 4}
     assert {"mamba2", "attention", "mlp", "loss", "optimizer"} <= layers
     assert (tmp_path / "profile.md").read_text().startswith("preset tiny")
-    detailed = [line.split("**")[1] for line in out.splitlines() if line.startswith("| **")]
-    assert detailed and all(not g.endswith("matmul") for g in detailed)  # named: the non-matmuls
+    # the last table details the largest non-matmul groups of the first, in its order, each
+    # with its ops (no more time than the group's)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.count("|") == 6]
+    groups = [(" / ".join(c.strip() for c in r[:3]), float(r[3])) for r in rows[2:]]
+    groups = [(g, ms) for g, ms in groups if not g.endswith("matmul")][:6]
+    detail = out[out.index("| largest non-matmul groups") :].splitlines()[2:]
+    heads = [i for i, line in enumerate(detail) if line.startswith("| **")]
+    assert [detail[i].split("**")[1] for i in heads] == [g for g, _ in groups]
+    for (_, ms), i, j in zip(groups, heads, heads[1:] + [len(detail)]):
+        ops = [float(line.split("|")[3]) for line in detail[i + 1 : j] if line.startswith("| ")]
+        assert ops and sum(ops) <= ms + 0.01 * len(ops)
