@@ -120,17 +120,17 @@ def test_matmul_saving_remat_keeps_the_expert_matmuls(remat):
 
 
 @pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
-def test_matmul_saving_remat_keeps_the_mamba2_kernel_outputs(remat):
-    """The same policies keep the Mamba-2 mixer's tagged kernel outputs (its two convs, the scan
-    and the gated norm): with remat="full" the backward forms each a second time, with them
-    only the forward does."""
+def test_matmul_saving_remat_keeps_the_tagged_kernel_outputs(remat):
+    """The same policies keep the tagged kernel outputs (the Mamba-2 mixer's two convs, scan and
+    gated norm; the MLP's activation): with remat="full" the backward forms each a second time,
+    with them only the forward does."""
     x = tokens(8, 2, 9)
     count = lambda r: _grad_jaxpr(
         HybridLM(tiny(pattern="M-M-", remat=r), rngs=nnx.Rngs(0)), x
     ).count(f"name={KERNEL_OUTPUT}")
-    assert count("none") == 4  # one Mamba-2 layer in the scanned period's body
-    assert count("full") == 8
-    assert count(remat) == 4
+    assert count("none") == 5  # one Mamba-2 layer and one MLP in the scanned period's body
+    assert count("full") == 10
+    assert count(remat) == 5
 
 
 def test_offload_keeps_block_inputs_on_the_host():

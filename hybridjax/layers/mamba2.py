@@ -201,12 +201,11 @@ class Mamba2Mixer(nnx.Module):
     def _project(self, x):
         """x (..., d_model) -> z, x (..., H, P); B and C (..., G, N) before the conv, flat as
         the conv takes them: xs (..., d_inner), bc (..., 2*G*N); dt_raw (..., H)."""
-        zx = self.zx_proj(x)
         bc = self.bc_proj(x)
         lead = x.shape[:-1]
         return (
-            zx[..., 0, :, :],
-            zx[..., 1, :, :].reshape(*lead, self.d_inner),
+            self.zx_proj.part(x, 0),
+            self.zx_proj.part(x, 1).reshape(*lead, self.d_inner),
             bc.reshape(*lead, -1),
             self.dt_proj(x),
         )

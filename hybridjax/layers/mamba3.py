@@ -149,8 +149,7 @@ class Mamba3Mixer(nnx.Module):
         """x (B, L, d_model) -> y (B, L, d_model) [, final Mamba3State]."""
         b, l, _ = x.shape
         acc = self.acc_dtype
-        zx = self.zx_proj(x)
-        z, xs = zx[..., 0, :, :], zx[..., 1, :, :]  # (b, l, H, P)
+        z, xs = self.zx_proj.part(x, 0), self.zx_proj.part(x, 1)  # (b, l, H, P)
         bc = self.bc_rank_proj(x)  # (b, l, 2, R, G, N)
         B, C = self.B_norm(bc[:, :, 0]), self.C_norm(bc[:, :, 1])
         dt = jax.nn.softplus(self.dt_proj(x).astype(acc) + self.dt_bias[...].astype(acc))

@@ -13,9 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from hybridjax.config import ACTIVATIONS, HybridConfig
 from hybridjax.layers.chunks import runs_in_chunks, token_chunked
+from hybridjax.ops.remat_names import saved_kernel_output
 
 # Activations whose MLP has a separate gate projection: act(gate_proj(x)) * up_proj(x).
 GATED = frozenset({"swiglu"})
@@ -85,6 +87,15 @@ class Dense(nnx.Module):
             x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in
         )
 
+    def part(self, x, index: int):
+        """The projection onto `kernel[..., index, ...]` (index into the first output axis) alone:
+        one matmul over that slice of the kernel. Projections that are split right after (z and x
+        of a Mamba mixer) run as one matmul per part, so neither the forward's output nor the
+        backward's input gradient is sliced or summed in extra passes over memory."""
+        kernel = self.kernel[...]
+        kernel = lax.index_in_dim(kernel, index, axis=self.n_in, keepdims=False)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+
 
 class MLP(nnx.Module):
     """Dense MLP. `d_ff` and `act` default to `config.ffn` and `config.mlp_act`.
@@ -133,4 +144,5 @@ class MLP(nnx.Module):
             h = self.act_fn(self.gate_proj(x)) * h
         else:
             h = self.act_fn(h)
-        return self.down_proj(h)
+        # Kept by the matmul-saving remat policies: the down projection's backward reads it.
+        return self.down_proj(saved_kernel_output(h))

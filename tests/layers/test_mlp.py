@@ -9,7 +9,7 @@ from flax import nnx
 from scipy.special import erf
 
 from hybridjax.config import HybridConfig
-from hybridjax.layers.mlp import MLP, activation, is_gated
+from hybridjax.layers.mlp import MLP, Dense, activation, is_gated
 
 CFG = HybridConfig(d_model=24, ffn=40, dtype="float64", param_dtype="float64", pattern="-")
 
@@ -111,3 +111,28 @@ def test_token_chunks_equal_the_whole_row(act):
 def test_chunk_size_must_not_be_negative():
     with pytest.raises(ValueError, match="layer_chunk_size"):
         HybridConfig(layer_chunk_size=-1)
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_dense_part_is_the_projection_onto_one_slice(n_in):
+    """Dense.part(x, i) equals the whole projection's i-th slice of its first output axis, in
+    value and in the kernel's gradient (float64 einsum oracle)."""
+    with jax.enable_x64(True):
+        kx, kk = jax.random.split(jax.random.key(0))
+        in_shape = (3, 4) if n_in == 2 else (5,)
+        x = jax.random.normal(kx, (2, 7, *in_shape), jnp.float64)
+        kernel = jax.random.normal(kk, (*in_shape, 3, 2, 6), jnp.float64)
+        dense = Dense(kernel, n_in=n_in, dtype=jnp.float64)
+        letters = "ab"[:n_in]
+        oracle = jnp.einsum(f"...{letters},{letters}ipq->...ipq", x, kernel)
+        for i in range(3):
+            np.testing.assert_allclose(dense.part(x, i), oracle[..., i, :, :], rtol=1e-12)
+
+        def grad(f):
+            return jax.grad(lambda k: jnp.sum(jnp.sin(f(Dense(k, n_in=n_in, dtype=jnp.float64)))))(
+                kernel
+            )
+
+        parts = grad(lambda d: d.part(x, 1))
+        whole = grad(lambda d: d(x)[..., 1, :, :])
+        np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-14)
