@@ -8,9 +8,11 @@ are carried in `model_state` and changed only by the aux-loss-free bias update.
 Loss = masked cross-entropy + lb_coef * load-balancing loss + z_coef * router z-loss. The
 cross-entropy never forms the (B, L, vocab) logits: `hybridjax.ops.cross_entropy` takes the final
 hidden states through the head `config.loss_chunk_size` tokens at a time (logits in float32, or
-float64 for a float64 model), and the eval step computes only the answer positions. Padding
-(segment id 0) is neither routed to experts nor counted in the MoE losses and load statistics
-(`real_tokens`), so a short MQAR row's padding does not steer the router bias.
+float64 for a float64 model). The train step takes the masked sum (`masked_loss_sum_from`),
+whose gradient is formed chunk by chunk in the forward pass, so each chunk's logits are computed
+once; `token_losses` gives per-token losses, and the eval step computes only the answer
+positions. Padding (segment id 0) is neither routed to experts nor counted in the MoE losses and
+load statistics (`real_tokens`), so a short MQAR row's padding does not steer the router bias.
 
 With `grad_accum` > 1 the batch is split into micro-batches that a `lax.scan` runs one after
 another, summing gradients; each micro-batch's cross-entropy is divided by the whole batch's
@@ -36,7 +38,11 @@ from flax import nnx
 
 from hybridjax.config import HybridConfig
 from hybridjax.model import HybridLM, continue_states
-from hybridjax.ops.cross_entropy import chunked_answer_losses, chunked_cross_entropy
+from hybridjax.ops.cross_entropy import (
+    chunked_answer_losses,
+    chunked_cross_entropy,
+    chunked_cross_entropy_sum,
+)
 
 MODEL_INPUTS = ("tokens", "targets", "loss_mask", "segment_ids", "continues")
 
@@ -146,6 +152,26 @@ def token_losses_from(graphdef, params, model_state, batch, states):
     """`token_losses` with state passing: each row starts from `states` (None: as
     `token_losses`), zeroed where batch["continues"] is 0 and cut from the gradient; -> (losses,
     ModelAux, the states after the batch or None)."""
+    h, head, aux, states, how = _hidden_from(graphdef, params, model_state, batch, states)
+    with jax.named_scope("loss"):
+        ce = chunked_cross_entropy(h, head, batch["targets"], **how)
+    return ce, aux, states
+
+
+def masked_loss_sum_from(graphdef, params, model_state, batch, states):
+    """sum(loss_mask * cross-entropy) as `token_losses_from` gives it, -> (that sum, ModelAux,
+    the states after the batch or None); its gradient is formed in the forward pass
+    (`chunked_cross_entropy_sum`), so the head's matmul runs once."""
+    h, head, aux, states, how = _hidden_from(graphdef, params, model_state, batch, states)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    with jax.named_scope("loss"):
+        ce_sum = chunked_cross_entropy_sum(h, head, batch["targets"], mask, **how)
+    return ce_sum, aux, states
+
+
+def _hidden_from(graphdef, params, model_state, batch, states):
+    """The model up to its head, for the losses: -> (final hidden states, head, ModelAux, the
+    states after the batch or None, the chunked losses' keywords (vocab_major, chunk_size))."""
     model = nnx.merge(graphdef, params, model_state)
     inputs = (batch["tokens"], batch.get("segment_ids"))
     if states is None:
@@ -155,15 +181,8 @@ def token_losses_from(graphdef, params, model_state, batch, states):
         h, aux, states = model.hidden_from(states, *inputs, token_mask=real_tokens(batch))
         states = jax.lax.stop_gradient(states)
     head, vocab_major = model.head()
-    with jax.named_scope("loss"):
-        ce = chunked_cross_entropy(
-            h,
-            head,
-            batch["targets"],
-            vocab_major=vocab_major,
-            chunk_size=model.config.loss_chunk_size,
-        )
-    return ce, aux, states
+    how = {"vocab_major": vocab_major, "chunk_size": model.config.loss_chunk_size}
+    return h, head, aux, states, how
 
 
 def make_train_step(
@@ -187,9 +206,7 @@ def make_train_step(
     """
 
     def micro_loss(params, model_state, micro, total_tokens, states):
-        ce, aux, states = token_losses_from(graphdef, params, model_state, micro, states)
-        mask = micro["loss_mask"].astype(jnp.float32)
-        ce_sum = jnp.sum(ce * mask)
+        ce_sum, aux, states = masked_loss_sum_from(graphdef, params, model_state, micro, states)
         loss = ce_sum / total_tokens + (lb_coef * aux.lb_loss + z_coef * aux.z_loss) / grad_accum
         return loss, (ce_sum, aux, states)
 

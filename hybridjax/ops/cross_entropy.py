@@ -8,6 +8,13 @@ backward is written out (a custom VJP: softmax minus one-hot, computed in place 
 logits, then the two matmuls) rather than left to `jax.checkpoint`, whose autodiff of the same
 chunk plans about twice the chunk-sized buffers.
 
+Training takes one scalar, `chunked_cross_entropy_sum` (the weighted sum over tokens), whose
+gradient is formed in the forward pass: each chunk's logits give its losses and at once softmax
+minus one-hot and the two gradient matmuls, so the head's matmul runs once per chunk rather than
+again in the backward (3 matmuls of tokens x V x d, not 4). The cost: the gradients wait for
+the backward pass, which only scales them: one of h's size and dtype, and the head's, accumulated
+over the chunks in float32 (a buffer of the head's size) and kept in the head's dtype.
+
 Training chunks are strided along the sequence, not contiguous: of n chunks, chunk s holds
 positions s, s + n, s + 2n, ... of every row. Rows split over a mesh's batch axes stay split
 inside every chunk, and each device works on its own tokens at every step. So does a sequence
@@ -69,13 +76,12 @@ def _chunk_loss_fwd(h, head, targets, vocab_major):
     return loss, (h, head, targets, lse)
 
 
-def _chunk_loss_bwd(vocab_major, residuals, g):
-    """d loss / d logits = g (softmax - one-hot) from the recomputed logits; the matmuls take it
-    in h's dtype with >= float32 accumulation, as the forward's."""
-    h, head, targets, lse = residuals
-    logits = head_logits(h, head, vocab_major=vocab_major)
+def _head_grads(h, head, targets, logits, lse, scale, vocab_major):
+    """(d/dh, d/dhead) of sum(scale * cross-entropy) over one chunk's tokens from its logits and
+    logsumexp, both in >= float32: scale (softmax - one-hot) in h's dtype through the two matmuls
+    with >= float32 accumulation, as the forward's."""
     vocab = jnp.arange(logits.shape[-1])  # 1-D, so no (m, V) iota is hoisted out of the loop
-    dlogits = (jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None])) * g[..., None]
+    dlogits = (jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None])) * scale[..., None]
     dlogits = dlogits.astype(h.dtype)
     acc = jnp.promote_types(h.dtype, jnp.float32)
     dh = lax.dot_general(
@@ -87,6 +93,14 @@ def _chunk_loss_bwd(vocab_major, residuals, g):
     tokens = tuple(range(h.ndim - 1))
     pair = (dlogits, h) if vocab_major else (h, dlogits)
     dhead = lax.dot_general(*pair, ((tokens, tokens), ((), ())), preferred_element_type=acc)
+    return dh, dhead
+
+
+def _chunk_loss_bwd(vocab_major, residuals, g):
+    """The gradient from the recomputed logits."""
+    h, head, targets, lse = residuals
+    logits = head_logits(h, head, vocab_major=vocab_major)
+    dh, dhead = _head_grads(h, head, targets, logits, lse, g, vocab_major)
     return dh.astype(h.dtype), dhead.astype(head.dtype), None
 
 
@@ -103,6 +117,37 @@ def _split(length: int, rows: int, chunk_size: int) -> tuple[int, int]:
     return chunks, math.ceil(length / chunks)
 
 
+def _strided_chunks(h, targets, chunk_size, *per_token):
+    """h (..., L, d), targets and `per_token` arrays (..., L) laid out as strided chunks, zero
+    padded: each (chunks, rows, per_row, ...), position i * chunks + s of a row in chunk s."""
+    if h.shape[:-1] != targets.shape or targets.ndim == 0:
+        raise ValueError(
+            f"targets: shape {targets.shape} does not match hidden states {h.shape} (..., L, d)"
+        )
+    length, d = h.shape[-2:]
+    rows = math.prod(targets.shape[:-1])
+    chunks, per_row = _split(length, rows, chunk_size)
+
+    def lay_out(x, *feature):  # (rows, L, *feature): as laid out
+        pad = [(0, 0), (0, chunks * per_row - length)] + [(0, 0)] * len(feature)
+        x = jnp.pad(x.reshape(rows, length, *feature), pad)
+        return jnp.moveaxis(x.reshape(rows, per_row, chunks, *feature), 2, 0)
+
+    return lay_out(h, d), lay_out(targets), *map(lay_out, per_token)
+
+
+def _chunk_losses(h, head, targets, vocab_major):
+    """Cross-entropy of strided chunks: h (chunks, rows, per_row, d), targets (chunks, rows,
+    per_row) -> losses (chunks, rows, per_row)."""
+
+    def chunk(x):  # (rows, per_row, d) and (rows, per_row), flattened to one token axis
+        h_s, t_s = x
+        loss = _chunk_loss(h_s.reshape(-1, h_s.shape[-1]), head, t_s.reshape(-1), vocab_major)
+        return loss.reshape(t_s.shape)
+
+    return lax.map(chunk, (h, targets))
+
+
 def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: bool = False):
     """Per-token cross-entropy without the (N, V) logits: h (..., L, d), head (d, V) or (V, d),
     targets (..., L) int -> losses (..., L) in >= float32 (float64 for float64 h).
@@ -110,29 +155,61 @@ def chunked_cross_entropy(h, head, targets, *, chunk_size: int, vocab_major: boo
     A chunk takes about `chunk_size` tokens: `chunk_size // rows` positions (at least one) of
     every row. Differentiable in h and head; the backward pass recomputes each chunk's logits.
     """
-    if h.shape[:-1] != targets.shape or targets.ndim == 0:
-        raise ValueError(
-            f"targets: shape {targets.shape} does not match hidden states {h.shape} (..., L, d)"
-        )
-    length, d = h.shape[-2:]
-    h, t = h.reshape(-1, length, d), targets.reshape(-1, length)  # (rows, L): as laid out
-    rows = t.shape[0]
-    chunks, per_row = _split(length, rows, chunk_size)
-    pad = chunks * per_row - length
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(rows, per_row, chunks, d)
-    t = jnp.pad(t, ((0, 0), (0, pad))).reshape(rows, per_row, chunks)
-    # Position i * chunks + s of a row goes to chunk s: chunks first for the map.
-    xs = jnp.moveaxis(h, 2, 0), jnp.moveaxis(t, 2, 0)
-
-    def chunk(x):  # (rows, per_row, d) and (rows, per_row), flattened to one token axis
-        h_s, t_s = x
-        return _chunk_loss(h_s.reshape(-1, d), head, t_s.reshape(-1), vocab_major).reshape(
-            t_s.shape
-        )
-
-    losses = lax.map(chunk, xs)
-    losses = jnp.moveaxis(losses, 0, 2).reshape(rows, -1)[:, :length]
+    h, t = _strided_chunks(h, targets, chunk_size)
+    losses = _chunk_losses(h, head, t, vocab_major)
+    length = targets.shape[-1]
+    losses = jnp.moveaxis(losses, 0, 2).reshape(losses.shape[1], -1)[:, :length]
     return losses.reshape(targets.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loss_sum(h, head, targets, weights, vocab_major):
+    """sum(weights * cross-entropy) of strided chunks: h (chunks, rows, per_row, d), targets and
+    weights (chunks, rows, per_row), weights in the losses' dtype."""
+    return jnp.sum(weights * _chunk_losses(h, head, targets, vocab_major))
+
+
+def _loss_sum_fwd(h, head, targets, weights, vocab_major):
+    """One scan over the chunks: each chunk's logits give its losses and, at once, the
+    gradients of the weighted sum; dhead accumulates in >= float32."""
+
+    def chunk(dhead, x):  # (rows, per_row, ...) each, flattened to one token axis
+        h_s, t_s, w_s = (y.reshape(-1, *y.shape[2:]) for y in x)
+        ce, lse, logits = _chunk_forward(h_s, head, t_s, vocab_major)
+        dh_s, dhead_s = _head_grads(h_s, head, t_s, logits, lse, w_s, vocab_major)
+        ys = dh_s.astype(h.dtype).reshape(x[0].shape), ce.reshape(x[1].shape)
+        return dhead + dhead_s, ys
+
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    dhead, (dh, ce) = lax.scan(chunk, jnp.zeros(head.shape, acc), (h, targets, weights))
+    return jnp.sum(weights * ce), (dh, dhead.astype(head.dtype), ce)
+
+
+def _loss_sum_bwd(vocab_major, residuals, g):
+    dh, dhead, ce = residuals
+    return (dh * g).astype(dh.dtype), (dhead * g).astype(dhead.dtype), None, ce * g
+
+
+_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
+
+
+def chunked_cross_entropy_sum(
+    h, head, targets, weights, *, chunk_size: int, vocab_major: bool = False
+):
+    """sum(weights * cross-entropy) over tokens, chunk by chunk as `chunked_cross_entropy`: h
+    (..., L, d), head (d, V) or (V, d), targets (..., L) int, weights (..., L) -> a scalar in >=
+    float32 (float64 for float64 h).
+
+    Differentiable in h, head and weights; the gradients are formed in the forward pass, so each
+    chunk's logits are computed once (see the module docstring).
+    """
+    if weights.shape != targets.shape:
+        raise ValueError(
+            f"weights: shape {weights.shape} does not match targets {targets.shape} (..., L)"
+        )
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    h, t, w = _strided_chunks(h, targets, chunk_size, weights.astype(acc))
+    return _loss_sum(h, head, t, w, vocab_major)
 
 
 def chunked_answer_losses(
