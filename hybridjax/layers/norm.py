@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridjax.ops.norms import rmsnorm
+from hybridjax.ops.remat_names import saved_kernel_output
 
 
 class RMSNorm(nnx.Module):
@@ -36,4 +37,6 @@ class RMSNorm(nnx.Module):
         # Rematerialised: the backward keeps x (in its own dtype, usually saved anyway as the
         # block's input), not the float32 copies of x and of the normalised x over the sequence.
         y = jax.checkpoint(functools.partial(rmsnorm, eps=self.eps))(x, self.weight[...])
-        return y if self.dtype is None else y.astype(self.dtype)
+        # The next matmul's weight gradient reads y: kept by the matmul-saving remat policies,
+        # which would otherwise form it again in the backward (an extra pass over x).
+        return saved_kernel_output(y if self.dtype is None else y.astype(self.dtype))
