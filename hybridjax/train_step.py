@@ -145,23 +145,16 @@ def real_tokens(batch: dict):
 
 def token_losses(graphdef, params, model_state, batch):
     """(per-token cross-entropy (B, L) in >= float32, ModelAux), chunk by chunk over tokens."""
-    return token_losses_from(graphdef, params, model_state, batch, None)[:2]
-
-
-def token_losses_from(graphdef, params, model_state, batch, states):
-    """`token_losses` with state passing: each row starts from `states` (None: as
-    `token_losses`), zeroed where batch["continues"] is 0 and cut from the gradient; -> (losses,
-    ModelAux, the states after the batch or None)."""
-    h, head, aux, states, how = _hidden_from(graphdef, params, model_state, batch, states)
+    h, head, aux, _, how = _hidden_from(graphdef, params, model_state, batch, None)
     with jax.named_scope("loss"):
-        ce = chunked_cross_entropy(h, head, batch["targets"], **how)
-    return ce, aux, states
+        return chunked_cross_entropy(h, head, batch["targets"], **how), aux
 
 
 def masked_loss_sum_from(graphdef, params, model_state, batch, states):
-    """sum(loss_mask * cross-entropy) as `token_losses_from` gives it, -> (that sum, ModelAux,
-    the states after the batch or None); its gradient is formed in the forward pass
-    (`chunked_cross_entropy_sum`), so the head's matmul runs once."""
+    """sum(loss_mask * cross-entropy) over the batch -> (that sum, ModelAux, the states after the
+    batch or None). With state passing each row starts from `states` (None: a fresh sequence),
+    zeroed where batch["continues"] is 0 and cut from the gradient. The gradient is formed in
+    the forward pass (`chunked_cross_entropy_sum`), so the head's matmul runs once."""
     h, head, aux, states, how = _hidden_from(graphdef, params, model_state, batch, states)
     mask = batch["loss_mask"].astype(jnp.float32)
     with jax.named_scope("loss"):

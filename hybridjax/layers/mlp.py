@@ -83,17 +83,17 @@ class Dense(nnx.Module):
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, x):
-        return jnp.tensordot(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in
-        )
+        return self._contract(x, self.kernel[...])
 
     def part(self, x, index: int):
         """The projection onto `kernel[..., index, ...]` (index into the first output axis) alone:
         one matmul over that slice of the kernel. Projections that are split right after (z and x
         of a Mamba mixer) run as one matmul per part, so neither the forward's output nor the
         backward's input gradient is sliced or summed in extra passes over memory."""
-        kernel = self.kernel[...]
-        kernel = lax.index_in_dim(kernel, index, axis=self.n_in, keepdims=False)
+        kernel = lax.index_in_dim(self.kernel[...], index, axis=self.n_in, keepdims=False)
+        return self._contract(x, kernel)
+
+    def _contract(self, x, kernel):
         return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
 
 
