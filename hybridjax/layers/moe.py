@@ -75,6 +75,7 @@ from flax import nnx
 from hybridjax.config import HybridConfig
 from hybridjax.layers.mlp import MLP, activation, is_gated, linear
 from hybridjax.layers.moe_parallel import routed_experts
+from hybridjax.ops.remat_names import saved_kernel_output
 
 
 class RouterBias(nnx.Variable):
@@ -132,7 +133,7 @@ def route(
     if norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     weights = weights * scaling
-    return Routing(logits_TE, probs, expert_idx.astype(jnp.int32), weights)
+    return Routing(logits_TE, probs, saved_kernel_output(expert_idx.astype(jnp.int32)), weights)
 
 
 def token_mean(values_T, mask_T=None):

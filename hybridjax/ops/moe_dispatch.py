@@ -27,6 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hybridjax.ops.remat_names import saved_kernel_output
+
 
 class DroplessPlan(NamedTuple):
     order: jax.Array  # (A,) flat assignment index (t * k + s) of each sorted row
@@ -64,8 +66,11 @@ def dropless_dispatch(x_TD, expert_idx_TK, n_experts: int):
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
     group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    # Kept by the matmul-saving remat policies: the backward needs the rows (the up and gate
+    # weight gradients) and the permutations, which would cost a second sort and gather.
+    order, inverse, group_sizes = map(saved_kernel_output, (order, inverse, group_sizes))
     plan = DroplessPlan(order, inverse, group_sizes, k)
-    return _sort_rows(x_TD, order, inverse, k), plan
+    return saved_kernel_output(_sort_rows(x_TD, order, inverse, k)), plan
 
 
 def dropless_combine(y_AD, plan: DroplessPlan, weights_TK):
