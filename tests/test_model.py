@@ -120,6 +120,21 @@ def test_matmul_saving_remat_keeps_the_expert_matmuls(remat):
 
 
 @pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
+def test_matmul_saving_remat_keeps_the_expert_dispatch(remat):
+    """They keep the routing and dispatch as well (the chosen experts, the sort by expert and the
+    sorted rows): the backward routes and sorts no token again; remat="full" does it once more."""
+    x = tokens(7, 2, 9)
+    model = lambda r: HybridLM(tiny(pattern="E-E-", remat=r), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model("full"))
+    forward = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).hidden(x))(state))
+    for op in ("top_k[", "sort["):
+        count = lambda text, op=op: text.count(op)
+        assert count(forward) >= 1
+        assert count(_grad_jaxpr(model(remat), x)) == count(forward)
+        assert count(_grad_jaxpr(model("full"), x)) == 2 * count(forward)
+
+
+@pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
 def test_matmul_saving_remat_keeps_the_tagged_kernel_outputs(remat):
     """The same policies keep the tagged kernel outputs (the Mamba-2 mixer's two convs, scan and
     gated norm; the MLP's activation; each block's RMSNorm): with remat="full" the backward forms

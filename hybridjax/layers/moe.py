@@ -128,12 +128,13 @@ def route(
         _, top_groups = jax.lax.top_k(group_scores, topk_groups)
         group_mask = jnp.any(top_groups[..., None] == jnp.arange(n_groups), axis=1)  # (T, G)
         choice = jnp.where(jnp.repeat(group_mask, e // n_groups, axis=1), choice, -jnp.inf)
-    _, expert_idx = jax.lax.top_k(choice, top_k)
+    # Kept by the matmul-saving remat policies, so that the backward does not route again.
+    expert_idx = saved_kernel_output(jax.lax.top_k(choice, top_k)[1].astype(jnp.int32))
     weights = jnp.take_along_axis(scores, expert_idx, axis=-1)
     if norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     weights = weights * scaling
-    return Routing(logits_TE, probs, saved_kernel_output(expert_idx.astype(jnp.int32)), weights)
+    return Routing(logits_TE, probs, expert_idx, weights)
 
 
 def token_mean(values_T, mask_T=None):

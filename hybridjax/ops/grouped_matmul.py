@@ -32,17 +32,15 @@ from hybridjax.ops.remat_names import saved_kernel_output
 IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
 
 # Mosaic-GPU tiling. K and N must be multiples of MGPU_ALIGN for the forward and both gradients.
-# Picked by a sweep on an H200 (jax 0.11.2) at M131072 K2048 N1024 E64 bf16: forward 1.15 ms
-# (477 TFLOP/s; grid_block_n=1 gives 1.73 ms), weight gradient 1.20 ms (460 TFLOP/s).
+# 128 x 128 x 64 tiles with 5 stages in flight; the forward visits `grid_block_n` column tiles per
+# row tile, the widest of 4, 3, 2 that divides the output's column tiles. Picked by a sweep on an
+# H100 (jax 0.11.2, bf16) at the MoE preset's shapes, M98304 E64: the up projection K2048 N768
+# 0.988 -> 0.584 ms (grid_block_n 1 -> 3, 4 -> 5 stages), the down projection's d lhs K2048 N768
+# (transposed) 1.000 -> 0.593 ms, the weight gradients 0.57 -> 0.55 ms
+# (docs/measurements/h100_grouped_matmul_tiling.log).
 MGPU_ALIGN = 128
-_MGPU_FWD = {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4}
-_MGPU_WGRAD = {
-    "block_m": 128,
-    "block_n": 128,
-    "block_k": 64,
-    "max_concurrent_steps": 4,
-    "grid_block_n": 1,
-}
+_MGPU_TILE = {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 5}
+_MGPU_SWIZZLE = (4, 3, 2)  # forward grid_block_n candidates, widest first
 _MGPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -138,17 +136,22 @@ def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    grid_block_n = 4 if n % (4 * _MGPU_FWD["block_n"]) == 0 else 1  # N-tile swizzle when it fits
     out = ragged_dot_mgpu.ragged_dot(
         lhs,
         rhs,
         group_sizes=group_sizes,
         transpose_rhs=transpose_rhs,
-        grid_block_n=grid_block_n,
-        **_MGPU_FWD,
+        grid_block_n=mgpu_grid_block_n(n),
+        **_MGPU_TILE,
     )
     # The kernel leaves rows past sum(group_sizes) unwritten: zero them.
     return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, jnp.zeros((), out.dtype))
+
+
+def mgpu_grid_block_n(n: int) -> int:
+    """The forward kernel's column-tile swizzle for an output of n columns (module tiling note)."""
+    tiles = n // _MGPU_TILE["block_n"]
+    return next((w for w in _MGPU_SWIZZLE if tiles % w == 0), 1)
 
 
 def _same_vma(*xs):
@@ -195,7 +198,7 @@ def _mgpu_bwd(res, d_out):
     d_lhs = _mgpu_fwd_kernel(d_out, rhs, group_sizes, transpose_rhs=True)
     # d rhs[e] (K, N) = lhs[group e]^T x d_out[group e]; empty groups give zeros.
     d_rhs = transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        lhs, d_out, group_sizes=group_sizes, **_MGPU_WGRAD
+        lhs, d_out, group_sizes=group_sizes, grid_block_n=1, **_MGPU_TILE
     )
     return (
         _vary(d_lhs, _varying_axes(lhs)),

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridjax.ops.grouped_matmul import grouped_matmul, is_hopper, mgpu_supported
+from hybridjax.ops.grouped_matmul import (
+    grouped_matmul,
+    is_hopper,
+    mgpu_grid_block_n,
+    mgpu_supported,
+)
 
 # M = 13 rows, 5 groups with empty ones; the last 2 rows lie past sum(group_sizes) = 11.
 GROUP_SIZES = np.array([3, 0, 6, 0, 2], np.int32)
@@ -104,6 +109,11 @@ def test_mgpu_support_rule():
         jnp.zeros((8, 200), bf), jnp.zeros((4, 200, 128), bf), check_device=False
     )
     assert not mgpu_supported(jnp.zeros((8, 256)), jnp.zeros((4, 256, 128)), check_device=False)
+
+
+@pytest.mark.parametrize("n, width", [(128, 1), (256, 2), (384, 3), (640, 1), (768, 3), (1024, 4)])
+def test_mgpu_column_swizzle_is_the_widest_that_divides(n, width):
+    assert mgpu_grid_block_n(n) == width
 
 
 @pytest.mark.skipif(not is_hopper(), reason="Mosaic-GPU kernel needs an sm_90 GPU")
