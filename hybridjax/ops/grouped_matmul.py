@@ -36,7 +36,7 @@ IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
 # row tile, the widest of 4, 3, 2 that divides the output's column tiles. Picked by a sweep on an
 # H100 (jax 0.11.2, bf16) at the MoE preset's shapes, M98304 E64: the up projection K2048 N768
 # 0.988 -> 0.584 ms (grid_block_n 1 -> 3, 4 -> 5 stages), the down projection's d lhs K2048 N768
-# (transposed) 1.000 -> 0.593 ms, the weight gradients 0.57 -> 0.55 ms
+# (transposed) 1.000 -> 0.593 ms, the weight gradients 0.574 -> 0.554 and 0.600 -> 0.561 ms
 # (docs/measurements/h100_grouped_matmul_tiling.log).
 MGPU_ALIGN = 128
 _MGPU_TILE = {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 5}
