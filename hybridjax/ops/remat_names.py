@@ -2,8 +2,9 @@
 
 jax's dot policies save what dot_general computes; the output of a Pallas or Mosaic kernel is no
 dot to them, so untagged, the backward would run the kernel a second time. Ops and layers tag
-the outputs that are costly to recompute (the MoE experts' grouped matmuls, the Mamba-2 conv,
-scan and gated norm, the MLP activation, the blocks' RMSNorm) with `saved_kernel_output`.
+the outputs that are costly to recompute (the MoE experts' grouped matmuls, their routing choice
+and dispatch, the Mamba-2 conv, scan and gated norm, the MLP activation, the blocks' RMSNorm)
+with `saved_kernel_output`.
 """
 
 from jax.ad_checkpoint import checkpoint_name
