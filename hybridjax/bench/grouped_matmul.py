@@ -15,6 +15,7 @@ first impl's.
   python -m hybridjax.bench grouped_matmul                         # the default shapes
   python -m hybridjax.bench grouped_matmul --shapes m512,k64,n32,e8 # CPU smoke test
   python -m hybridjax.bench grouped_matmul --out bench_out
+  python -m hybridjax.bench grouped_matmul --sweep --shapes m98304,k2048,n768,e64   # tilings
 """
 
 import argparse
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybridjax.bench.grouped_matmul_sweep import sweep
+from hybridjax.bench.grouped_matmul_sweep import table as sweep_table
 from hybridjax.bench.ssd import (
     BenchLog,
     add_timing_args,
@@ -36,7 +39,7 @@ from hybridjax.bench.ssd import (
     rel_err,
 )
 from hybridjax.ops.grouped_matmul import IMPLS as OP_IMPLS
-from hybridjax.ops.grouped_matmul import grouped_matmul
+from hybridjax.ops.grouped_matmul import grouped_matmul, is_hopper
 
 # m131072 k2048 n1024 e64: a 64-expert layer's up projection; then the MoE preset's (b4 l4096,
 # top-6, d_model 2048, moe_ffn 768) up/gate and down projections.
@@ -88,6 +91,18 @@ def main(argv=None):
     )
     add_timing_args(ap)
     ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time impl mgpu's kernels over candidate tilings instead (Hopper GPU; "
+        "hybridjax.bench.grouped_matmul_sweep)",
+    )
+    ap.add_argument(
+        "--sweep-seconds",
+        type=float,
+        default=60.0,
+        help="time spent on the candidates of each kernel and shape (default: %(default)s)",
+    )
+    ap.add_argument(
         "--out", default=None, metavar="DIR", help="write DIR/grouped_matmul.md (table), .log"
     )
     args = ap.parse_args(argv)
@@ -98,6 +113,9 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     gpu = jax.default_backend() == "gpu"
     log(f"jax {jax.__version__}: {jax.devices()[0].device_kind}; dtype {dtype.name}")
+    timing = (args.warmup, args.repeats, args.batch)
+    if args.sweep:
+        return _sweep(args, shapes, dtype, timing, log)
     impls = args.impls or ["ragged_dot", *["mgpu"] * gpu, *list(PEERS) * gpu]
     fns = {}
     for impl in impls:
@@ -110,7 +128,6 @@ def main(argv=None):
             fn = functools.partial(grouped_matmul, impl=impl)
         fns[impl] = (jax.jit(fn), forward_backward(fn))
 
-    timing = (args.warmup, args.repeats, args.batch)
     rows = []
     for s in shapes:
         name = "m{m} k{k} n{n} e{e}".format(**s)
@@ -166,6 +183,24 @@ def main(argv=None):
             f"| {ratio} | {note} |"
         )
     log.table(lines, args.out, "grouped_matmul")
+    return 0
+
+
+def _sweep(args, shapes, dtype, timing, log):
+    if not is_hopper():
+        print(
+            "grouped_matmul --sweep: times jax's Mosaic GPU kernels, which need an sm_90 GPU "
+            f"(H100 / H200); this machine's device is {jax.devices()[0].device_kind}",
+            file=sys.stderr,
+        )
+        return 2
+    rows = []
+    for s in shapes:
+        name = "m{m} k{k} n{n} e{e}".format(**s)
+        lhs, rhs, sizes, d_out = make_inputs(s, dtype)
+        flop = 2 * s["m"] * s["k"] * s["n"]
+        rows += sweep(name, (lhs, rhs, sizes, d_out), flop, timing, args.sweep_seconds, log)
+    log.table(sweep_table(rows), args.out, "grouped_matmul_sweep")
     return 0
 
 

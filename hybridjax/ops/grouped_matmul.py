@@ -37,10 +37,13 @@ IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
 # H100 (jax 0.11.2, bf16) at the MoE preset's shapes, M98304 E64: the up projection K2048 N768
 # 0.988 -> 0.584 ms (grid_block_n 1 -> 3, 4 -> 5 stages), the down projection's d lhs K2048 N768
 # (transposed) 1.000 -> 0.593 ms, the weight gradients 0.574 -> 0.554 and 0.600 -> 0.561 ms
-# (docs/measurements/h100_grouped_matmul_tiling.log).
+# (docs/measurements/h100_grouped_matmul_tiling.log). Sweep other shapes or GPUs with
+# `python -m hybridjax.bench grouped_matmul --sweep --shapes mM,kK,nN,eE`.
 MGPU_ALIGN = 128
 _MGPU_TILE = {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 5}
 _MGPU_SWIZZLE = (4, 3, 2)  # forward grid_block_n candidates, widest first
+# the weight gradient's kernel (`transposed_ragged_dot_mgpu.transposed_ragged_dot`)
+MGPU_WGRAD_TILING = {**_MGPU_TILE, "grid_block_n": 1}
 _MGPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -137,12 +140,7 @@ def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
 
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out = ragged_dot_mgpu.ragged_dot(
-        lhs,
-        rhs,
-        group_sizes=group_sizes,
-        transpose_rhs=transpose_rhs,
-        grid_block_n=mgpu_grid_block_n(n),
-        **_MGPU_TILE,
+        lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs, **mgpu_forward_tiling(n)
     )
     # The kernel leaves rows past sum(group_sizes) unwritten: zero them.
     return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, jnp.zeros((), out.dtype))
@@ -152,6 +150,12 @@ def mgpu_grid_block_n(n: int) -> int:
     """The forward kernel's column-tile swizzle for an output of n columns (module tiling note)."""
     tiles = n // _MGPU_TILE["block_n"]
     return next((w for w in _MGPU_SWIZZLE if tiles % w == 0), 1)
+
+
+def mgpu_forward_tiling(n: int) -> dict:
+    """The parameters of jax's forward kernel (`ragged_dot_mgpu.ragged_dot`) for an output of n
+    columns: also the d lhs kernel's, with n the lhs's width."""
+    return {**_MGPU_TILE, "grid_block_n": mgpu_grid_block_n(n)}
 
 
 def _same_vma(*xs):
@@ -198,7 +202,7 @@ def _mgpu_bwd(res, d_out):
     d_lhs = _mgpu_fwd_kernel(d_out, rhs, group_sizes, transpose_rhs=True)
     # d rhs[e] (K, N) = lhs[group e]^T x d_out[group e]; empty groups give zeros.
     d_rhs = transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        lhs, d_out, group_sizes=group_sizes, grid_block_n=1, **_MGPU_TILE
+        lhs, d_out, group_sizes=group_sizes, **MGPU_WGRAD_TILING
     )
     return (
         _vary(d_lhs, _varying_axes(lhs)),
