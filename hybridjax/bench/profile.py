@@ -12,7 +12,8 @@ every device-0 kernel of the step is attributed through its HLO instruction to
     custom calls), collective, or elementwise (every other fusion, copy, reduction).
 
 The table gives milliseconds per step and the share of device-busy time per (layer, pass,
-kind), then the most expensive single ops with their jax names. Busy time adds kernels of all
+kind), then the most expensive single ops with their jax names, then the largest non-matmul
+groups by jax name (one name sums the same op of every layer). Busy time adds kernels of all
 streams, so overlapped collectives can make it exceed the step's wall time. CUDA graphs are
 turned off while profiling (each graph would be one opaque kernel), so the step runs a little
 slower than in `bench step`. The trace stays in
@@ -37,7 +38,6 @@ import time
 SCOPES = ("mamba2", "mamba3", "attention", "moe", "mlp", "loss", "optimizer")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 CONTROL_FLOW = ("while", "conditional", "call")
-GROUPS_DETAILED, OPS_PER_GROUP = 6, 5  # the last table: its groups and ops per group
 MATMUL = re.compile(r"gemm|cublas|matmul|nvjet|xmma|cutlass", re.IGNORECASE)
 
 
@@ -54,6 +54,15 @@ def parse_args(argv):
     ap.add_argument("--layout", default="1", help="'1' (one device) or mesh sizes, e.g. context=2")
     ap.add_argument("--impl", default="auto", help="SSD implementation (default: %(default)s)")
     ap.add_argument("--top", type=int, default=15, help="single ops listed (default: 15)")
+    ap.add_argument(
+        "--groups", type=int, default=6, help="non-matmul groups detailed (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--group-names",
+        type=int,
+        default=6,
+        help="jax names listed per detailed group (default: %(default)s)",
+    )
     ap.add_argument("--out", required=True, help="directory for the trace and profile.md")
     args = ap.parse_args(argv)
     try:
@@ -154,7 +163,7 @@ def device_kernels(trace_dir: str, module: str):
     return kernels
 
 
-def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
+def tables(kernels, ops, n_steps: int, step_ms: float, top: int, groups_shown=6, names_shown=6):
     groups = collections.defaultdict(float)
     singles = collections.defaultdict(float)  # (group, op, opcode, jax name) -> us
     for op, kernel, us in kernels:
@@ -187,17 +196,22 @@ def tables(kernels, ops, n_steps: int, step_ms: float, top: int) -> str:
     for (_, op, opcode, op_name), us in sorted(singles.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
     # The matmuls are one op each; the rest of a group is often many small ops worth naming.
+    # One jax name covers the same op of every layer: its ops are summed.
     lines += [
         "",
-        "| largest non-matmul groups: top ops | opcode | ms/step | jax name |",
-        "|---|---|---|---|",
+        "| largest non-matmul groups: top jax names | ops | ms/step |",
+        "|---|---|---|",
     ]
     others = [(g, us) for g, us in groups.items() if g[2] != "matmul"]
-    for group, _ in sorted(others, key=lambda kv: -kv[1])[:GROUPS_DETAILED]:
-        lines.append(f"| **{' / '.join(group)}** | | | |")
-        in_group = [(key, us) for key, us in singles.items() if key[0] == group]
-        for (_, op, opcode, op_name), us in sorted(in_group, key=lambda kv: -kv[1])[:OPS_PER_GROUP]:
-            lines.append(f"| {op} | {opcode} | {us / n_steps / 1e3:.2f} | {op_name[-120:]} |")
+    for group, _ in sorted(others, key=lambda kv: -kv[1])[:groups_shown]:
+        lines.append(f"| **{' / '.join(group)}** | | |")
+        by_name = collections.defaultdict(lambda: [0, 0.0])  # jax name -> [ops, us]
+        for (g, _, opcode, op_name), us in singles.items():
+            if g == group:
+                by_name[op_name or opcode][0] += 1
+                by_name[op_name or opcode][1] += us
+        for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:names_shown]:
+            lines.append(f"| {name[-120:]} | {count} | {us / n_steps / 1e3:.2f} |")
     return "\n".join(lines)
 
 
@@ -237,7 +251,15 @@ def main(argv=None):
         f"preset {args.preset}, layout {args.layout}, batch {args.batch} x {args.seq_len}, "
         f"SSD {args.impl}, remat {args.remat}, jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind}; compiled in {compile_s:.0f} s\n\n"
-        + tables(kernels, hlo_ops(hlo), args.steps, 1e3 * statistics.median(times), args.top)
+        + tables(
+            kernels,
+            hlo_ops(hlo),
+            args.steps,
+            1e3 * statistics.median(times),
+            args.top,
+            args.groups,
+            args.group_names,
+        )
     )
     print(text)
     with open(os.path.join(args.out, "profile.md"), "w") as f:

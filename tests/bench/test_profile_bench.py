@@ -50,7 +50,7 @@ def test_tiny_profile_attributes_time_to_every_layer_kind(capsys, tmp_path):
     assert {"mamba2", "attention", "mlp", "loss", "optimizer"} <= layers
     assert (tmp_path / "profile.md").read_text().startswith("preset tiny")
     # the last table details the largest non-matmul groups of the first, in its order, each
-    # with its ops (no more time than the group's)
+    # with its jax names (each name's ops summed; no more time than the group's)
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.count("|") == 6]
     groups = [(" / ".join(c.strip() for c in r[:3]), float(r[3])) for r in rows[2:]]
     groups = [(g, ms) for g, ms in groups if not g.endswith("matmul")][:6]
