@@ -6,8 +6,8 @@ lhs gradient (d_out rhs[e]^T, the forward kernel on the transposed weight) and t
 gradient (lhs[group e]^T d_out[group e]) — with ours first, then candidates until
 `--sweep-seconds` run out: accumulator tiles of at most 128 x 128 floats per warpgroup, 64- or
 128-wide contraction steps, 3 to 6 steps in flight, and the column swizzles that divide the
-output's column tiles. Candidates that do not compile (e.g. past the shared memory) are counted
-and skipped. Each row gives the median time, TFLOP/s, the time relative to ours, and the largest
+output's column tiles, within a Hopper block's shared memory. Candidates that do not compile are
+counted and skipped. Each row gives the median time, TFLOP/s, the time relative to ours, and the largest
 difference from our output relative to its largest magnitude (0 for a tiling that only reorders
 the same sums). Hopper GPUs only.
 """
@@ -28,6 +28,7 @@ BLOCK_K = (64, 128)
 STEPS = (5, 4, 6, 3)
 SWIZZLES = (1, 2, 3, 4, 6, 8)
 SHOWN = 4  # fastest candidates listed per kernel, besides ours
+SMEM_BYTES = 232448  # shared memory a Hopper block may use: candidates past it are not tried
 
 
 def candidates(ours: dict, out_cols: int, contraction: int, weight_gradient: bool):
@@ -46,7 +47,8 @@ def candidates(ours: dict, out_cols: int, contraction: int, weight_gradient: boo
             fits = contraction % bm == 0 and out_cols % bn == 0 and width <= 2
         else:
             fits = contraction % bk == 0 and out_cols % bn == 0 and (out_cols // bn) % width == 0
-        if fits and c != ours:
+        smem = 2 * (steps * (bm * bk + bk * bn) + bm * bn)  # 16-bit operand stages, output tile
+        if fits and smem <= SMEM_BYTES and c != ours:
             yield c
 
 

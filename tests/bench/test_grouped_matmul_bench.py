@@ -55,6 +55,8 @@ def test_sweep_candidates_start_with_ours_and_tile_the_sizes(wgrad):
     assert len({tuple(c.items()) for c in found}) == len(found)  # no tiling twice
     for c in found:
         assert 768 % c["block_n"] == 0 and c["block_m"] * c["block_n"] <= 128 * 128
+        stages = c["max_concurrent_steps"] * (c["block_m"] + c["block_n"]) * c["block_k"]
+        assert 2 * (stages + c["block_m"] * c["block_n"]) <= sweep_mod.SMEM_BYTES
         if wgrad:
             assert 2048 % c["block_m"] == 0 and c["grid_block_n"] <= 2
         else:
