@@ -64,6 +64,11 @@ def make_inputs(s, dtype, seed=0):
     return jax.block_until_ready((lhs, rhs, jnp.asarray(sizes), d_out))
 
 
+def _case(s, dtype):
+    """(the shape's name, its inputs (lhs, rhs, group sizes, d_out), FLOPs of one matmul)."""
+    return "m{m} k{k} n{n} e{e}".format(**s), make_inputs(s, dtype), 2 * s["m"] * s["k"] * s["n"]
+
+
 def load_peer(name):
     """The peer's function with its keyword arguments bound, or a string saying why not."""
     module, fn, kwargs = PEERS[name]
@@ -130,9 +135,7 @@ def main(argv=None):
 
     rows = []
     for s in shapes:
-        name = "m{m} k{k} n{n} e{e}".format(**s)
-        lhs, rhs, sizes, d_out = make_inputs(s, dtype)
-        flop = 2 * s["m"] * s["k"] * s["n"]
+        name, (lhs, rhs, sizes, d_out), flop = _case(s, dtype)
         first = None
         for impl, (fwd, fwd_bwd) in fns.items():
             try:
@@ -196,10 +199,7 @@ def _sweep(args, shapes, dtype, timing, log):
         return 2
     rows = []
     for s in shapes:
-        name = "m{m} k{k} n{n} e{e}".format(**s)
-        lhs, rhs, sizes, d_out = make_inputs(s, dtype)
-        flop = 2 * s["m"] * s["k"] * s["n"]
-        rows += sweep(name, (lhs, rhs, sizes, d_out), flop, timing, args.sweep_seconds, log)
+        rows += sweep(*_case(s, dtype), timing, args.sweep_seconds, log)
     log.table(sweep_table(rows), args.out, "grouped_matmul_sweep")
     return 0
 

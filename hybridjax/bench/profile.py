@@ -163,7 +163,9 @@ def device_kernels(trace_dir: str, module: str):
     return kernels
 
 
-def tables(kernels, ops, n_steps: int, step_ms: float, top: int, groups_shown=6, names_shown=6):
+def tables(
+    kernels, ops, n_steps: int, step_ms: float, top: int, groups_shown: int, names_shown: int
+):
     groups = collections.defaultdict(float)
     singles = collections.defaultdict(float)  # (group, op, opcode, jax name) -> us
     for op, kernel, us in kernels:

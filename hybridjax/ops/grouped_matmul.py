@@ -146,16 +146,13 @@ def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
     return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, jnp.zeros((), out.dtype))
 
 
-def mgpu_grid_block_n(n: int) -> int:
-    """The forward kernel's column-tile swizzle for an output of n columns (module tiling note)."""
-    tiles = n // _MGPU_TILE["block_n"]
-    return next((w for w in _MGPU_SWIZZLE if tiles % w == 0), 1)
-
-
 def mgpu_forward_tiling(n: int) -> dict:
     """The parameters of jax's forward kernel (`ragged_dot_mgpu.ragged_dot`) for an output of n
-    columns: also the d lhs kernel's, with n the lhs's width."""
-    return {**_MGPU_TILE, "grid_block_n": mgpu_grid_block_n(n)}
+    columns (also the d lhs kernel's, n the lhs's width): the column-tile swizzle is the widest
+    in _MGPU_SWIZZLE that divides the column tiles (module tiling note)."""
+    tiles = n // _MGPU_TILE["block_n"]
+    width = next((w for w in _MGPU_SWIZZLE if tiles % w == 0), 1)
+    return {**_MGPU_TILE, "grid_block_n": width}
 
 
 def _same_vma(*xs):

@@ -57,6 +57,10 @@ def test_tiny_profile_attributes_time_to_every_layer_kind(capsys, tmp_path):
     detail = out[out.index("| largest non-matmul groups") :].splitlines()[2:]
     heads = [i for i, line in enumerate(detail) if line.startswith("| **")]
     assert [detail[i].split("**")[1] for i in heads] == [g for g, _ in groups]
+    counts = []
     for (_, ms), i, j in zip(groups, heads, heads[1:] + [len(detail)]):
-        ops = [float(line.split("|")[3]) for line in detail[i + 1 : j] if line.startswith("| ")]
-        assert ops and sum(ops) <= ms + 0.01 * len(ops)
+        named = [line.split("|")[1:4] for line in detail[i + 1 : j] if line.startswith("| ")]
+        assert named and sum(float(r[2]) for r in named) <= ms + 0.01 * len(named)
+        assert len({r[0] for r in named}) == len(named)  # each jax name once
+        counts += [int(r[1]) for r in named]
+    assert max(counts) > 1  # a name sums the ops that share it

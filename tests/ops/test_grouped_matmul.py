@@ -8,7 +8,7 @@ import pytest
 from hybridjax.ops.grouped_matmul import (
     grouped_matmul,
     is_hopper,
-    mgpu_grid_block_n,
+    mgpu_forward_tiling,
     mgpu_supported,
 )
 
@@ -113,7 +113,7 @@ def test_mgpu_support_rule():
 
 @pytest.mark.parametrize("n, width", [(128, 1), (256, 2), (384, 3), (640, 1), (768, 3), (1024, 4)])
 def test_mgpu_column_swizzle_is_the_widest_that_divides(n, width):
-    assert mgpu_grid_block_n(n) == width
+    assert mgpu_forward_tiling(n)["grid_block_n"] == width
 
 
 @pytest.mark.skipif(not is_hopper(), reason="Mosaic-GPU kernel needs an sm_90 GPU")
