@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridjax.ops.remat_names import saved_kernel_output
+from hybridjax.ops.varying import same_varying_axes, vary, varying_axes
 
 IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
 
@@ -75,7 +76,7 @@ def _grouped_matmul(lhs, rhs, group_sizes, impl, capacity):
                 f"and K, N multiples of {MGPU_ALIGN}; got lhs {lhs.shape} {lhs.dtype}, rhs "
                 f"{rhs.shape} {rhs.dtype}"
             )
-        return _mgpu(*_same_vma(lhs, rhs), group_sizes)
+        return _mgpu(*same_varying_axes(lhs, rhs), group_sizes)
     raise ValueError(
         f"grouped_matmul: impl {impl!r} is not allowed; choose from "
         + ", ".join(repr(i) for i in IMPLS)
@@ -155,30 +156,8 @@ def mgpu_forward_tiling(n: int) -> dict:
     return {**_MGPU_TILE, "grid_block_n": width}
 
 
-def _same_vma(*xs):
-    """Under shard_map, give the operands the union of their varying mesh axes: the weight
-    gradient computed from local rows varies with the rows, and a custom VJP's cotangents must
-    have their primals' types. Outside, the cast's transpose sums the gradient over those axes."""
-    union = frozenset().union(*map(_varying_axes, xs))
-    return tuple(_vary(x, union) for x in xs)
-
-
-def _vary(x, axes: frozenset):
-    """x typed as varying over `axes` too (values unchanged). Pallas calls may type their
-    outputs as varying over fewer axes than their inputs (jax 0.11)."""
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _varying_axes(x) -> frozenset:
-    """The mesh axes x varies over inside shard_map (jax 0.10: manual_axis_type; later: vma)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
 def _mgpu_out(lhs, rhs, group_sizes):
-    return _vary(_mgpu_fwd_kernel(lhs, rhs, group_sizes), _varying_axes(lhs))
+    return vary(_mgpu_fwd_kernel(lhs, rhs, group_sizes), varying_axes(lhs))
 
 
 @jax.custom_vjp
@@ -202,8 +181,8 @@ def _mgpu_bwd(res, d_out):
         lhs, d_out, group_sizes=group_sizes, **MGPU_WGRAD_TILING
     )
     return (
-        _vary(d_lhs, _varying_axes(lhs)),
-        _vary(d_rhs.astype(rhs.dtype), _varying_axes(rhs)),
+        vary(d_lhs, varying_axes(lhs)),
+        vary(d_rhs.astype(rhs.dtype), varying_axes(rhs)),
         None,
     )
 

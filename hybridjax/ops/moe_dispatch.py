@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridjax.ops.remat_names import saved_kernel_output
+from hybridjax.ops.varying import same_varying_axes
 
 
 class DroplessPlan(NamedTuple):
@@ -75,8 +76,8 @@ def dropless_dispatch(x_TD, expert_idx_TK, n_experts: int):
 
 def dropless_combine(y_AD, plan: DroplessPlan, weights_TK):
     """Sorted expert outputs (T*k, D) -> sum_k weights * output: (T, D) in the promoted dtype."""
-    y_TKD = _unsort_rows(y_AD, plan.order, plan.inverse).reshape(-1, plan.top_k, y_AD.shape[-1])
-    return weighted_sum(y_TKD, weights_TK)
+    y_AD, weights_TK = same_varying_axes(y_AD, weights_TK)
+    return _combine_rows(y_AD, plan.order, plan.inverse, weights_TK)
 
 
 # Both directions are gathers, forward and backward: autodiff would transpose each gather into a
@@ -101,26 +102,41 @@ def _sort_rows_bwd(k, inverse, dy_AD):
 _sort_rows.defvjp(_sort_rows_fwd, _sort_rows_bwd)
 
 
+# Gather and weighted sum in one pass each way: the (T, k, D) unsorted outputs are never stored
+# (403 MB a layer at the MoE preset), and autodiff would turn the gather into a scatter-add.
 @jax.custom_vjp
-def _unsort_rows(y_AD, order, inverse):
-    """Sorted rows (T*k, D) -> (T*k, D) in assignment order t * k + s."""
-    return y_AD[inverse]
+def _combine_rows(y_AD, order, inverse, weights_TK):
+    """out[t] = sum_s weights[t, s] * y[inverse[t * k + s]]."""
+    return weighted_sum(_unsorted(y_AD, inverse, weights_TK.shape[1]), weights_TK)
 
 
-def _unsort_rows_fwd(y_AD, order, inverse):
-    return y_AD[inverse], order
+def _unsorted(y_AD, inverse, k):
+    return y_AD[inverse].reshape(-1, k, y_AD.shape[-1])
 
 
-def _unsort_rows_bwd(order, dy):
-    return dy[order], None, None
+def _combine_rows_fwd(y_AD, order, inverse, weights_TK):
+    return _combine_rows(y_AD, order, inverse, weights_TK), (y_AD, order, inverse, weights_TK)
 
 
-_unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
+def _combine_rows_bwd(res, d_out_TD):
+    y_AD, order, inverse, weights_TK = res
+    k = weights_TK.shape[1]
+    dtype = d_out_TD.dtype
+    # d weights[t, s] = <d_out[t], y[inverse[t * k + s]]>; d y[a] = weights * d_out at a's token
+    d_weights = jnp.sum(_unsorted(y_AD, inverse, k).astype(dtype) * d_out_TD[:, None], axis=-1)
+    w_A = weights_TK.reshape(-1)[order].astype(dtype)
+    d_y = (d_out_TD[order // k] * w_A[:, None]).astype(y_AD.dtype)
+    return d_y, None, None, d_weights.astype(weights_TK.dtype)
+
+
+_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 def weighted_sum(y_TKD, weights_TK):
+    """sum_k weights * y: (T, D) in the promoted dtype, an elementwise product and a sum (XLA
+    fuses it with the gather that forms y; as an einsum it is a batched matmul of width one)."""
     dtype = jnp.promote_types(y_TKD.dtype, weights_TK.dtype)
-    return jnp.einsum("tkd,tk->td", y_TKD.astype(dtype), weights_TK.astype(dtype))
+    return jnp.sum(y_TKD.astype(dtype) * weights_TK[..., None].astype(dtype), axis=1)
 
 
 # ------------------------------------------------------------------------------------ capacity
