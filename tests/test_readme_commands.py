@@ -294,6 +294,7 @@ SKIPPED = {
     "python -m hybridjax.bench step --impls pallas --remat dots_no_batch": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.bench step --impls pallas --model mamba2_glue_impl=xla": "the Pallas SSD needs a GPU; the bench_step entry runs the step benchmark",
     "python -m hybridjax.bench grouped_matmul --impls mgpu jax-linear-attention": "mgpu needs a Hopper GPU and the peer its Mosaic GPU; the bench_grouped_matmul entry runs the benchmark",
+    "python -m hybridjax.bench grouped_matmul --impls mgpu persistent jax-linear-attention": "the Mosaic GPU kernels need a Hopper GPU; the bench_grouped_matmul entry runs the benchmark",
     "python -m hybridjax.bench grouped_matmul --sweep --shapes m98304,k2048,n768,e64": "jax's Mosaic GPU kernels need an sm_90 GPU; tests/bench/test_grouped_matmul_bench.py runs the sweep with stand-in kernels",
     "python -m hybridjax.kernels.check": GPU_KERNELS,
     "python -m hybridjax.kernels.check --stages": GPU_KERNELS,

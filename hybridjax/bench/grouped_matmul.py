@@ -2,8 +2,8 @@
 MoE layer's grouped matmul (M, K) x (E, K, N) -> (M, N), ours against the JAX peers.
 
 Ours: `hybridjax.ops.grouped_matmul` with impl ragged_dot (`jax.lax.ragged_dot`), mgpu (jax's
-Mosaic GPU kernels with our VJP) and padded (one batched matmul over capacity buffers; only when
-named). Peers, when importable on a Hopper GPU: jax-linear-attention's Mosaic GPU `ragged_dot`
+Mosaic GPU kernels with our VJP), persistent (mgpu with our persistent forward kernel) and padded
+(one batched matmul over capacity buffers; only when named). Peers, when importable on a Hopper GPU: jax-linear-attention's Mosaic GPU `ragged_dot`
 (pip install jax-linear-attention) and tokamax's `ragged_dot` with its Mosaic GPU implementation
 (pip install tokamax). Every impl gets the same bf16 operands and group sizes: rows routed to
 experts as a router does (a multinomial draw over E equally likely experts, so sizes differ by a
@@ -92,7 +92,7 @@ def main(argv=None):
         nargs="+",
         choices=IMPLS,
         default=None,
-        help="default: ragged_dot, mgpu on a Hopper GPU, and the importable peers",
+        help="default: ragged_dot, mgpu and persistent on a Hopper GPU, and the importable peers",
     )
     add_timing_args(ap)
     ap.add_argument(
@@ -121,7 +121,7 @@ def main(argv=None):
     timing = (args.warmup, args.repeats, args.batch)
     if args.sweep:
         return _sweep(args, shapes, dtype, timing, log)
-    impls = args.impls or ["ragged_dot", *["mgpu"] * gpu, *list(PEERS) * gpu]
+    impls = args.impls or ["ragged_dot", *["mgpu", "persistent"] * gpu, *list(PEERS) * gpu]
     fns = {}
     for impl in impls:
         if impl in PEERS:

@@ -15,6 +15,12 @@ impl:
                 the transposed rhs, d rhs = transposed_ragged_dot_mgpu). GPU (sm_90) only;
                 needs lhs and rhs of one dtype in {bfloat16, float16}, K and N multiples of 128.
                 Imported lazily.
+  "persistent"  "mgpu" with our persistent forward and d lhs kernel
+                (`hybridjax.ops.ragged_matmul_mgpu`: one TMA pipeline per SM across its tiles, so
+                the next tile's loads overlap the last one's write-back; block-aligned row tiles,
+                none for row blocks outside the groups); the weight gradient as "mgpu". Same
+                requirements, and M >= 128. Opt-in until measured against "mgpu" on a GPU
+                (`python -m hybridjax.bench grouped_matmul --impls mgpu persistent`).
   "padded"      capacity-padded batched matmul: rows are scattered into an (E, C, K) buffer,
                 multiplied by one batched matmul, gathered back. C = `capacity` (rows past it in a
                 group are dropped: zero output, zero gradient) or, when None, M (exact, but E x the
@@ -24,13 +30,16 @@ impl:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from hybridjax.ops.ragged_matmul_mgpu import ragged_matmul
 from hybridjax.ops.remat_names import saved_kernel_output
 from hybridjax.ops.varying import same_varying_axes, vary, varying_axes
 
-IMPLS = ("auto", "ragged_dot", "mgpu", "padded")
+IMPLS = ("auto", "ragged_dot", "mgpu", "persistent", "padded")
 
 # Mosaic-GPU tiling. K and N must be multiples of MGPU_ALIGN for the forward and both gradients.
 # 128 x 128 x 64 tiles with 5 stages in flight; the forward visits `grid_block_n` column tiles per
@@ -69,14 +78,15 @@ def _grouped_matmul(lhs, rhs, group_sizes, impl, capacity):
         return jax.lax.ragged_dot(lhs, rhs, group_sizes)
     if impl == "padded":
         return _padded(lhs, rhs, group_sizes, capacity)
-    if impl == "mgpu":
-        if not mgpu_supported(lhs, rhs, check_device=False):
+    if impl in ("mgpu", "persistent"):
+        rows = MGPU_ALIGN if impl == "persistent" else 1
+        if not mgpu_supported(lhs, rhs, check_device=False) or lhs.shape[0] < rows:
             raise ValueError(
-                f"grouped_matmul: impl 'mgpu' needs lhs/rhs of one dtype in (bfloat16, float16) "
-                f"and K, N multiples of {MGPU_ALIGN}; got lhs {lhs.shape} {lhs.dtype}, rhs "
-                f"{rhs.shape} {rhs.dtype}"
+                f"grouped_matmul: impl {impl!r} needs lhs/rhs of one dtype in (bfloat16, "
+                f"float16), K and N multiples of {MGPU_ALIGN} and M >= {rows}; got lhs "
+                f"{lhs.shape} {lhs.dtype}, rhs {rhs.shape} {rhs.dtype}"
             )
-        return _mgpu(*same_varying_axes(lhs, rhs), group_sizes)
+        return _mgpu(*same_varying_axes(lhs, rhs), group_sizes, impl == "persistent")
     raise ValueError(
         f"grouped_matmul: impl {impl!r} is not allowed; choose from "
         + ", ".join(repr(i) for i in IMPLS)
@@ -136,13 +146,16 @@ def _row_mask(group_sizes, n_rows):
     return (jnp.arange(n_rows) < jnp.sum(group_sizes))[:, None]
 
 
-def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
+def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False, persistent=False):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    out = ragged_dot_mgpu.ragged_dot(
-        lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs, **mgpu_forward_tiling(n)
-    )
+    if persistent:
+        out = ragged_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs)
+    else:
+        out = ragged_dot_mgpu.ragged_dot(
+            lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs, **mgpu_forward_tiling(n)
+        )
     # The kernel leaves rows past sum(group_sizes) unwritten: zero them.
     return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, jnp.zeros((), out.dtype))
 
@@ -156,26 +169,27 @@ def mgpu_forward_tiling(n: int) -> dict:
     return {**_MGPU_TILE, "grid_block_n": width}
 
 
-def _mgpu_out(lhs, rhs, group_sizes):
-    return vary(_mgpu_fwd_kernel(lhs, rhs, group_sizes), varying_axes(lhs))
+def _mgpu_out(lhs, rhs, group_sizes, persistent):
+    out = _mgpu_fwd_kernel(lhs, rhs, group_sizes, persistent=persistent)
+    return vary(out, varying_axes(lhs))
 
 
-@jax.custom_vjp
-def _mgpu(lhs, rhs, group_sizes):
-    return _mgpu_out(lhs, rhs, group_sizes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mgpu(lhs, rhs, group_sizes, persistent: bool):
+    return _mgpu_out(lhs, rhs, group_sizes, persistent)
 
 
-def _mgpu_fwd(lhs, rhs, group_sizes):
-    return _mgpu_out(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+def _mgpu_fwd(lhs, rhs, group_sizes, persistent):
+    return _mgpu_out(lhs, rhs, group_sizes, persistent), (lhs, rhs, group_sizes)
 
 
-def _mgpu_bwd(res, d_out):
+def _mgpu_bwd(persistent, res, d_out):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
     lhs, rhs, group_sizes = res
     d_out = jnp.where(_row_mask(group_sizes, lhs.shape[0]), d_out, 0).astype(lhs.dtype)
     # d lhs (M, K) = d_out (M, N) x rhs[e]^T (N, K): rhs (E, K, N) read as (E, N, K)^T.
-    d_lhs = _mgpu_fwd_kernel(d_out, rhs, group_sizes, transpose_rhs=True)
+    d_lhs = _mgpu_fwd_kernel(d_out, rhs, group_sizes, transpose_rhs=True, persistent=persistent)
     # d rhs[e] (K, N) = lhs[group e]^T x d_out[group e]; empty groups give zeros.
     d_rhs = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         lhs, d_out, group_sizes=group_sizes, **MGPU_WGRAD_TILING

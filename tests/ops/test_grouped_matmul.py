@@ -100,6 +100,11 @@ def test_bad_arguments_name_the_field():
         grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.ones((3,), jnp.int32))
     with pytest.raises(ValueError, match="mgpu"):  # float64 and K=7: unsupported shapes
         grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(GROUP_SIZES), "mgpu")
+    bf = jnp.bfloat16  # supported operands, but fewer rows than one of its tiles
+    with pytest.raises(ValueError, match="impl 'persistent' needs .* M >= 128"):
+        grouped_matmul(
+            jnp.zeros((127, 128), bf), jnp.zeros((2, 128, 128), bf), jnp.ones(2), "persistent"
+        )
 
 
 def test_mgpu_support_rule():
@@ -117,7 +122,8 @@ def test_mgpu_column_swizzle_is_the_widest_that_divides(n, width):
 
 
 @pytest.mark.skipif(not is_hopper(), reason="Mosaic-GPU kernel needs an sm_90 GPU")
-def test_mgpu_values_and_grads_match_ragged_dot():
+@pytest.mark.parametrize("impl", ["mgpu", "persistent"])
+def test_mgpu_values_and_grads_match_ragged_dot(impl):
     rng = np.random.default_rng(5)
     m, k, n = 1000, 256, 384
     gs = jnp.asarray([300, 0, 128, 450, 0, 100], jnp.int32)  # sum 978 < m
@@ -129,7 +135,7 @@ def test_mgpu_values_and_grads_match_ragged_dot():
         f = lambda a, b: jnp.sum(grouped_matmul(a, b, gs, impl).astype(jnp.float32) * cot)
         return grouped_matmul(lhs, rhs, gs, impl), jax.grad(f, argnums=(0, 1))(lhs, rhs)
 
-    (y, (da, db)), (y0, (da0, db0)) = run("mgpu"), run("ragged_dot")
+    (y, (da, db)), (y0, (da0, db0)) = run(impl), run("ragged_dot")
     for a, b in [(y, y0), (da, da0), (db, db0)]:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
@@ -145,7 +151,7 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
     import hybridjax.ops.grouped_matmul as gm
     from hybridjax.sharding import make_mesh
 
-    def fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False):
+    def fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False, persistent=False):
         return jax.lax.ragged_dot(
             lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs, group_sizes
         )
@@ -179,3 +185,36 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
         got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "mgpu")
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sizes, m",
+    [
+        ([3, 0, 6, 0, 2], 13),  # groups inside one block, empty groups, rows past the groups
+        ([300, 0, 128, 450, 0, 100], 1000),  # groups straddling blocks and aligned to them
+        ([0, 0, 256, 0], 256),  # one group filling whole blocks
+        ([0, 0, 0], 128),  # no rows at all
+    ],
+)
+def test_mgpu_tile_table_runs_every_row_once_with_its_group(sizes, m):
+    """The persistent kernel's schedule: running each listed tile (its block's rows times its
+    group's weight, its group's rows stored) gives the grouped matmul, every row once."""
+    from hybridjax.ops.ragged_matmul_mgpu import tile_table
+
+    block_m, e = 4, len(sizes)
+    table, count = (np.asarray(a) for a in tile_table(jnp.asarray(sizes, jnp.int32), m, block_m))
+    assert table.shape == (4, -(-m // block_m) + e - 1)
+    count = int(count[0])
+    group, block, first, rows = table
+    assert (rows[:count] > 0).all() and (rows[count:] == 0).all()
+    rng = np.random.default_rng(0)
+    lhs, rhs = rng.standard_normal((m, 3)), rng.standard_normal((e, 3, 2))
+    out, hits = np.zeros((m, 2)), np.zeros(m, int)
+    for t in range(count):
+        assert 0 <= first[t] and first[t] + rows[t] <= block_m
+        r = slice(block[t] * block_m + first[t], block[t] * block_m + first[t] + rows[t])
+        out[r] = lhs[r] @ rhs[group[t]]
+        hits[r] += 1
+    total = sum(sizes)
+    assert (hits[:total] == 1).all() and (hits[total:] == 0).all()
+    np.testing.assert_allclose(out, numpy_loop(lhs, rhs, np.asarray(sizes)), rtol=1e-12)
