@@ -3,8 +3,8 @@ MoE layer's grouped matmul (M, K) x (E, K, N) -> (M, N), ours against the JAX pe
 
 Ours: `hybridjax.ops.grouped_matmul` with impl ragged_dot (`jax.lax.ragged_dot`), mgpu (jax's
 Mosaic GPU kernels with our VJP), persistent (mgpu with our persistent forward kernel) and padded
-(one batched matmul over capacity buffers; only when named). Peers, when importable on a Hopper GPU: jax-linear-attention's Mosaic GPU `ragged_dot`
-(pip install jax-linear-attention) and tokamax's `ragged_dot` with its Mosaic GPU implementation
+(one batched matmul over capacity buffers; only when named). Peers, when importable on a Hopper
+GPU: jax-linear-attention's Mosaic GPU `ragged_dot` (pip install jax-linear-attention) and tokamax's `ragged_dot` with its Mosaic GPU implementation
 (pip install tokamax). Every impl gets the same bf16 operands and group sizes: rows routed to
 experts as a router does (a multinomial draw over E equally likely experts, so sizes differ by a
 few percent), sorted by expert. Forward+backward is one vjp with a random cotangent and

@@ -35,7 +35,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hybridjax.ops.ragged_matmul_mgpu import ragged_matmul
 from hybridjax.ops.remat_names import saved_kernel_output
 from hybridjax.ops.varying import same_varying_axes, vary, varying_axes
 
@@ -147,12 +146,14 @@ def _row_mask(group_sizes, n_rows):
 
 
 def _mgpu_fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False, persistent=False):
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if persistent:
+        from hybridjax.ops.ragged_matmul_mgpu import ragged_matmul
+
         out = ragged_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs)
     else:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+        n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
         out = ragged_dot_mgpu.ragged_dot(
             lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs, **mgpu_forward_tiling(n)
         )

@@ -102,8 +102,9 @@ def _sort_rows_bwd(k, inverse, dy_AD):
 _sort_rows.defvjp(_sort_rows_fwd, _sort_rows_bwd)
 
 
-# Gather and weighted sum in one pass each way: the (T, k, D) unsorted outputs are never stored
-# (403 MB a layer at the MoE preset), and autodiff would turn the gather into a scatter-add.
+# Gather and weighted sum in one expression each way, so XLA may fuse them and need not form the
+# (T, k, D) unsorted outputs (403 MB a layer at the MoE preset), which the backward no longer
+# keeps; autodiff would also turn the gather into a scatter-add.
 @jax.custom_vjp
 def _combine_rows(y_AD, order, inverse, weights_TK):
     """out[t] = sum_s weights[t, s] * y[inverse[t * k + s]]."""
@@ -133,8 +134,8 @@ _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 def weighted_sum(y_TKD, weights_TK):
-    """sum_k weights * y: (T, D) in the promoted dtype, an elementwise product and a sum (XLA
-    fuses it with the gather that forms y; as an einsum it is a batched matmul of width one)."""
+    """sum_k weights * y: (T, D) in the promoted dtype. A product and a sum, which XLA can fuse
+    with the gather that forms y; as an einsum it would be a batched matmul of width one."""
     dtype = jnp.promote_types(y_TKD.dtype, weights_TK.dtype)
     return jnp.sum(y_TKD.astype(dtype) * weights_TK[..., None].astype(dtype), axis=1)
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hybridjax.ops.grouped_matmul import group_ids_and_positions
+
 
 def tile_table(group_sizes, m: int, block_m: int):
     """The tiles of the row schedule, a prefix of a static-length list.
@@ -36,16 +38,16 @@ def tile_table(group_sizes, m: int, block_m: int):
     starts = ends - sizes
     first_block = starts // block_m
     blocks = jnp.where(sizes > 0, (ends - 1) // block_m - first_block + 1, 0)  # row blocks touched
-    tiles_end = jnp.cumsum(blocks)
-    capacity = -(-m // block_m) + e - 1
-    tid = jnp.arange(capacity, dtype=jnp.int32)
-    group = jnp.minimum(jnp.sum(tiles_end[None, :] <= tid[:, None], axis=1), e - 1)
-    block = first_block[group] + tid - (tiles_end - blocks)[group]
+    # Tiles come in groups of `blocks` tiles, as rows come in groups of `sizes` rows.
+    group, nth = group_ids_and_positions(blocks, -(-m // block_m) + e - 1)
+    group = jnp.minimum(group, e - 1)  # tiles past the last (E) get no rows below
+    block = first_block[group] + nth
     lo = jnp.maximum(starts[group], block * block_m)
     hi = jnp.minimum(ends[group], (block + 1) * block_m)
-    rows = jnp.where(tid < tiles_end[-1], jnp.maximum(hi - lo, 0), 0)
+    count = jnp.sum(blocks, keepdims=True)
+    rows = jnp.where(jnp.arange(group.shape[0]) < count, jnp.maximum(hi - lo, 0), 0)
     table = jnp.stack([group, block, lo - block * block_m, rows]).astype(jnp.int32)
-    return jnp.where(rows > 0, table, 0), tiles_end[-1:].astype(jnp.int32)
+    return jnp.where(rows > 0, table, 0), count.astype(jnp.int32)
 
 
 def ragged_matmul(

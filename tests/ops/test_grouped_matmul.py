@@ -141,17 +141,22 @@ def test_mgpu_values_and_grads_match_ragged_dot(impl):
         np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
 
 
-def test_mgpu_vjp_types_under_shard_map(monkeypatch):
+@pytest.mark.parametrize("impl", ["mgpu", "persistent"])
+def test_mgpu_vjp_types_under_shard_map(monkeypatch, impl):
     """Inside shard_map the weight gradient of local rows varies with the rows: the custom VJP
     must still hand back cotangents of its primals' types, and the weight's gradient comes out
-    summed over the row axes. The Hopper kernels are replaced by XLA equivalents (CPU)."""
+    summed over the row axes. The Hopper kernels are replaced by XLA equivalents (CPU), which
+    note the forward kernel each call asks for."""
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
     from jax.sharding import PartitionSpec as P
 
     import hybridjax.ops.grouped_matmul as gm
     from hybridjax.sharding import make_mesh
 
+    asked = set()
+
     def fwd_kernel(lhs, rhs, group_sizes, transpose_rhs=False, persistent=False):
+        asked.add(persistent)
         return jax.lax.ragged_dot(
             lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs, group_sizes
         )
@@ -168,9 +173,9 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
     monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", wgrad)
     mesh = make_mesh(data=2, expert=2, devices=jax.devices()[:4])
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((512, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
-    sizes = jnp.array([6, 4], jnp.int32)  # per device: 10 of its 16 rows, 2 local experts
+    sizes = jnp.array([60, 40], jnp.int32)  # per device: 100 of its 128 rows, 2 local experts
 
     def loss(x, w, impl):
         def local(x, w):
@@ -182,7 +187,8 @@ def test_mgpu_vjp_types_under_shard_map(monkeypatch):
 
     with jax.set_mesh(mesh):
         want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "ragged_dot")
-        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "mgpu")
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, impl)
+    assert asked == {impl == "persistent"}  # forward and d lhs both ran the impl's kernel
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
